@@ -1,0 +1,349 @@
+"""Datasets and loaders: bundled digits, synthetic classes, CIFAR and image folders through timm.
+
+Every training sample's augmentation is seeded from (seed, epoch, index) and every epoch's order
+from (seed, epoch), so a run resumed in the middle of an epoch sees exactly the batches and the
+augmented images that an uninterrupted run would have seen, whatever the number of workers.
+"""
+from __future__ import annotations
+
+import math
+import os
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from .errors import FixedclsError
+
+DATASETS = ("digits", "synthetic", "cifar10", "cifar100", "imagefolder")
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tif", ".tiff")
+
+
+@dataclass
+class DataBundle:
+    """The three views of one dataset a run needs, and what the model must know about it."""
+
+    train: Dataset  # augmented, order and augmentation seeded per epoch
+    train_eval: Dataset  # same samples, evaluation transform (collapse is measured on these)
+    test: Dataset
+    num_classes: int
+    in_chans: int
+    img_size: int
+    class_names: Sequence[str]
+
+
+class TensorImages(Dataset):
+    """Images held as one float tensor [N, C, H, W] with integer labels."""
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, transform: Optional[Callable] = None):
+        self.images, self.labels, self.transform = images, labels, transform
+        self.targets = labels.tolist()
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, index: int):
+        image = self.images[index]
+        if self.transform is not None:
+            image = self.transform(image)
+        return image, int(self.labels[index])
+
+
+class SeededAugmentation(Dataset):
+    """Applies a random transform whose randomness depends only on (seed, epoch, index).
+
+    torchvision and timm transforms draw from the global torch and Python RNGs; we fork both
+    around each sample so the transform is reproducible and the caller's RNG state is untouched.
+    """
+
+    def __init__(self, dataset: Dataset, seed: int):
+        self.dataset, self.seed, self.epoch = dataset, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int):
+        sample_seed = hash((self.seed, self.epoch, int(index))) & 0x7FFF_FFFF_FFFF_FFFF
+        python_state = random.getstate()
+        random.seed(sample_seed)
+        try:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(sample_seed)
+                return self.dataset[index]
+        finally:
+            random.setstate(python_state)
+
+    @property
+    def targets(self):
+        return targets_of(self.dataset)
+
+
+class EpochSampler(Sampler[int]):
+    """A seeded permutation per epoch, sharded across processes, that can start mid-epoch.
+
+    Like torch's DistributedSampler (pads to equal shards so every rank runs the same number of
+    steps), plus `start`: the number of this rank's samples already consumed, for exact resume.
+    """
+
+    def __init__(self, length: int, *, shuffle: bool = True, seed: int = 0, rank: int = 0, world_size: int = 1):
+        self.length, self.shuffle, self.seed = length, shuffle, seed
+        self.rank, self.world_size = rank, world_size
+        self.epoch, self.start = 0, 0
+        # Training pads shards to equal length (every rank must run the same number of steps);
+        # evaluation shards are disjoint and unpadded so each sample is measured exactly once.
+        self.pad = shuffle
+        self.num_samples = math.ceil(length / world_size) if self.pad else len(range(rank, length, world_size))
+
+    def set_epoch(self, epoch: int, start: int = 0) -> None:
+        self.epoch, self.start = epoch, start
+
+    def epoch_indices(self) -> list[int]:
+        if self.shuffle:
+            generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+            order = torch.randperm(self.length, generator=generator).tolist()
+        else:
+            order = list(range(self.length))
+        if self.pad:
+            order = order + order[: self.num_samples * self.world_size - self.length]
+        return order[self.rank :: self.world_size]
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self.epoch_indices()[self.start :])
+
+    def __len__(self) -> int:
+        return self.num_samples - self.start
+
+
+def targets_of(dataset: Dataset) -> list[int]:
+    """Labels of a dataset without decoding its images."""
+    for attr in ("targets", "labels"):
+        if hasattr(dataset, attr):
+            values = getattr(dataset, attr)
+            return values.tolist() if torch.is_tensor(values) else list(values)
+    reader = getattr(dataset, "reader", None)  # timm ImageDataset
+    if reader is not None and hasattr(reader, "samples"):
+        return [int(target) for _, target in reader.samples]
+    if hasattr(dataset, "dataset") and hasattr(dataset, "indices"):  # torch Subset
+        parent = targets_of(dataset.dataset)
+        return [parent[i] for i in dataset.indices]
+    return [int(dataset[i][1]) for i in range(len(dataset))]
+
+
+def _normalize(mean: Sequence[float], std: Sequence[float]) -> Callable:
+    mean_t = torch.tensor(mean).view(-1, 1, 1)
+    std_t = torch.tensor(std).view(-1, 1, 1)
+    return lambda image: (image - mean_t) / std_t
+
+
+def _random_shift(pad: int) -> Callable:
+    """Random translation by up to `pad` pixels (zero padding): cheap augmentation for tiny images."""
+
+    def shift(image: torch.Tensor) -> torch.Tensor:
+        size = image.shape[-1]
+        padded = F.pad(image, (pad, pad, pad, pad))
+        top, left = torch.randint(0, 2 * pad + 1, (2,)).tolist()
+        return padded[..., top : top + size, left : left + size]
+
+    return shift
+
+
+def _compose(*fns: Callable) -> Callable:
+    def apply(image):
+        for fn in fns:
+            image = fn(image)
+        return image
+
+    return apply
+
+
+def _digits(cfg) -> DataBundle:
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    images = torch.tensor(digits.images, dtype=torch.float32).unsqueeze(1) / 16.0
+    labels = torch.tensor(digits.target, dtype=torch.long)
+    images = F.interpolate(images, size=(cfg.img_size, cfg.img_size), mode="bilinear", align_corners=False)
+    images = images.expand(-1, cfg.in_chans, -1, -1).contiguous()
+    # A stratified split, fixed by split_seed, so every seed of a sweep sees the same test set.
+    generator = torch.Generator().manual_seed(cfg.split_seed)
+    train_idx, test_idx = [], []
+    for c in range(10):
+        members = (labels == c).nonzero().flatten()
+        members = members[torch.randperm(len(members), generator=generator)]
+        n_test = round(len(members) * cfg.test_fraction)
+        test_idx.append(members[:n_test])
+        train_idx.append(members[n_test:])
+    train_idx, test_idx = torch.cat(train_idx).sort().values, torch.cat(test_idx).sort().values
+    mean = cfg.mean or [float(images[train_idx].mean())] * cfg.in_chans
+    std = cfg.std or [float(images[train_idx].std())] * cfg.in_chans
+    normalize = _normalize(mean, std)
+    train_tf = _compose(_random_shift(max(1, cfg.img_size // 16)), normalize) if cfg.augment else normalize
+    return DataBundle(
+        train=TensorImages(images[train_idx], labels[train_idx], train_tf),
+        train_eval=TensorImages(images[train_idx], labels[train_idx], normalize),
+        test=TensorImages(images[test_idx], labels[test_idx], normalize),
+        num_classes=10, in_chans=cfg.in_chans, img_size=cfg.img_size,
+        class_names=[str(c) for c in range(10)],
+    )
+
+
+def _synthetic(cfg) -> DataBundle:
+    num_classes = cfg.num_classes or 10
+    if num_classes < 2:
+        raise FixedclsError(f"data.num_classes={num_classes}: synthetic data needs at least 2 classes")
+    generator = torch.Generator().manual_seed(cfg.split_seed)
+    shape = (cfg.in_chans, cfg.img_size, cfg.img_size)
+    # Smooth class templates (upsampled low-resolution noise) so convolutional models can separate them.
+    low = max(2, cfg.img_size // 4)
+    templates = torch.randn(num_classes, cfg.in_chans, low, low, generator=generator)
+    templates = F.interpolate(templates, size=shape[1:], mode="bilinear", align_corners=False)
+
+    def draw(per_class: int) -> tuple[torch.Tensor, torch.Tensor]:
+        labels = torch.arange(num_classes).repeat_interleave(per_class)
+        noise = torch.randn(len(labels), *shape, generator=generator) * cfg.noise
+        return templates[labels] + noise, labels
+
+    train_x, train_y = draw(cfg.train_per_class)
+    test_x, test_y = draw(cfg.test_per_class)
+    train_tf = _random_shift(max(1, cfg.img_size // 16)) if cfg.augment else None
+    return DataBundle(
+        train=TensorImages(train_x, train_y, train_tf),
+        train_eval=TensorImages(train_x, train_y),
+        test=TensorImages(test_x, test_y),
+        num_classes=num_classes, in_chans=cfg.in_chans, img_size=cfg.img_size,
+        class_names=[str(c) for c in range(num_classes)],
+    )
+
+
+def _require_root(cfg) -> Path:
+    if cfg.root in (None, "", "???"):
+        raise FixedclsError(f"data={cfg.name} needs a dataset folder: set data.root=/path/to/{cfg.name}")
+    root = Path(os.path.expanduser(str(cfg.root)))
+    if not cfg.download and (not root.is_dir() or not any(root.iterdir())):
+        what = "does not exist" if not root.exists() else ("is empty" if root.is_dir() else "is not a folder")
+        hint = " (or data.download=true)" if cfg.name in ("cifar10", "cifar100") else ""
+        raise FixedclsError(f"data.root={root} {what}: point data.root at the {cfg.name} folder{hint}")
+    return root
+
+
+def _timm_transforms(cfg, in_chans: int):
+    from timm.data import create_transform
+
+    mean = tuple(cfg.mean) if cfg.mean else (0.485, 0.456, 0.406)[:in_chans] or (0.5,)
+    std = tuple(cfg.std) if cfg.std else (0.229, 0.224, 0.225)[:in_chans] or (0.5,)
+    common = dict(input_size=(in_chans, cfg.img_size, cfg.img_size), mean=mean, std=std)
+    if cfg.img_size <= 64:  # CIFAR-sized images: timm's ImageNet crop policy would throw most of them away
+        import torchvision.transforms as T
+
+        to_tensor = [T.ToTensor(), T.Normalize(mean, std)]
+        train_tf = T.Compose([T.RandomCrop(cfg.img_size, padding=cfg.img_size // 8), T.RandomHorizontalFlip()] + to_tensor)
+        eval_tf = T.Compose([T.Resize(cfg.img_size)] + to_tensor)
+        return (train_tf if cfg.augment else eval_tf), eval_tf
+    train_tf = create_transform(is_training=cfg.augment, **common)
+    eval_tf = create_transform(is_training=False, **common)
+    return train_tf, eval_tf
+
+
+def _timm_dataset(cfg, name: str, split: str, transform, root: Path):
+    from timm.data import create_dataset
+
+    try:
+        dataset = create_dataset(name, root=str(root), split=split, download=cfg.download, is_training=False)
+    except Exception as error:  # timm/torchvision raise many types for a bad folder
+        raise FixedclsError(f"cannot read {cfg.name} split '{split}' under data.root={root}: {error}".replace("\n", " ")) from error
+    dataset.transform = transform
+    return dataset
+
+
+def _torchvision_cifar(cfg) -> DataBundle:
+    root = _require_root(cfg)
+    train_tf, eval_tf = _timm_transforms(cfg, 3)
+    name = f"torch/{cfg.name}"
+    train = _timm_dataset(cfg, name, cfg.train_split, train_tf, root)
+    train_eval = _timm_dataset(cfg, name, cfg.train_split, eval_tf, root)
+    test = _timm_dataset(cfg, name, cfg.test_split, eval_tf, root)
+    classes = list(getattr(train, "classes", []))
+    num_classes = len(classes) or (10 if cfg.name == "cifar10" else 100)
+    return DataBundle(train, train_eval, test, num_classes, 3, cfg.img_size, classes)
+
+
+def _imagefolder(cfg) -> DataBundle:
+    root = _require_root(cfg)
+    train_tf, eval_tf = _timm_transforms(cfg, cfg.in_chans)
+    train = _timm_dataset(cfg, "", cfg.train_split, train_tf, root)
+    classes = sorted(train.reader.class_to_idx, key=train.reader.class_to_idx.get)
+    if len(classes) < 2:
+        raise FixedclsError(
+            f"image folder {root} has {len(classes)} class folder(s) {classes}: a classifier needs at least 2 "
+            f"(lay out <root>/<split>/<class>/<image>)"
+        )
+    train_eval = _timm_dataset(cfg, "", cfg.train_split, eval_tf, root)
+    test = _timm_dataset(cfg, "", cfg.test_split, eval_tf, root)
+    train, train_eval, test = (ImageFiles(d) for d in (train, train_eval, test))
+    return DataBundle(train, train_eval, test, len(classes), cfg.in_chans, cfg.img_size, classes)
+
+
+class ImageFiles(Dataset):
+    """A timm ImageDataset whose unreadable images fail with an error naming the file."""
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+        self.targets = [int(target) for _, target in dataset.reader.samples]
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int):
+        try:
+            return self.dataset[index]
+        except Exception as error:
+            path = self.dataset.reader.samples[index][0]
+            raise FixedclsError(f"cannot read image {path}: {error} (remove or replace the file)".replace("\n", " ")) from error
+
+
+BUILDERS: dict[str, Callable] = {
+    "digits": _digits,
+    "synthetic": _synthetic,
+    "cifar10": _torchvision_cifar,
+    "cifar100": _torchvision_cifar,
+    "imagefolder": _imagefolder,
+}
+
+
+def create_data(cfg) -> DataBundle:
+    """Build the datasets named by a `data` config section (see conf/data/)."""
+    if cfg.name not in BUILDERS:
+        raise FixedclsError(f"unknown dataset data.name='{cfg.name}': choose one of {', '.join(BUILDERS)}")
+    bundle = BUILDERS[cfg.name](cfg)
+    if cfg.num_classes is not None and cfg.num_classes != bundle.num_classes and cfg.name != "synthetic":
+        raise FixedclsError(
+            f"data.num_classes={cfg.num_classes} but {cfg.name} has {bundle.num_classes} classes: "
+            f"drop data.num_classes or set it to {bundle.num_classes}"
+        )
+    return bundle
+
+
+def create_loaders(
+    bundle: DataBundle, *, batch_size: int, eval_batch_size: int, num_workers: int = 0, seed: int = 0,
+    rank: int = 0, world_size: int = 1, pin_memory: bool = False,
+) -> tuple[DataLoader, DataLoader, DataLoader]:
+    """Train loader (seeded order and augmentation per epoch), train-eval and test loaders (sharded in DDP)."""
+    train_set = SeededAugmentation(bundle.train, seed)
+    common = dict(num_workers=num_workers, pin_memory=pin_memory, persistent_workers=False)
+    train = DataLoader(
+        train_set, batch_size=batch_size, drop_last=False,
+        sampler=EpochSampler(len(train_set), shuffle=True, seed=seed, rank=rank, world_size=world_size), **common,
+    )
+
+    def eval_loader(dataset):
+        sampler = EpochSampler(len(dataset), shuffle=False, rank=rank, world_size=world_size) if world_size > 1 else None
+        return DataLoader(dataset, batch_size=eval_batch_size, shuffle=False, sampler=sampler, **common)
+
+    return train, eval_loader(bundle.train_eval), eval_loader(bundle.test)

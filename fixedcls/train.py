@@ -1,0 +1,248 @@
+"""fixedcls-train: the Hydra entry point.
+
+`main` (the console script) lets Hydra compose the config; `train(cfg, run_dir)` builds the objects
+the config names and hands them to `engine.fit`. Tests call `train` directly with a composed config.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import random
+import signal
+import sys
+from pathlib import Path
+from typing import Optional
+
+import hydra
+import numpy as np
+import torch
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
+from omegaconf import DictConfig, OmegaConf
+
+from . import checkpoint as ckpt
+from .config import register_configs
+from .data import create_data, create_loaders, targets_of
+from .distributed import World, close_world, init_world
+from .engine import CollapseSettings, TrainingInterrupted, autocast_for, fit, resolve_device
+from .errors import FixedclsError
+from .heads import create_criterion
+from .loggers import MetricsFile, create_tracker
+from .model import create_model, format_param_summary
+
+log = logging.getLogger("fixedcls")
+register_configs()
+FAILED_JOBS: list[str] = []
+
+
+def plain_config(cfg: DictConfig) -> dict:
+    """The resolved config as plain containers (safe to store in a weights_only checkpoint)."""
+    return OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def _choice(value) -> str:
+    return value.value if hasattr(value, "value") else str(value)
+
+
+def build_optimizer(cfg, model):
+    from timm.optim import create_optimizer_v2, list_optimizers
+
+    if cfg.name not in list_optimizers():
+        raise FixedclsError(f"unknown optimizer optim.name='{cfg.name}': choose sgd, adamw, adam, lamb, lion, ... "
+                            f"(any of timm.optim.list_optimizers())")
+    return create_optimizer_v2(model, opt=cfg.name, lr=cfg.lr, weight_decay=cfg.weight_decay, momentum=cfg.momentum)
+
+
+def build_scheduler(cfg, optimizer, epochs: int):
+    from timm.scheduler import create_scheduler_v2
+
+    if cfg.name in ("none", "constant"):
+        return None
+    try:
+        scheduler, _ = create_scheduler_v2(
+            optimizer, sched=cfg.name, num_epochs=epochs, warmup_epochs=cfg.warmup_epochs, warmup_lr=cfg.warmup_lr,
+            min_lr=cfg.min_lr, decay_epochs=cfg.decay_epochs, decay_rate=cfg.decay_rate,
+        )
+    except (AssertionError, ValueError, KeyError) as error:
+        raise FixedclsError(f"unknown scheduler sched.name='{cfg.name}': choose cosine, step, multistep, plateau, poly, tanh or none") from error
+    if scheduler is None:
+        raise FixedclsError(f"unknown scheduler sched.name='{cfg.name}': choose cosine, step, multistep, plateau, poly, tanh or none")
+    return scheduler
+
+
+def check_resume_matches(state: dict, meta: dict, path: Path) -> None:
+    """A checkpoint from another head, polytope or class count cannot continue this run."""
+    saved = state.get("meta", {})
+    for key in ("head", "num_classes", "dim", "backbone", "head_seed"):
+        if key in saved and saved[key] != meta[key]:
+            raise FixedclsError(
+                f"checkpoint {path} was trained with {key}={saved[key]} but this run has {key}={meta[key]}: "
+                f"resume it with the same settings, or start a new run without resume"
+            )
+
+
+def train(cfg: DictConfig, run_dir: str | Path) -> dict:
+    """Build everything `cfg` names and train. Returns the run summary (also written to summary.json)."""
+    run_dir = Path(run_dir)
+    device = resolve_device(_choice(cfg.trainer.device))
+    precision = _choice(cfg.trainer.precision)
+    autocast_for(device, precision)  # fail now on an impossible precision, not after building the model
+    if cfg.trainer.threads:
+        torch.set_num_threads(cfg.trainer.threads)
+    world = init_world(device.type)
+    if world.distributed and device.type == "cuda":
+        device = torch.device("cuda", world.local_rank)
+    tracker = None
+    exit_code = 1
+    try:
+        seed_everything(cfg.seed)
+        bundle = create_data(cfg.data)
+        model = create_model(
+            cfg.model.backbone, cfg.head.name, bundle.num_classes, dim=cfg.model.dim, pretrained=cfg.model.pretrained,
+            in_chans=bundle.in_chans, img_size=bundle.img_size, drop_rate=cfg.model.drop_rate,
+            normalize=_choice(cfg.head.normalize), scale=cfg.head.scale, learn_scale=cfg.head.learn_scale,
+            bias=cfg.head.bias, seed=cfg.head.seed, num_prototypes=cfg.head.num_prototypes,
+        )
+        labels = targets_of(bundle.train)
+        if labels and (min(labels) < 0 or max(labels) >= model.num_classes):
+            raise FixedclsError(
+                f"labels run from {min(labels)} to {max(labels)} but the head has {model.num_classes} outputs: "
+                f"set data.num_classes (or head.num_prototypes) to at least {max(labels) + 1}"
+            )
+        model.to(device)
+        if cfg.trainer.channels_last:
+            model.to(memory_format=torch.channels_last)
+        meta = {"head": cfg.head.name, "num_classes": model.num_classes, "dim": model.dim,
+                "backbone": cfg.model.backbone, "head_seed": cfg.head.seed}
+        if world.is_main:
+            log.info(f"{cfg.head.name} head on {cfg.model.backbone}, {cfg.data.name} ({bundle.num_classes} classes), "
+                     f"d={model.dim}, {device} {precision}")
+            log.info(format_param_summary(model))
+
+        directory, resume_path = world.broadcast_object(
+            ckpt.resolve(cfg.checkpoint.root, cfg.name, cfg.checkpoint.dir, cfg.resume, warn=log.warning)
+            if world.is_main else None
+        )
+        resume_state = None
+        if resume_path is not None:
+            resume_state = ckpt.load(resume_path)
+            check_resume_matches(resume_state, meta, resume_path)
+            if world.is_main:
+                log.info(f"resuming from {resume_path}")
+        elif cfg.resume == "auto" and world.is_main:
+            log.info(f"resume=auto: no checkpoint of {cfg.name} yet, starting a new run")
+
+        train_loader, train_eval_loader, test_loader = create_loaders(
+            bundle, batch_size=cfg.data.batch_size, eval_batch_size=cfg.data.eval_batch_size,
+            num_workers=cfg.data.num_workers, seed=cfg.seed, rank=world.rank, world_size=world.world_size,
+            pin_memory=device.type == "cuda",
+        )
+        optimizer = build_optimizer(cfg.optim, model)
+        scheduler = build_scheduler(cfg.sched, optimizer, cfg.trainer.epochs)
+        criterion = create_criterion(cfg.trainer.loss, model.head, label_smoothing=cfg.trainer.label_smoothing)
+        ema = None
+        if cfg.trainer.ema:
+            from timm.utils import ModelEmaV3
+
+            ema = ModelEmaV3(model, decay=cfg.trainer.ema_decay)
+        trained = model
+        if world.distributed:
+            from torch.nn.parallel import DistributedDataParallel
+
+            if any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules()) and device.type == "cuda":
+                trained = torch.nn.SyncBatchNorm.convert_sync_batchnorm(trained)
+            trained = DistributedDataParallel(trained, device_ids=[device.index] if device.type == "cuda" else None)
+        if cfg.trainer.compile:
+            trained = torch.compile(trained)
+
+        resolved = plain_config(cfg)
+        run_id = (resume_state or {}).get("meta", {}).get("tracker_run_id")
+        tracker = create_tracker(cfg.logger, run_dir=run_dir, resolved_config=resolved, run_id=run_id, enabled=world.is_main)
+        meta["tracker_run_id"] = tracker.run_id
+        if world.is_main:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            log.info(f"run directory {run_dir}, checkpoints in {directory}")
+        kind = "learned" if not model.head.is_fixed else "fixed"
+        summary = fit(
+            trained,
+            train_loader=train_loader, train_eval_loader=train_eval_loader, test_loader=test_loader,
+            optimizer=optimizer, scheduler=scheduler, criterion=criterion, epochs=cfg.trainer.epochs,
+            device=device, run_dir=run_dir,
+            checkpoints=ckpt.CheckpointWriter(directory, keep=cfg.checkpoint.keep, best_metric=cfg.checkpoint.best_metric,
+                                              enabled=world.is_main),
+            metrics=MetricsFile(run_dir, enabled=world.is_main), tracker=tracker, precision=precision,
+            grad_accum=cfg.trainer.grad_accum, clip_grad=cfg.trainer.clip_grad, ema=ema,
+            max_nonfinite=cfg.trainer.max_nonfinite, channels_last=cfg.trainer.channels_last,
+            collapse=CollapseSettings(
+                every=cfg.collapse.every, mode=_choice(cfg.collapse.mode), splits=tuple(cfg.collapse.splits),
+                max_samples=cfg.collapse.max_samples, layers=tuple(cfg.collapse.layers),
+                thresholds=dict(cfg.collapse.thresholds), plot=cfg.collapse.plot,
+            ),
+            world=world, resume_state=resume_state,
+            checkpoint_meta={"config": resolved, "meta": meta},
+            progress=cfg.trainer.progress,
+            title=f"{cfg.head.name} ({kind} head), {cfg.model.backbone}, {cfg.data.name}, seed {cfg.seed}",
+        )
+        summary.update({"run_dir": str(run_dir), "checkpoint_dir": str(directory), "head": cfg.head.name,
+                        "head_kind": kind, "backbone": cfg.model.backbone, "data": cfg.data.name, "seed": cfg.seed})
+        exit_code = 0
+        return summary
+    finally:
+        if tracker is not None:
+            tracker.finish(exit_code)
+        close_world(world)
+
+
+def _run_mode() -> Optional[RunMode]:
+    try:
+        return HydraConfig.get().mode
+    except ValueError:
+        return None
+
+
+def _stop_after_interrupt(error: TrainingInterrupted) -> None:
+    """Leave as the signal asked; a launcher's own SIGUSR1 handler (submitit's requeue) runs after our save."""
+    print(f"fixedcls: {error}", file=sys.stderr)
+    previous = signal.getsignal(error.signum)
+    if callable(previous) and error.signum == getattr(signal, "SIGUSR1", None):
+        previous(error.signum, None)
+    sys.exit(128 + error.signum)
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="config")
+def hydra_main(cfg: DictConfig):
+    run_dir = Path(HydraConfig.get().runtime.output_dir)
+    try:
+        summary = train(cfg, run_dir)
+        return summary.get("final/test/acc")
+    except FixedclsError as error:
+        if os.environ.get("HYDRA_FULL_ERROR") == "1":
+            raise
+        if _run_mode() == RunMode.MULTIRUN:
+            job = HydraConfig.get().job
+            FAILED_JOBS.append(f"job {job.num} ({job.override_dirname or 'defaults'}): {error}")
+            print(f"fixedcls: error in job {job.num}: {error}", file=sys.stderr)
+            return None
+        print(f"fixedcls: error: {error}", file=sys.stderr)
+        sys.exit(2)
+    except TrainingInterrupted as error:
+        _stop_after_interrupt(error)
+
+
+def main() -> None:
+    hydra_main()
+    if FAILED_JOBS:
+        print(f"fixedcls: {len(FAILED_JOBS)} job(s) failed:", file=sys.stderr)
+        for line in FAILED_JOBS:
+            print(f"  {line}", file=sys.stderr)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()
