@@ -989,3 +989,53 @@ def format_table(metrics: Mapping[str, object]) -> str:
     for k in sorted(metrics, key=sort_key):
         lines.append(f"| {k} | {fmt(metrics[k])} |")
     return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m fixedcls.collapse CHECKPOINT``: measure a saved model on its own data and print the table."""
+    import argparse
+    import json
+    import sys
+
+    from .errors import FixedclsError
+
+    parser = argparse.ArgumentParser(prog="python -m fixedcls.collapse", description=main.__doc__)
+    parser.add_argument("checkpoint", help="a .pt file written by fixedcls-train (last.pt, best.pt, epoch_NNNN.pt)")
+    parser.add_argument("--split", choices=("train", "test", "both"), default="both")
+    parser.add_argument("--max-samples", type=int, default=None, help="measure a seeded subset of at most N samples")
+    parser.add_argument("--layers", default=None, help="backbone stages for deep collapse, e.g. 0,1,2,3 or all")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--data-root", default=None, help="where the run's dataset lives on this machine")
+    parser.add_argument("--json", default=None, help="also write the measures to this JSON file")
+    args = parser.parse_args(argv)
+    try:
+        from .train import load_trained
+
+        model, cfg, bundle = load_trained(args.checkpoint, data_overrides={"root": args.data_root} if args.data_root else None)
+        device = torch.device(args.device)
+        model.to(device)
+        layers = None
+        if args.layers:
+            layers = "all" if args.layers == "all" else [int(i) for i in args.layers.split(",")]
+        from torch.utils.data import DataLoader
+
+        splits = {"train": bundle.train_eval, "test": bundle.test}
+        prefixes = {"train": "collapse/", "test": "collapse_test/"}
+        results: dict = {}
+        for split in (("train", "test") if args.split == "both" else (args.split,)):
+            loader = DataLoader(splits[split], batch_size=cfg.data.eval_batch_size, shuffle=False)
+            values = measure_model(model, loader, device=device, max_samples=args.max_samples, layers=layers)
+            results.update({prefixes[split] + key: value for key, value in values.items()})
+    except FixedclsError as error:
+        print(f"fixedcls: error: {error}", file=sys.stderr)
+        return 2
+    print(f"{args.checkpoint}: {cfg.head.name} head on {cfg.model.backbone}, {cfg.data.name}")
+    print(format_table(results))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -168,6 +168,7 @@ def fit(
     scheduler,
     criterion: Callable,
     epochs: int,
+    extra_loss: Optional[Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]] = None,
     device: torch.device,
     run_dir: Path,
     checkpoints: CheckpointWriter,
@@ -185,8 +186,12 @@ def fit(
     checkpoint_meta: Optional[dict] = None,
     progress: Optional[bool] = None,
     title: str = "",
+    run_info: Optional[dict] = None,
 ) -> dict:
-    """Train for `epochs`, evaluate and measure collapse after each, checkpoint, and return the summary."""
+    """Train for `epochs`, evaluate and measure collapse after each, checkpoint, and return the summary.
+
+    `extra_loss(x, features, y)` is added to the criterion on every training step.
+    """
     from . import collapse as nc  # measurement stays optional for callers that only train
 
     collapse = collapse or CollapseSettings(every=0)
@@ -259,6 +264,8 @@ def fit(
                     with autocast():
                         logits, features = model(x, return_features=True)
                         loss = criterion(logits.float(), y)
+                        if extra_loss is not None:  # e.g. feature distillation from an earlier model generation
+                            loss = loss + extra_loss(x, features, y)
                     finite = bool(torch.isfinite(loss))
                     if finite or scaler.is_enabled():  # the fp16 scaler skips the step itself on inf/nan
                         scaler.scale(loss / grad_accum).backward()
@@ -331,7 +338,7 @@ def fit(
                 log.info(_epoch_line(row, epochs, train_seconds, collapse_seconds))
             world.barrier()
 
-    summary = _summary(history, collapse, base_model, epoch_seconds, title)
+    summary = {**(run_info or {}), **_summary(history, collapse, base_model, epoch_seconds, title)}
     if world.is_main:
         if collapse.plot and any(k.startswith("collapse") for row in history for k in row):
             plot = nc.plot_collapse(history, Path(run_dir) / "collapse.png", title or "collapse")
@@ -358,7 +365,7 @@ def _measure_collapse(model, settings: CollapseSettings, train_eval_loader, test
         else:
             values = nc.measure_model(model, loader, device=device, autocast_dtype=AUTOCAST_DTYPES[precision],
                                       max_samples=settings.max_samples, layers=list(settings.layers) or None,
-                                      reduce_fn=world.all_reduce_sum if world.distributed else None)
+                                      reduce_fn=(lambda t: world.all_reduce_sum([t])) if world.distributed else None)
         row.update({prefix + key: value for key, value in values.items()})
     return row
 

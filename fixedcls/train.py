@@ -21,7 +21,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from . import checkpoint as ckpt
-from .config import register_configs
+from .config import Config, register_configs
 from .data import create_data, create_loaders, targets_of
 from .distributed import World, close_world, init_world
 from .engine import CollapseSettings, TrainingInterrupted, autocast_for, fit, resolve_device
@@ -76,6 +76,35 @@ def build_scheduler(cfg, optimizer, epochs: int):
     return scheduler
 
 
+def build_model(cfg, bundle, *, pretrained: Optional[bool] = None):
+    """The Classifier a config describes, sized for the data bundle."""
+    return create_model(
+        cfg.model.backbone, cfg.head.name, bundle.num_classes, dim=cfg.model.dim,
+        pretrained=cfg.model.pretrained if pretrained is None else pretrained,
+        in_chans=bundle.in_chans, img_size=bundle.img_size, drop_rate=cfg.model.drop_rate,
+        normalize=_choice(cfg.head.normalize), scale=cfg.head.scale, learn_scale=cfg.head.learn_scale,
+        bias=cfg.head.bias, seed=cfg.head.seed, num_prototypes=cfg.head.num_prototypes,
+    )
+
+
+def load_trained(path: str | Path, *, data_overrides: Optional[dict] = None):
+    """Rebuild a trained model from a checkpoint alone: (model in eval mode, its config, its data bundle).
+
+    The checkpoint holds the resolved config, so the same backbone, head and data are built again;
+    `data_overrides` (e.g. {"root": ...}) adapt the data section to this machine.
+    """
+    state = ckpt.load(path)
+    if "config" not in state:
+        raise FixedclsError(f"checkpoint {path} holds no config: it was not written by fixedcls-train")
+    cfg = OmegaConf.merge(OmegaConf.structured(Config), state["config"])
+    if data_overrides:
+        cfg.data = OmegaConf.merge(cfg.data, data_overrides)
+    bundle = create_data(cfg.data)
+    model = build_model(cfg, bundle, pretrained=False)
+    model.load_state_dict(state["model"])
+    return model.eval(), cfg, bundle
+
+
 def check_resume_matches(state: dict, meta: dict, path: Path) -> None:
     """A checkpoint from another head, polytope or class count cannot continue this run."""
     saved = state.get("meta", {})
@@ -103,18 +132,18 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict:
     try:
         seed_everything(cfg.seed)
         bundle = create_data(cfg.data)
-        model = create_model(
-            cfg.model.backbone, cfg.head.name, bundle.num_classes, dim=cfg.model.dim, pretrained=cfg.model.pretrained,
-            in_chans=bundle.in_chans, img_size=bundle.img_size, drop_rate=cfg.model.drop_rate,
-            normalize=_choice(cfg.head.normalize), scale=cfg.head.scale, learn_scale=cfg.head.learn_scale,
-            bias=cfg.head.bias, seed=cfg.head.seed, num_prototypes=cfg.head.num_prototypes,
-        )
+        model = build_model(cfg, bundle)
         labels = targets_of(bundle.train)
         if labels and (min(labels) < 0 or max(labels) >= model.num_classes):
             raise FixedclsError(
                 f"labels run from {min(labels)} to {max(labels)} but the head has {model.num_classes} outputs: "
                 f"set data.num_classes (or head.num_prototypes) to at least {max(labels) + 1}"
             )
+        extra_loss = None
+        if cfg.model.init_from or cfg.trainer.distill_weight:  # fine-tuning / feature distillation (CL2R)
+            from .compat import prepare_init
+
+            extra_loss = prepare_init(cfg, model, device)
         model.to(device)
         if cfg.trainer.channels_last:
             model.to(memory_format=torch.channels_last)
@@ -172,7 +201,7 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict:
         summary = fit(
             trained,
             train_loader=train_loader, train_eval_loader=train_eval_loader, test_loader=test_loader,
-            optimizer=optimizer, scheduler=scheduler, criterion=criterion, epochs=cfg.trainer.epochs,
+            optimizer=optimizer, scheduler=scheduler, criterion=criterion, epochs=cfg.trainer.epochs, extra_loss=extra_loss,
             device=device, run_dir=run_dir,
             checkpoints=ckpt.CheckpointWriter(directory, keep=cfg.checkpoint.keep, best_metric=cfg.checkpoint.best_metric,
                                               enabled=world.is_main),
@@ -188,9 +217,9 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict:
             checkpoint_meta={"config": resolved, "meta": meta},
             progress=cfg.trainer.progress,
             title=f"{cfg.head.name} ({kind} head), {cfg.model.backbone}, {cfg.data.name}, seed {cfg.seed}",
+            run_info={"run_dir": str(run_dir), "checkpoint_dir": str(directory), "head": cfg.head.name,
+                      "head_kind": kind, "backbone": cfg.model.backbone, "data": cfg.data.name, "seed": cfg.seed},
         )
-        summary.update({"run_dir": str(run_dir), "checkpoint_dir": str(directory), "head": cfg.head.name,
-                        "head_kind": kind, "backbone": cfg.model.backbone, "data": cfg.data.name, "seed": cfg.seed})
         exit_code = 0
         return summary
     finally:

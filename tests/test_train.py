@@ -1,0 +1,160 @@
+"""The Hydra training app: config composition, a short run per head, run files, multirun and resume."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from hydra.errors import ConfigCompositionException
+from omegaconf.errors import ConfigKeyError, ValidationError
+
+from fixedcls.collapse import METRIC_KEYS
+from fixedcls.data import EpochSampler, create_data
+from fixedcls.loggers import read_jsonl
+from utils import CONF_DIR, TINY, compose_config, train_tiny
+
+GROUPS = {group: sorted(p.stem for p in (Path(CONF_DIR) / group).glob("*.yaml"))
+          for group in ("head", "data", "optim", "sched", "logger", "experiment")}
+HEADS = ["learned", "cosine", "simplex", "dcube", "orthoplex", "hadamard", "etf"]
+
+
+def test_spec_groups_exist():
+    assert set(HEADS) <= set(GROUPS["head"])
+    assert {"digits", "synthetic", "cifar10", "cifar100", "imagefolder"} <= set(GROUPS["data"])
+    assert {"sgd", "adamw"} <= set(GROUPS["optim"]) and {"cosine", "step"} <= set(GROUPS["sched"])
+    assert "none" in GROUPS["logger"] and "fixed_vs_learned" in GROUPS["experiment"]
+
+
+@pytest.mark.parametrize("group,option", [(g, o) for g, options in GROUPS.items() for o in options])
+def test_every_group_option_composes(group, option):
+    cfg = compose_config([f"{group}={option}"], tiny=False)
+    if group in ("head", "data", "optim", "sched", "logger"):
+        assert cfg[group].name == option or group == "head" and cfg.head.name == option
+
+
+def test_default_run_is_a_fixed_simplex_on_digits():
+    cfg = compose_config(tiny=False)
+    assert (cfg.head.name, cfg.data.name, cfg.model.backbone) == ("simplex", "digits", "resnet18")
+    assert cfg.name == "digits-resnet18-simplex-s0"
+
+
+def test_mistyped_key_fails_at_start():
+    with pytest.raises((ConfigCompositionException, ConfigKeyError)):
+        compose_config(["trainer.epoch=3"])
+
+
+def test_wrong_type_fails_at_start():
+    with pytest.raises((ConfigCompositionException, ValidationError)):
+        compose_config(["trainer.epochs=many"])
+    with pytest.raises((ConfigCompositionException, ValidationError)):
+        compose_config(["trainer.precision=fp8"])
+
+
+@pytest.mark.parametrize("head", HEADS)
+def test_each_head_trains_and_writes_run_files(tmp_path, head):
+    summary = train_tiny(tmp_path, [f"head={head}", "trainer.epochs=1"])
+    rows = read_jsonl(tmp_path / "run" / "metrics.jsonl")
+    assert [row["epoch"] for row in rows] == [1]
+    row = rows[0]
+    for key in ("train/loss", "train/acc", "test/loss", "test/acc", "lr"):
+        assert isinstance(row[key], float), key
+    for key in METRIC_KEYS:
+        assert f"collapse/{key}" in row and f"collapse_test/{key}" in row
+    assert torch.isfinite(torch.tensor(row["train/loss"]))
+    saved = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert saved["head"] == head and saved["head_kind"] == ("learned" if head in ("learned", "cosine") else "fixed")
+    assert "collapse_speed/auc_log10_nc1" in saved and "collapse_speed/epochs_to/nc1" in saved
+    assert (tmp_path / "run" / "collapse.png").stat().st_size > 0
+    checkpoints = Path(summary["checkpoint_dir"])
+    assert {"last.pt", "best.pt", "epoch_0001.pt"} <= {p.name for p in checkpoints.iterdir()}
+
+
+@pytest.mark.parametrize("backbone", ["test_vit", "test_convnext"])
+def test_other_timm_backbones_train(tmp_path, backbone):
+    train_tiny(tmp_path, [f"model.backbone={backbone}", "data.img_size=32", "trainer.epochs=1", "collapse.every=0"])
+    assert len(read_jsonl(tmp_path / "run" / "metrics.jsonl")) == 1
+
+
+def test_trainer_switches_run_together(tmp_path):
+    summary = train_tiny(tmp_path, ["trainer.precision=bf16", "trainer.grad_accum=2", "trainer.clip_grad=1.0",
+                                    "trainer.ema=true", "trainer.channels_last=true", "trainer.label_smoothing=0.1",
+                                    "optim=adamw", "sched=step", "collapse.mode=online"])
+    row = read_jsonl(tmp_path / "run" / "metrics.jsonl")[-1]
+    assert "test/acc_ema" in row and "collapse/nc1" in row
+    assert summary["epochs"] == 2
+
+
+def test_training_learns_the_synthetic_classes(tmp_path):
+    summary = train_tiny(tmp_path, ["trainer.epochs=6", "collapse.every=0", "data.noise=0.3"])
+    assert summary["final/train/acc"] >= 0.9
+    assert summary["final/test/acc"] >= 0.75
+
+
+def test_resume_from_last_continues_at_the_right_epoch(tmp_path):
+    first = train_tiny(tmp_path, [], run_name="first")
+    last = Path(first["checkpoint_dir"]) / "last.pt"
+    resumed = train_tiny(tmp_path, [f"resume={last}", "trainer.epochs=3"], run_name="second")
+    rows = read_jsonl(tmp_path / "second" / "metrics.jsonl")
+    assert [row["epoch"] for row in rows] == [1, 2, 3]
+    assert rows[:2] == read_jsonl(tmp_path / "first" / "metrics.jsonl")
+    assert resumed["checkpoint_dir"] == first["checkpoint_dir"]
+
+
+def test_a_new_run_never_overwrites_another_runs_checkpoints(tmp_path):
+    first = train_tiny(tmp_path, ["trainer.epochs=1"], run_name="a")
+    second = train_tiny(tmp_path, ["trainer.epochs=1"], run_name="b")
+    assert second["checkpoint_dir"] == first["checkpoint_dir"] + "-2"
+    auto = train_tiny(tmp_path, ["trainer.epochs=2", "resume=auto"], run_name="c")
+    assert auto["checkpoint_dir"] == second["checkpoint_dir"]  # the newest run of that name continues
+    assert [row["epoch"] for row in read_jsonl(tmp_path / "c" / "metrics.jsonl")] == [1, 2]
+
+
+def test_digits_is_the_real_bundled_data():
+    bundle = create_data(compose_config(tiny=False).data)
+    assert len(bundle.train) + len(bundle.test) == 1797 and bundle.num_classes == 10
+    assert abs(len(bundle.test) - 0.2 * 1797) < 10
+    image, label = bundle.train[0]
+    assert image.shape == (1, 32, 32) and 0 <= label < 10
+
+
+def test_epoch_sampler_is_seeded_resumable_and_sharded():
+    sampler = EpochSampler(10, seed=3)
+    sampler.set_epoch(4)
+    full = list(sampler)
+    sampler.set_epoch(4, start=6)
+    assert list(sampler) == full[6:]
+    sampler.set_epoch(5)
+    assert list(sampler) != full
+    shards = [EpochSampler(10, seed=3, rank=r, world_size=3) for r in range(3)]
+    for shard in shards:
+        shard.set_epoch(4)
+    assert {len(list(s)) for s in shards} == {4}  # padded to equal steps
+    eval_shards = [list(EpochSampler(10, shuffle=False, rank=r, world_size=3)) for r in range(3)]
+    assert sorted(sum(eval_shards, [])) == list(range(10))  # disjoint, unpadded
+
+
+def _cli(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled", "HYDRA_FULL_ERROR": "0"}
+    return subprocess.run([sys.executable, "-m", "fixedcls.train", *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=600)
+
+
+def test_multirun_gives_each_job_its_own_run_and_checkpoint_directory(tmp_path):
+    result = _cli(["-m", "head=learned,simplex", *TINY, "trainer.epochs=1", f"hydra.sweep.dir={tmp_path}/sweep"], tmp_path)
+    assert result.returncode == 0, result.stderr
+    jobs = sorted((tmp_path / "sweep").glob("[0-9]*"))
+    assert len(jobs) == 2 and all((job / "metrics.jsonl").is_file() for job in jobs)
+    assert {p.name for p in (tmp_path / "checkpoints").iterdir()} == {
+        "synthetic-test_resnet-learned-s0", "synthetic-test_resnet-simplex-s0"}
+
+
+def test_a_failing_multirun_job_does_not_stop_the_others(tmp_path):
+    result = _cli(["-m", "model.dim=2,null", *TINY, "trainer.epochs=1", f"hydra.sweep.dir={tmp_path}/sweep"], tmp_path)
+    assert result.returncode == 1
+    assert "needs d >= 3" in result.stderr and "Traceback" not in result.stderr
+    assert (tmp_path / "sweep" / "1" / "metrics.jsonl").is_file()
+    assert not (tmp_path / "sweep" / "0" / "metrics.jsonl").exists()

@@ -1,0 +1,42 @@
+"""Helpers shared by tests: compose the real Hydra config, and run a tiny training job in-process."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from hydra import compose, initialize_config_dir
+from omegaconf import DictConfig
+
+CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
+
+# A job small enough for a 2-core CI machine: a tiny timm model, a few samples, one or two epochs.
+TINY = [
+    "model.backbone=test_resnet",
+    "data=synthetic",
+    "data.num_classes=4",
+    "data.img_size=16",
+    "data.train_per_class=12",
+    "data.test_per_class=4",
+    "data.batch_size=16",
+    "trainer.epochs=2",
+    "trainer.progress=false",
+]
+
+
+def compose_config(overrides: list[str] = (), *, tiny: bool = True, tmp_path: Path | None = None) -> DictConfig:
+    """The config `fixedcls-train <overrides>` would run with (checkpoints under tmp_path when given)."""
+    from fixedcls.config import register_configs
+
+    register_configs()
+    extra = list(TINY) if tiny else []
+    if tmp_path is not None:
+        extra.append(f"checkpoint.root={tmp_path / 'checkpoints'}")
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        return compose(config_name="config", overrides=extra + list(overrides))
+
+
+def train_tiny(tmp_path: Path, overrides: list[str] = (), run_name: str = "run") -> dict:
+    """Train a tiny job in-process; the run directory is tmp_path/run_name."""
+    from fixedcls.train import train
+
+    cfg = compose_config(overrides, tmp_path=tmp_path)
+    return train(cfg, tmp_path / run_name)
