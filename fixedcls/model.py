@@ -136,6 +136,9 @@ def param_summary(model: Classifier) -> dict[str, int]:
 
     ``saved`` = the parameters of a learned ``K x d`` head with bias minus those the fixed
     head trains (bias, scale); 0 for learned and cosine heads.
+    ``saved_vs_baseline`` = the learned baseline on the same backbone (a ``K x width`` head with
+    bias, no projection) minus what this model trains after the backbone (projection + head):
+    the honest saving once a projection to a smaller d is paid for; it can be negative.
     """
     head = model.head
     head_trainable = _count(head.parameters())
@@ -149,6 +152,9 @@ def param_summary(model: Classifier) -> dict[str, int]:
         "fixed": fixed,
         "saved": learned_equivalent - head_trainable if head.is_fixed else 0,
     }
+    width = model.proj.in_features if isinstance(model.proj, nn.Linear) else head.dim
+    baseline_head = head.num_classes * width + head.num_classes
+    summary["saved_vs_baseline"] = baseline_head - summary["projection"] - head_trainable
     return summary
 
 
@@ -169,7 +175,8 @@ def format_param_summary(model: Classifier) -> str:
     if model.head.is_fixed:
         line += (
             f" | fixed head: {_human(s['fixed'])} prototype values, "
-            f"saves {_human(s['saved'])} parameters vs a learned head"
+            f"saves {_human(s['saved'])} parameters vs a learned head on d={model.dim}, "
+            f"{_human(s['saved_vs_baseline'])} vs the learned baseline (projection included)"
         )
     else:
         line += " | learned head"

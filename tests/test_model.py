@@ -181,10 +181,13 @@ def test_param_summary_fixed_head():
     assert summary["trainable"] == summary["backbone"] + summary["projection"]
     assert summary["fixed"] == 90
     assert summary["saved"] == 10 * 9 + 10
+    # against the learned baseline (96 x 10 + 10 on the backbone width) the projection is paid for
+    assert summary["saved_vs_baseline"] == 96 * 10 + 10 - 96 * 9
     line = format_param_summary(model)
     assert "\n" not in line
     assert line.startswith("params: 373.6k trainable (backbone 372.7k, projection 864, head 0)")
-    assert line.endswith("| fixed head: 90 prototype values, saves 100 parameters vs a learned head")
+    assert line.endswith("| fixed head: 90 prototype values, saves 100 parameters vs a learned head on d=9, "
+                         "106 vs the learned baseline (projection included)")
 
 
 def test_param_summary_with_trainable_bias_and_scale():
