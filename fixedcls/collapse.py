@@ -600,10 +600,12 @@ def _subset_loader(loader, max_samples: int, seed: int):
     subset = Subset(dataset, idx)
     batch_size = loader.batch_size or getattr(loader.batch_sampler, "batch_size", None) or 256
     sampler = None
-    if isinstance(loader.sampler, DistributedSampler):  # shard the subset like the original
-        sampler = DistributedSampler(
-            subset, num_replicas=loader.sampler.num_replicas, rank=loader.sampler.rank, shuffle=False, drop_last=False
-        )
+    # A sharded loader (DistributedSampler, fixedcls.data.EpochSampler) gets disjoint, unpadded shards of the
+    # subset, so the all-reduced measures count every sample exactly once (DistributedSampler would pad).
+    shard = loader.sampler
+    world_size = getattr(shard, "num_replicas", None) or getattr(shard, "world_size", None) or 1
+    if isinstance(shard, DistributedSampler) or world_size > 1:
+        sampler = list(range(int(shard.rank), len(subset), int(world_size)))
     kwargs = {}
     if loader.num_workers > 0:
         kwargs["prefetch_factor"] = loader.prefetch_factor

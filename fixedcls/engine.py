@@ -13,6 +13,7 @@ import signal
 import sys
 import threading
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -24,12 +25,14 @@ import torch.nn as nn
 from .checkpoint import CheckpointWriter
 from .distributed import World
 from .errors import FixedclsError
-from .loggers import MetricsFile, Tracker, write_summary
+from .loggers import MetricsFile, Tracker, log_prototype_alignment, write_summary
 
 log = logging.getLogger("fixedcls")
 
 AUTOCAST_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
-STOP_SIGNALS = tuple(s for s in (getattr(signal, "SIGTERM", None), getattr(signal, "SIGINT", None), getattr(signal, "SIGUSR1", None)) if s)
+# SIGUSR2: submitit's (>= 1.5) default preemption/timeout signal; SIGUSR1: older submitit and plain sbatch --signal.
+STOP_SIGNALS = tuple(s for s in (getattr(signal, "SIGTERM", None), getattr(signal, "SIGINT", None), getattr(signal, "SIGUSR1", None),
+                                 getattr(signal, "SIGUSR2", None)) if s)
 
 
 class TrainingInterrupted(Exception):
@@ -38,7 +41,8 @@ class TrainingInterrupted(Exception):
     def __init__(self, signum: int, checkpoint: Optional[Path]):
         self.signum, self.checkpoint = signum, checkpoint
         name = signal.Signals(signum).name
-        super().__init__(f"stopped by {name}; state saved to {checkpoint}; continue with resume=auto")
+        where = f"state saved to {checkpoint}" if checkpoint is not None else "no checkpoint written by this process"
+        super().__init__(f"stopped by {name}; {where}; continue with resume=auto")
 
 
 @dataclass
@@ -122,6 +126,15 @@ def set_rng_state(state: dict) -> None:
     np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _tolerate(what: str, fn: Callable, *args, **kwargs):
+    """Run a side job of the loop (metrics file, plot, tracker): a failure warns and training goes on."""
+    try:
+        return fn(*args, **kwargs)
+    except Exception as error:
+        warnings.warn(f"{what} failed ({type(error).__name__}: {error}); training goes on", RuntimeWarning, stacklevel=2)
+        return None
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -225,7 +238,7 @@ def fit(
                 online.load_state_dict(resume_state[name])
         set_rng_state(resume_state["rng"])
         log.info(f"resumed at epoch {epoch + 1} step {step_in_epoch} of {steps_per_epoch}")
-    metrics.reset(history)
+    _tolerate("writing metrics.jsonl", metrics.reset, history)
 
     def state(stopped_mid_epoch: bool) -> dict:
         return {
@@ -308,6 +321,7 @@ def fit(
             if bar is not None:
                 bar.close()
             world.all_reduce_sum([running])
+            world.broadcast_buffers(base_model, ema)  # one set of BN statistics (rank 0's, the checkpointed one) for eval
             train_seconds = time.perf_counter() - started
 
             # ---- end of epoch: evaluate, measure, log, checkpoint ------------------------------
@@ -333,19 +347,23 @@ def fit(
             epoch_seconds.append(train_seconds)
             if world.is_main:
                 checkpoints.save_epoch(state(stopped_mid_epoch=False), row)
-                metrics.append(row)
-                tracker.log_epoch({**row, "time/train_s": train_seconds, "time/collapse_s": collapse_seconds})
+                _tolerate("writing metrics.jsonl", metrics.append, row)
+                _tolerate("the tracker's log_epoch", tracker.log_epoch,
+                          {**row, "time/train_s": train_seconds, "time/collapse_s": collapse_seconds})
                 log.info(_epoch_line(row, epochs, train_seconds, collapse_seconds))
             world.barrier()
 
     summary = {**(run_info or {}), **_summary(history, collapse, base_model, epoch_seconds, title)}
     if world.is_main:
         if collapse.plot and any(k.startswith("collapse") for row in history for k in row):
-            plot = nc.plot_collapse(history, Path(run_dir) / "collapse.png", title or "collapse")
+            plot = _tolerate("plotting collapse", nc.plot_collapse, history, Path(run_dir) / "collapse.png", title or "collapse")
             if plot is not None:
-                tracker.log_image("collapse", plot)
-        write_summary(run_dir, summary)
-        tracker.log_summary(summary)
+                _tolerate("the tracker's log_image", tracker.log_image, "collapse", plot)
+        _tolerate("writing summary.json", write_summary, run_dir, summary)
+        _tolerate("the tracker's log_summary", tracker.log_summary, summary)
+        if getattr(tracker, "active", False):  # a real tracker (W&B): per-class table of class-mean vs classifier-row alignment
+            _tolerate("the tracker's alignment table", log_prototype_alignment, tracker, base_model, train_eval_loader,
+                      device=device, autocast=autocast)
     return summary
 
 

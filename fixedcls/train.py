@@ -23,7 +23,7 @@ from omegaconf import DictConfig, OmegaConf
 from . import checkpoint as ckpt
 from .config import Config, register_configs
 from .data import create_data, create_loaders, targets_of
-from .distributed import World, close_world, init_world
+from .distributed import World, close_world, init_world, worker_hydra_args
 from .engine import CollapseSettings, TrainingInterrupted, autocast_for, fit, resolve_device
 from .errors import FixedclsError
 from .heads import create_criterion
@@ -126,7 +126,9 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict:
         torch.set_num_threads(cfg.trainer.threads)
     world = init_world(device.type)
     if world.distributed and device.type == "cuda":
-        device = torch.device("cuda", world.local_rank)
+        device = torch.device("cuda", world.device_index)
+    if world.distributed:  # every rank works with rank 0's run directory (ranks > 0 ran Hydra in a scratch dir)
+        run_dir = Path(world.broadcast_object(str(run_dir)))
     tracker = None
     exit_code = 1
     try:
@@ -224,7 +226,10 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict:
         return summary
     finally:
         if tracker is not None:
-            tracker.finish(exit_code)
+            try:
+                tracker.finish(exit_code)
+            except Exception as error:  # a tracker can only warn: the run and its checkpoints are already safe
+                log.warning(f"warning: the tracker's finish failed ({type(error).__name__}: {error})")
         close_world(world)
 
 
@@ -236,15 +241,18 @@ def _run_mode() -> Optional[RunMode]:
 
 
 def _stop_after_interrupt(error: TrainingInterrupted) -> None:
-    """Leave as the signal asked; a launcher's own SIGUSR1 handler (submitit's requeue) runs after our save."""
+    """Leave as the signal asked; a launcher's own SIGUSR1/SIGUSR2 handler (submitit's requeue: USR2 by
+    default since submitit 1.5, SUBMITIT_PREEMPT_SIGNAL) runs after our save."""
     print(f"fixedcls: {error}", file=sys.stderr)
     previous = signal.getsignal(error.signum)
-    if callable(previous) and error.signum == getattr(signal, "SIGUSR1", None):
+    if callable(previous) and error.signum in (getattr(signal, "SIGUSR1", None), getattr(signal, "SIGUSR2", None)):
         previous(error.signum, None)
     sys.exit(128 + error.signum)
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="config")
+# An absolute path: "../conf" would be read as the package `conf` when the module is not __main__
+# (the fixedcls-train console script), which fails outside the repository root.
+@hydra.main(version_base="1.3", config_path=str(Path(__file__).resolve().parents[1] / "conf"), config_name="config")
 def hydra_main(cfg: DictConfig):
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     try:
@@ -264,8 +272,82 @@ def hydra_main(cfg: DictConfig):
         _stop_after_interrupt(error)
 
 
+def check_overrides(args: list[str]) -> Optional[str]:
+    """One line naming the first command-line override that cannot work, or None (then Hydra takes over).
+
+    Plain `key=value` overrides are checked against the schema (fixedcls/config.py): an unknown key gets a
+    "did you mean", a value of the wrong type or enum the allowed values, a config group an option that
+    exists in conf/. `+key=`, `++key=`, `~key`, `hydra.*`, packages (`key@pkg=`), flags and anything this check
+    does not understand are left to Hydra, whose own errors still apply.
+    """
+    import difflib
+
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.core.override_parser.types import OverrideType, ValueType
+    from omegaconf import ListConfig
+
+    conf_dir = Path(__file__).resolve().parents[1] / "conf"
+    own_search_path = any(a in ("-cd", "--config-dir", "-cp", "--config-path", "-cn", "--config-name")
+                          or a.startswith(("--config-dir", "--config-path", "--config-name", "hydra.searchpath"))
+                          for a in args)
+    parser = OverridesParser.create()
+    schema = OmegaConf.structured(Config)
+    for arg in args:
+        if arg.startswith("-") or "=" not in arg:
+            continue
+        try:
+            override = parser.parse_override(arg)
+        except Exception:
+            continue  # Hydra reports grammar errors itself
+        key = override.key_or_group
+        if override.type != OverrideType.CHANGE or override.package is not None or key.startswith("hydra") or "/" in key:
+            continue
+        if (conf_dir / key).is_dir() and not own_search_path:  # a config group: head=, data=, optim=, ...
+            options = sorted(p.stem for p in (conf_dir / key).glob("*.yaml"))
+            if override.value_type in (ValueType.ELEMENT, ValueType.SIMPLE_CHOICE_SWEEP):
+                chosen = override.value() if override.value_type == ValueType.ELEMENT else override.value().list
+                for option in chosen if isinstance(chosen, list) else [chosen]:
+                    if isinstance(option, str) and option not in options:
+                        return f"unknown {key} '{option}': choose one of {', '.join(options)} (conf/{key}/)"
+            continue
+        node, parts = schema, key.split(".")
+        for depth, part in enumerate(parts):
+            if isinstance(node, ListConfig) or (isinstance(node, DictConfig) and OmegaConf.get_type(node) is dict):
+                node = None  # a free-form dict or a list: any key below is allowed
+                break
+            if not isinstance(node, DictConfig):
+                return f"unknown config key '{key}': {'.'.join(parts[:depth])} is a value, not a section"
+            if part not in node:
+                here = ".".join(parts[:depth])
+                close = difflib.get_close_matches(part, [str(k) for k in node.keys()], n=1, cutoff=0.6)
+                if close:
+                    return f"unknown config key '{key}': did you mean {here + '.' if here else ''}{close[0]}?"
+                return (f"unknown config key '{key}': {here or 'the config'} has "
+                        f"{', '.join(str(k) for k in node.keys())}")
+            node = node._get_node(part) if depth + 1 < len(parts) else node
+        if node is None or override.value_type != ValueType.ELEMENT:
+            continue
+        value = override.value()
+        if isinstance(value, str) and "${" in value:
+            continue  # an interpolation: resolved later
+        try:
+            OmegaConf.update(schema, key, value, merge=False)
+        except Exception as error:
+            reason = " ".join(str(error).split("\n")[0].split())
+            return f"{arg}: {reason}"
+    return None
+
+
 def main() -> None:
-    hydra_main()
+    try:
+        problem = check_overrides(sys.argv[1:])
+    except Exception:  # the check must never stand in the way: Hydra validates again
+        problem = None
+    if problem is not None:
+        print(f"fixedcls: error: {problem}", file=sys.stderr)
+        sys.exit(2)
+    with worker_hydra_args(sys.argv):  # ranks > 0 of a torchrun/srun launch make no Hydra run dir of their own
+        hydra_main()
     if FAILED_JOBS:
         print(f"fixedcls: {len(FAILED_JOBS)} job(s) failed:", file=sys.stderr)
         for line in FAILED_JOBS:

@@ -1,0 +1,334 @@
+"""DDP and cluster launches on CPU: torchrun with gloo in real processes, sharding, launcher configs, preemption.
+
+The 2-process run must write one run directory (no per-rank Hydra dirs) and one checkpoint set, and its
+collapse measures must equal a 1-process measurement of the saved checkpoint on the same data.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+
+from fixedcls import distributed as fd
+from fixedcls.collapse import _subset_loader, measure_model
+from fixedcls.data import EpochSampler, create_data, create_loaders
+from utils import CONF_DIR, compose_config
+
+# Odd split sizes on purpose: 36 training samples (18 per rank, batches of 16 + 2), 15 test samples
+# (uneven eval shards 8 + 7), a 25-sample collapse subset (13 + 12). Evaluation batches of one sample:
+# CPU convolutions round differently for other batch shapes (~1e-6 relative on an ill-conditioned nc1),
+# and the comparison is about sharding, reduction and batch-norm statistics, not float32 kernels.
+DDP_OVERRIDES = [
+    "model.backbone=test_resnet", "data=synthetic", "data.num_classes=3", "data.img_size=16",
+    "data.train_per_class=12", "data.test_per_class=5", "data.batch_size=16", "data.eval_batch_size=1",
+    "trainer.epochs=2", "trainer.progress=false", "trainer.device=cpu", "collapse.max_samples=25",
+]
+LAUNCH_TIMEOUT = 240
+
+
+def _child_env(tmp_path: Path) -> dict:
+    scratch = tmp_path / "tmp"
+    scratch.mkdir(exist_ok=True)
+    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", MPLBACKEND="Agg", WANDB_MODE="disabled",
+               HYDRA_FULL_ERROR="1", TMPDIR=str(scratch))
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "SUBMITIT_EXECUTOR"):
+        env.pop(key, None)
+    return env
+
+
+class Launch:
+    """A command started in its own directory and process group; `wait()` checks it exited 0."""
+
+    def __init__(self, cmd: list[str], directory: Path):
+        self.cmd, self.directory, self.started = cmd, directory, time.perf_counter()
+        self.log = (directory / "launch.log").open("w")
+        self.process = subprocess.Popen(cmd, cwd=directory, env=_child_env(directory), stdout=self.log,
+                                        stderr=subprocess.STDOUT, start_new_session=True)
+        self.seconds = None
+
+    def wait(self) -> Path:
+        try:
+            code = self.process.wait(timeout=max(1.0, LAUNCH_TIMEOUT - (time.perf_counter() - self.started)))
+        except subprocess.TimeoutExpired:
+            self.kill()
+            code = "timeout"
+        if self.seconds is None:
+            self.seconds = time.perf_counter() - self.started
+        self.log.close()
+        output = (self.directory / "launch.log").read_text()
+        assert code == 0, f"{' '.join(self.cmd)} -> {code}\n{output[-6000:]}"
+        return self.directory
+
+    def kill(self) -> None:
+        if self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGKILL)  # the launcher and the ranks it started
+            self.process.wait()
+
+
+def _has_submitit() -> bool:
+    try:
+        import hydra_plugins.hydra_submitit_launcher  # noqa: F401
+        import submitit  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+@pytest.fixture(scope="module")
+def launches(tmp_path_factory):
+    """Both multi-process launches start at once (mostly interpreter start-up and imports): a torchrun
+    run of 2 gloo processes, and a submitit local job of 2 tasks (when the slurm extra is installed)."""
+    started = {"torchrun": Launch([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                                   "-m", "fixedcls.train", *DDP_OVERRIDES], tmp_path_factory.mktemp("torchrun"))}
+    if _has_submitit():
+        sweep = tmp_path_factory.mktemp("submitit")
+        started["submitit"] = Launch([
+            sys.executable, "-m", "fixedcls.train", "-m", "hydra/launcher=submitit_local",
+            "hydra.launcher.tasks_per_node=2", "hydra.launcher.timeout_min=5", f"hydra.sweep.dir={sweep / 'multirun'}",
+            *DDP_OVERRIDES, "trainer.epochs=1", "collapse.plot=false", "collapse.splits=[test]"], sweep)
+    yield started
+    for launch in started.values():
+        launch.kill()
+
+
+# ---------------------------------------------------------------------------------------------------
+# torchrun: 2 processes (gloo) == 1 process
+# ---------------------------------------------------------------------------------------------------
+def test_torchrun_two_processes_one_run_dir_and_same_measures_as_one_process(launches):
+    tmp_path = launches["torchrun"].wait()
+    launch_seconds = launches["torchrun"].seconds
+
+    # One run directory (rank 0's, Hydra's default outputs/<name>/<time stamp>) and nothing from rank 1.
+    metrics = sorted(tmp_path.rglob("metrics.jsonl"))
+    assert len(metrics) == 1, metrics
+    run_dir = metrics[0].parent
+    assert run_dir.parent.parent == tmp_path / "outputs"
+    assert sorted(p.parent for p in tmp_path.rglob(".hydra")) == [run_dir]
+    assert len(list((tmp_path / "outputs").rglob("*.log"))) == 1
+    assert (run_dir / "summary.json").is_file() and (run_dir / "collapse.png").is_file()
+    assert not list((tmp_path / "tmp").glob("fixedcls-rank*")), "rank 1's scratch Hydra dir was not removed"
+    ckpt_dirs = [d for d in (tmp_path / "checkpoints").iterdir()]
+    assert len(ckpt_dirs) == 1
+    assert sorted(p.name for p in ckpt_dirs[0].iterdir()) == ["best.pt", "epoch_0001.pt", "epoch_0002.pt", "last.pt"]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert Path(summary["run_dir"]).resolve() == run_dir.resolve()  # every rank got rank 0's run dir
+
+    rows = [json.loads(line) for line in metrics[0].read_text().splitlines()]
+    assert [row["epoch"] for row in rows] == [1, 2]
+    last = rows[-1]
+
+    # A 1-process measurement of the saved checkpoint on the same data.
+    cfg = compose_config(DDP_OVERRIDES, tiny=False)
+    bundle = create_data(cfg.data)
+    from fixedcls.model import create_model
+
+    model = create_model(cfg.model.backbone, cfg.head.name, bundle.num_classes, dim=cfg.model.dim,
+                         in_chans=bundle.in_chans, img_size=bundle.img_size)
+    state = torch.load(ckpt_dirs[0] / "last.pt", map_location="cpu", weights_only=True)
+    assert (state["epoch"], state["global_step"]) == (2, 4)  # 18 samples per rank: 2 steps per epoch (1 process: 3)
+    model.load_state_dict(state["model"])
+    _, train_eval, test = create_loaders(bundle, batch_size=16, eval_batch_size=1, seed=cfg.seed)
+    cpu = torch.device("cpu")
+    for prefix, loader in (("collapse/", train_eval), ("collapse_test/", test)):
+        single = measure_model(model, loader, device=cpu, max_samples=25)
+        assert single, prefix
+        for key, value in single.items():
+            assert last[prefix + key] == pytest.approx(value, rel=1e-6, abs=1e-6), (prefix + key, last[prefix + key], value)
+
+    # Test loss/accuracy over the uneven, unpadded eval shards count every test sample once.
+    model.eval()
+    with torch.no_grad():
+        x = torch.stack([bundle.test[i][0] for i in range(len(bundle.test))])
+        y = torch.tensor([bundle.test[i][1] for i in range(len(bundle.test))])
+        logits = model(x)
+    assert last["test/acc"] == pytest.approx(int((logits.argmax(1) == y).sum()) / len(y), abs=1e-12)
+    assert last["test/loss"] == pytest.approx(float(torch.nn.functional.cross_entropy(logits, y)), rel=1e-5)
+    print(f"torchrun 2-process launch: {launch_seconds:.1f}s")
+
+
+# ---------------------------------------------------------------------------------------------------
+# sharding
+# ---------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("length,world_size", [(15, 2), (36, 2), (10, 3), (2, 3)])
+def test_epoch_sampler_shards(length, world_size):
+    train = [EpochSampler(length, shuffle=True, seed=3, rank=r, world_size=world_size) for r in range(world_size)]
+    for sampler in train:
+        sampler.set_epoch(4)
+    shards = [sampler.epoch_indices() for sampler in train]
+    assert len({len(s) for s in shards}) == 1  # padded: every rank runs the same number of steps
+    assert set().union(*shards) == set(range(length))
+    evals = [list(EpochSampler(length, shuffle=False, rank=r, world_size=world_size)) for r in range(world_size)]
+    assert sorted(i for shard in evals for i in shard) == list(range(length))  # disjoint, unpadded, complete
+
+
+def test_collapse_subset_loader_reshards_disjoint_unpadded():
+    dataset = torch.utils.data.TensorDataset(torch.arange(40), torch.arange(40) % 4)  # x = the sample's index
+
+    def indices(loader) -> list[int]:
+        return [int(i) for x, _ in loader for i in x]
+
+    shards = []
+    for rank in range(3):
+        loader = torch.utils.data.DataLoader(dataset, batch_size=4,
+                                             sampler=EpochSampler(40, shuffle=False, rank=rank, world_size=3))
+        shards.append(indices(_subset_loader(loader, 25, seed=0)))
+    single = indices(_subset_loader(torch.utils.data.DataLoader(dataset, batch_size=4), 25, seed=0))
+    assert len(single) == 25 and sorted(i for shard in shards for i in shard) == sorted(single)
+    assert max(map(len, shards)) - min(map(len, shards)) <= 1
+
+
+# ---------------------------------------------------------------------------------------------------
+# launch environments
+# ---------------------------------------------------------------------------------------------------
+_LAUNCH_KEYS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "SUBMITIT_EXECUTOR",
+                "SLURM_STEP_NUM_TASKS", "SLURM_PROCID", "SLURM_LOCALID", "SLURM_STEP_NUM_NODES", "SLURM_STEP_NODELIST",
+                "SLURM_JOB_ID", "SLURM_STEP_ID", "SLURM_JOB_NUM_NODES", "SLURM_JOB_NODELIST")
+
+
+@pytest.fixture
+def clean_env(monkeypatch):
+    for key in _LAUNCH_KEYS:
+        monkeypatch.delenv(key, raising=False)
+    return monkeypatch
+
+
+def test_single_process_and_torchrun_env(clean_env):
+    assert fd.launch_env() is None and fd.process_rank() == 0
+    assert fd.init_world("cpu") == fd.World()
+    clean_env.setenv("RANK", "0")
+    clean_env.setenv("WORLD_SIZE", "1")  # torchrun --nproc_per_node=1
+    assert fd.launch_env() is None
+    clean_env.setenv("RANK", "3")
+    clean_env.setenv("WORLD_SIZE", "8")
+    clean_env.setenv("LOCAL_RANK", "1")
+    clean_env.setenv("SLURM_STEP_NUM_TASKS", "2")  # torchrun inside srun: torchrun's ranks win
+    clean_env.setenv("SLURM_PROCID", "0")
+    env = fd.launch_env()
+    assert (env.source, env.rank, env.world_size, env.local_rank) == ("torchrun", 3, 8, 1)
+
+
+def test_submitit_task_env(clean_env):
+    pytest.importorskip("submitit", reason="submitit comes with the slurm extra: pip install -e '.[slurm]'")
+    for key, value in {"SUBMITIT_EXECUTOR": "local", "SUBMITIT_LOCAL_JOB_ID": "4242", "SUBMITIT_LOCAL_NTASKS": "2",
+                       "SUBMITIT_LOCAL_JOB_NUM_NODES": "1", "SUBMITIT_LOCAL_NODEID": "0",
+                       "SUBMITIT_LOCAL_GLOBALID": "1", "SUBMITIT_LOCAL_LOCALID": "1"}.items():
+        clean_env.setenv(key, value)
+    env = fd.launch_env()
+    assert (env.source, env.rank, env.world_size, env.local_rank, env.master_addr) == ("submitit", 1, 2, 1, "127.0.0.1")
+    assert env.master_port == fd.launch_env().master_port and 20000 <= env.master_port <= 60000
+    fd.export_env(env)
+    assert (os.environ["RANK"], os.environ["WORLD_SIZE"], os.environ["LOCAL_RANK"]) == ("1", "2", "1")
+    assert fd.launch_env().source == "torchrun"  # once exported, the same variables as torchrun's
+
+
+def test_srun_step_env(clean_env):
+    clean_env.setenv("SLURM_JOB_NUM_NODES", "2")  # sbatch --ntasks=8 without srun: still one process
+    clean_env.setenv("SLURM_PROCID", "0")
+    assert fd.launch_env() is None
+    for key, value in {"SLURM_STEP_NUM_TASKS": "8", "SLURM_PROCID": "5", "SLURM_LOCALID": "1",
+                       "SLURM_STEP_NUM_NODES": "2", "SLURM_STEP_NODELIST": "gpu[003-004]", "SLURM_JOB_ID": "77"}.items():
+        clean_env.setenv(key, value)
+    env = fd.launch_env()
+    assert (env.source, env.rank, env.world_size, env.local_rank, env.local_world_size) == ("srun", 5, 8, 1, 4)
+    assert env.master_addr == "gpu003"
+    assert fd.first_host("node7,cpu[1-2]") == "node7" and fd.first_host("a[09,11-12]") == "a09"
+
+
+def test_worker_hydra_args_rank_above_zero(clean_env, tmp_path):
+    clean_env.setenv("TMPDIR", str(tmp_path))
+    argv = ["train", "-m", "seed=0,1", "hydra.run.dir=mine", "hydra/job_logging=stdout"]
+    with fd.worker_hydra_args(argv) as scratch:
+        assert scratch is None and argv[-1] == "hydra/job_logging=stdout"  # rank 0: untouched
+    clean_env.setenv("RANK", "1")
+    clean_env.setenv("WORLD_SIZE", "2")
+    original = list(argv)
+    with fd.worker_hydra_args(argv) as scratch:
+        assert Path(scratch).is_dir()
+        assert argv[:3] == ["train", "-m", "seed=0,1"] and "hydra.run.dir=mine" not in argv
+        assert f"hydra.run.dir={scratch}" in argv and f"hydra.sweep.dir={scratch}" in argv
+        assert set(fd.WORKER_OVERRIDES) <= set(argv) and "hydra/job_logging=stdout" not in argv
+    assert argv == original and not Path(scratch).exists()
+
+
+# ---------------------------------------------------------------------------------------------------
+# preemption signals
+# ---------------------------------------------------------------------------------------------------
+@pytest.mark.skipif(not hasattr(signal, "SIGUSR2"), reason="POSIX signals")
+def test_preemption_signal_is_caught_then_chained_to_the_launcher_handler(tmp_path):
+    from fixedcls.engine import STOP_SIGNALS, StopSignals, TrainingInterrupted
+    from fixedcls.train import _stop_after_interrupt
+
+    assert signal.SIGUSR2 in STOP_SIGNALS and signal.SIGUSR1 in STOP_SIGNALS  # submitit >= 1.5 preempts with USR2
+    calls = []
+    previous = signal.signal(signal.SIGUSR2, lambda signum, frame: calls.append(signum))
+    try:
+        with StopSignals() as stop:
+            os.kill(os.getpid(), signal.SIGUSR2)
+            time.sleep(0.05)
+            assert stop.received == signal.SIGUSR2 and calls == []  # ours first: save at the next step
+        with pytest.raises(SystemExit) as exit_info:
+            _stop_after_interrupt(TrainingInterrupted(signal.SIGUSR2, tmp_path / "last.pt"))
+        assert calls == [signal.SIGUSR2]  # then submitit's requeue handler
+        assert exit_info.value.code == 128 + signal.SIGUSR2
+        with pytest.raises(SystemExit):
+            _stop_after_interrupt(TrainingInterrupted(signal.SIGTERM, None))
+        assert calls == [signal.SIGUSR2]  # SIGTERM is not chained
+    finally:
+        signal.signal(signal.SIGUSR2, previous)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Hydra launchers
+# ---------------------------------------------------------------------------------------------------
+def _compose_hydra(overrides: list[str]):
+    from fixedcls.config import register_configs
+
+    register_configs()
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        return compose(config_name="config", overrides=overrides, return_hydra_config=True)
+
+
+@pytest.mark.parametrize("launcher,target", [
+    ("slurm", "SlurmLauncher"), ("submitit_slurm", "SlurmLauncher"), ("submitit_local", "LocalLauncher"),
+    ("parallel", "JoblibLauncher"), ("joblib", "JoblibLauncher"),
+])
+def test_launcher_configs_compose(launcher, target):
+    pytest.importorskip("hydra_plugins.hydra_submitit_launcher", reason="needs the slurm extra: pip install -e '.[slurm]'")
+    pytest.importorskip("hydra_plugins.hydra_joblib_launcher", reason="needs the slurm extra: pip install -e '.[slurm]'")
+    cfg = _compose_hydra([f"hydra/launcher={launcher}", "resume=auto"])
+    assert cfg.hydra.launcher._target_.endswith(target)
+    assert cfg.resume == "auto"
+    if launcher == "slurm":
+        cfg = _compose_hydra(["hydra/launcher=slurm", "hydra.launcher.partition=gpu", "hydra.launcher.gpus_per_node=4",
+                              "hydra.launcher.nodes=2", "hydra.launcher.timeout_min=60"])
+        launcher_cfg = cfg.hydra.launcher
+        assert (launcher_cfg.partition, launcher_cfg.nodes, launcher_cfg.timeout_min) == ("gpu", 2, 60)
+        assert launcher_cfg.tasks_per_node == 4  # one DDP process per GPU
+        assert launcher_cfg.signal_delay_s > 0 and launcher_cfg.max_num_timeout > 0
+    if launcher == "parallel":
+        assert cfg.hydra.launcher.n_jobs == 2
+
+
+def test_submitit_local_launch_two_tasks(launches):
+    """A real submitit job (local executor, offline) of 2 tasks: a DDP world from submitit's JobEnvironment."""
+    if "submitit" not in launches:
+        pytest.skip("hydra-submitit-launcher is not installed: pip install -e '.[slurm]'")
+    tmp_path = launches["submitit"].wait()
+    sweep = tmp_path / "multirun"
+    metrics = sorted(tmp_path.rglob("metrics.jsonl"))
+    assert metrics == [sweep / "0" / "metrics.jsonl"]
+    rows = [json.loads(line) for line in metrics[0].read_text().splitlines()]
+    assert [row["epoch"] for row in rows] == [1] and "collapse_test/nc1" in rows[0]
+    assert len(sorted((sweep / ".submitit").rglob("*_log.err"))) == 2  # two tasks of one job
+    ckpt_dirs = list((tmp_path / "checkpoints").iterdir())
+    assert len(ckpt_dirs) == 1
+    # 36 samples, batches of 16: 2 steps per epoch on each of 2 ranks (one process would take 3).
+    assert torch.load(ckpt_dirs[0] / "last.pt", weights_only=True)["global_step"] == 2
