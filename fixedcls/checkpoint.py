@@ -11,10 +11,12 @@ Layout of a checkpoint directory::
 """
 from __future__ import annotations
 
+import logging
 import os
 import pickle
 import re
 import tempfile
+import warnings
 import zipfile
 from pathlib import Path
 from typing import Any, Optional
@@ -23,6 +25,7 @@ import torch
 
 from .errors import FixedclsError
 
+log = logging.getLogger("fixedcls")
 LAST, BEST = "last.pt", "best.pt"
 EPOCH_FILE = re.compile(r"^epoch_(\d+)\.pt$")
 
@@ -71,25 +74,90 @@ def _link_or_copy(src: Path, dst: Path) -> None:
     _fsync_dir(dst.parent)
 
 
+def _first_line(error: BaseException) -> str:
+    """The first sentence of an error, on one line (torch's messages run to a paragraph)."""
+    text = " ".join(str(error).split())
+    text = text.split(". ")[0].rstrip(".")[:200]
+    return f"{type(error).__name__}: {text}" if text else type(error).__name__
+
+
+def _refused_global(message: str) -> str:
+    """What a weights_only refusal names ("Unsupported global: GLOBAL io.open was not ..." -> "io.open")."""
+    found = re.search(r"GLOBAL ([\w.]+)", message) or re.search(r"WeightsUnpickler error:\s*([^\n.]+)", message)
+    return found.group(1).strip() if found else "an object torch does not allow"
+
+
+def _state_key(path: Path) -> tuple:
+    stat = path.stat()
+    return (str(path.resolve()), stat.st_ino, stat.st_size, stat.st_mtime_ns)
+
+
+# The state `resolve` verified, kept for the `load` of the same unchanged file that follows (one entry),
+# so resuming reads and checks a large checkpoint once, not twice.
+_verified: dict[tuple, dict] = {}
+
+
 def load(path: str | Path, map_location: Any = "cpu") -> dict:
-    """Load a checkpoint with weights_only=True; every failure is a one-line FixedclsError naming the file."""
+    """Load a checkpoint safely; every failure is a one-line FixedclsError naming the file.
+
+    * Only ``torch.load(weights_only=True)``: tensors and plain containers. A file that carries any other
+      pickled object is refused before anything in it is built, so no code from it runs.
+    * The CRC32 of every record of the zip archive is checked first, so a truncated file, or one whose
+      tensor bytes were damaged on disk or in transfer, is reported instead of loaded with wrong numbers.
+    """
     path = Path(path)
     if not path.is_file():
         raise FixedclsError(f"checkpoint {path} does not exist: pass resume=<path to a .pt file> or resume=auto")
+    key = _state_key(path)
+    if key in _verified and map_location == "cpu":
+        return _verified.pop(key)
+
+    def corrupt(reason: str) -> FixedclsError:
+        return FixedclsError(f"checkpoint {path} is truncated or corrupt ({reason}): use an earlier checkpoint "
+                             f"(epoch_NNNN.pt in the same folder) or resume=auto, which skips it")
+
+    if path.stat().st_size == 0:
+        raise corrupt("the file is empty")
+    is_zip, damaged = True, None
     try:
-        state = torch.load(path, map_location=map_location, weights_only=True)
+        with zipfile.ZipFile(path) as archive:
+            damaged = archive.testzip()
+    except zipfile.BadZipFile:
+        is_zip = False  # truncated (no central directory), garbage, or a legacy checkpoint: torch.load tells
+    except (OSError, ValueError, EOFError, RuntimeError) as error:
+        raise corrupt(_first_line(error)) from None
+    if damaged is not None:
+        raise corrupt(f"checksum mismatch in record {damaged}")
+    if not is_zip:
+        with open(path, "rb") as f:
+            head = f.read(4)
+        if head == b"PK\x03\x04":
+            raise corrupt("truncated: the zip archive ends early")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            state = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as error:
-        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise FixedclsError(
-            f"checkpoint {path} holds pickled Python objects, not only tensors and plain containers; "
-            f"refused to load it (weights_only=True, no code from it ran): {first}"
-        ) from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as error:
-        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise FixedclsError(f"checkpoint {path} is truncated or corrupt ({first}): use an earlier checkpoint") from None
+        message = str(error)
+        if re.search(r"GLOBAL|Unsupported global", message):  # a class or function to import: refused
+            raise FixedclsError(
+                f"checkpoint {path} carries a pickled Python object ({_refused_global(message)}), not only tensors "
+                f"and plain containers: refused to load it (torch.load weights_only=True; nothing in it was run). "
+                f"fixedcls checkpoints never hold such objects: only load files written by fixedcls-train"
+            ) from None
+        raise corrupt(_first_line(error) if is_zip else "not a file written by torch.save") from None
+    except MemoryError:
+        raise
+    except Exception as error:  # torch raises RuntimeError, EOFError, KeyError, OSError, ... for broken files
+        raise corrupt(_first_line(error) if is_zip else "not a file written by torch.save") from None
     if not isinstance(state, dict) or "model" not in state:
         raise FixedclsError(f"checkpoint {path} is not a fixedcls checkpoint (no 'model' entry)")
     return state
+
+
+def _progress(state: dict) -> tuple[int, int]:
+    """How far a checkpoint got: (finished epochs, steps into the next one)."""
+    return int(state.get("epoch", 0)), int(state.get("step_in_epoch", 0))
 
 
 def epoch_files(directory: Path) -> list[Path]:
@@ -107,13 +175,32 @@ def candidates(directory: Path) -> list[Path]:
 
 
 def load_newest_good(directory: Path, warn=print) -> tuple[Optional[Path], Optional[dict]]:
-    """The newest checkpoint in `directory` that loads; corrupt ones are reported and skipped."""
-    for path in candidates(directory):
+    """The checkpoint in `directory` that got furthest and loads; broken ones are reported and skipped.
+
+    last.pt is the newest state unless a run was killed between writing epoch_NNNN.pt and pointing
+    last.pt at it: then the epoch file is newer, and it wins.
+    """
+    directory = Path(directory)
+    best: Optional[tuple[Path, dict]] = None
+    last = directory / LAST
+    if last.is_file():
         try:
-            return path, load(path)
+            best = (last, load(last))
         except FixedclsError as error:
             warn(f"warning: skipping {error}")
-    return None, None
+    for path in epoch_files(directory):  # newest first
+        number = int(EPOCH_FILE.match(path.name).group(1))
+        if best is not None and (number, 0) <= _progress(best[1]):
+            break  # nothing older can be newer than what we have
+        try:
+            state = load(path)
+        except FixedclsError as error:
+            warn(f"warning: skipping {error}")
+            continue
+        if best is None or _progress(state) > _progress(best[1]):
+            best = (path, state)
+        break
+    return best if best is not None else (None, None)
 
 
 def run_directories(root: Path, name: str) -> list[Path]:
@@ -132,8 +219,14 @@ def resolve(root: str | Path, name: str, explicit_dir: Optional[str], resume: Op
     root = Path(root)
     if resume not in (None, "", "auto"):
         path = Path(resume).expanduser()
+        if path.is_dir():  # a checkpoint folder: its newest good checkpoint
+            found = _newest_loadable(path, warn)
+            if found is None:
+                raise FixedclsError(f"resume={resume}: the folder holds no loadable checkpoint (last.pt, epoch_NNNN.pt)")
+            return (Path(explicit_dir) if explicit_dir else path), found
         if not path.is_file():
-            raise FixedclsError(f"resume={resume}: no such checkpoint file (pass a .pt path, or resume=auto)")
+            raise FixedclsError(f"resume={resume}: no such checkpoint file (pass a .pt path, a checkpoint folder, "
+                                f"or resume=auto)")
         return (Path(explicit_dir) if explicit_dir else path.parent), path
     if explicit_dir:
         directory = Path(explicit_dir)
@@ -158,42 +251,72 @@ def resolve(root: str | Path, name: str, explicit_dir: Optional[str], resume: Op
 
 
 def _newest_loadable(directory: Path, warn) -> Optional[Path]:
-    for path in candidates(directory):
-        try:
-            load(path)
-            return path
-        except FixedclsError as error:
-            warn(f"warning: skipping {error}")
-    return None
+    path, state = load_newest_good(directory, warn)
+    _verified.clear()
+    if path is not None:
+        _verified[_state_key(path)] = state  # the load that follows gets it without reading the file again
+    return path
 
 
 class CheckpointWriter:
-    """Saves the states of a run: per-epoch files (keeping the newest `keep`), last.pt and best.pt."""
+    """Saves the states of a run: per-epoch files (keeping the newest `keep`), last.pt and best.pt.
+
+    A write that fails (full disk, lost mount) warns and returns None: the run goes on, and the
+    previous checkpoints stay as they were (every write is atomic).
+    """
 
     def __init__(self, directory: Path, *, keep: int = 2, best_metric: str = "test/acc", enabled: bool = True):
         self.directory, self.keep, self.best_metric, self.enabled = Path(directory), keep, best_metric, enabled
         self.best_value: Optional[float] = None
+        if enabled:
+            remove_partial_writes(self.directory)
 
-    def save_epoch(self, state: dict, metrics: dict) -> Path:
+    def save_epoch(self, state: dict, metrics: dict) -> Optional[Path]:
         epoch_path = self.directory / f"epoch_{state['epoch']:04d}.pt"
         if not self.enabled:
             return epoch_path
-        atomic_save(state, epoch_path)
-        _link_or_copy(epoch_path, self.directory / LAST)
-        value = metrics.get(self.best_metric)
-        if value is not None and (self.best_value is None or self._better(value, self.best_value)):
-            self.best_value = value
-            _link_or_copy(epoch_path, self.directory / BEST)
-        for old in epoch_files(self.directory)[max(self.keep, 1) :]:
-            old.unlink(missing_ok=True)
+        try:
+            atomic_save(state, epoch_path)
+            _link_or_copy(epoch_path, self.directory / LAST)
+            value = metrics.get(self.best_metric)
+            if value is not None and (self.best_value is None or self._better(value, self.best_value)):
+                self.best_value = value
+                _link_or_copy(epoch_path, self.directory / BEST)
+            for old in epoch_files(self.directory)[max(self.keep, 1) :]:
+                old.unlink(missing_ok=True)
+        except OSError as error:
+            _warn(f"could not write checkpoint {epoch_path} ({error}); training goes on, the previous checkpoints "
+                  f"in {self.directory} are intact")
+            return None
         return epoch_path
 
     def _better(self, value: float, than: float) -> bool:
         return value < than if "loss" in self.best_metric else value > than
 
-    def save_interrupted(self, state: dict) -> Path:
+    def save_interrupted(self, state: dict) -> Optional[Path]:
         """A mid-epoch state (after a stop signal); it becomes last.pt, the epoch files stay untouched."""
         path = self.directory / LAST
         if self.enabled:
-            atomic_save(state, path)
+            try:
+                atomic_save(state, path)
+            except OSError as error:
+                _warn(f"could not write checkpoint {path} ({error}); resume=auto will continue from the last "
+                      f"epoch checkpoint in {self.directory}")
+                return None
         return path
+
+
+PARTIAL = re.compile(r"^\..+\.tmp$")  # what atomic_save and _link_or_copy write before the rename
+
+
+def remove_partial_writes(directory: Path) -> None:
+    """Delete the temporary files of writes that a killed run never finished (never a real checkpoint)."""
+    if not Path(directory).is_dir():
+        return
+    for path in Path(directory).iterdir():
+        if PARTIAL.match(path.name) and path.is_file():
+            path.unlink(missing_ok=True)
+
+
+def _warn(message: str) -> None:
+    log.warning(f"warning: {message}")

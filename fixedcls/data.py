@@ -75,7 +75,10 @@ class SeededAugmentation(Dataset):
         random.seed(sample_seed)
         try:
             with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(sample_seed)
+                # The CPU generator only (what the transforms draw from): torch.manual_seed would also queue a
+                # lazy reseed of every CUDA/XPU/MTIA generator per sample (a stack capture each, ~15% of a CPU
+                # epoch) and, with CUDA up, reseed the GPU generators that fork_rng(devices=[]) does not restore.
+                torch.default_generator.manual_seed(sample_seed)
                 return self.dataset[index]
         finally:
             random.setstate(python_state)
@@ -243,19 +246,22 @@ def _timm_transforms(cfg, in_chans: int):
         import torchvision.transforms as T
 
         to_tensor = [T.ToTensor(), T.Normalize(mean, std)]
-        train_tf = T.Compose([T.RandomCrop(cfg.img_size, padding=cfg.img_size // 8), T.RandomHorizontalFlip()] + to_tensor)
-        eval_tf = T.Compose([T.Resize(cfg.img_size)] + to_tensor)
+        # Resize first: an image folder's images need not already be img_size (a crop larger than the image fails).
+        train_tf = T.Compose([T.Resize(cfg.img_size), T.RandomCrop(cfg.img_size, padding=cfg.img_size // 8),
+                              T.RandomHorizontalFlip()] + to_tensor)
+        eval_tf = T.Compose([T.Resize(cfg.img_size), T.CenterCrop(cfg.img_size)] + to_tensor)
         return (train_tf if cfg.augment else eval_tf), eval_tf
     train_tf = create_transform(is_training=cfg.augment, **common)
     eval_tf = create_transform(is_training=False, **common)
     return train_tf, eval_tf
 
 
-def _timm_dataset(cfg, name: str, split: str, transform, root: Path):
+def _timm_dataset(cfg, name: str, split: str, transform, root: Path, class_map: Optional[dict] = None):
     from timm.data import create_dataset
 
     try:
-        dataset = create_dataset(name, root=str(root), split=split, download=cfg.download, is_training=False)
+        dataset = create_dataset(name, root=str(root), split=split, download=cfg.download, is_training=False,
+                                 class_map=class_map)
     except Exception as error:  # timm/torchvision raise many types for a bad folder
         raise FixedclsError(f"cannot read {cfg.name} split '{split}' under data.root={root}: {error}".replace("\n", " ")) from error
     dataset.transform = transform
@@ -286,6 +292,17 @@ def _imagefolder(cfg) -> DataBundle:
         )
     train_eval = _timm_dataset(cfg, "", cfg.train_split, eval_tf, root)
     test = _timm_dataset(cfg, "", cfg.test_split, eval_tf, root)
+    # The test split must use the train split's label ids: on its own it numbers only the folders it has.
+    mapping = dict(train.reader.class_to_idx)
+    extra = sorted(set(test.reader.class_to_idx) - set(mapping))
+    if extra:
+        raise FixedclsError(
+            f"the '{cfg.test_split}' split of {root} has class folder(s) {extra} that the '{cfg.train_split}' split "
+            f"lacks, so their labels fall outside the head's {len(classes)} outputs: add them to '{cfg.train_split}' "
+            f"or remove them"
+        )
+    if any(mapping[name] != index for name, index in test.reader.class_to_idx.items()):
+        test = _timm_dataset(cfg, "", cfg.test_split, eval_tf, root, class_map=mapping)
     train, train_eval, test = (ImageFiles(d) for d in (train, train_eval, test))
     return DataBundle(train, train_eval, test, len(classes), cfg.in_chans, cfg.img_size, classes)
 
@@ -301,11 +318,22 @@ class ImageFiles(Dataset):
         return len(self.dataset)
 
     def __getitem__(self, index: int):
+        # Decoded here, not by timm's ImageDataset.__getitem__: that one logs a warning and silently serves the
+        # next file instead of an unreadable one, so a broken file would go unnoticed (and shift the data).
+        from PIL import Image
+
+        dataset = self.dataset
+        path, target = dataset.reader.samples[index]
         try:
-            return self.dataset[index]
+            with Image.open(path) as image:
+                image = image.convert(getattr(dataset, "input_img_mode", None) or "RGB")
         except Exception as error:
-            path = self.dataset.reader.samples[index][0]
             raise FixedclsError(f"cannot read image {path}: {error} (remove or replace the file)".replace("\n", " ")) from error
+        if dataset.transform is not None:
+            image = dataset.transform(image)
+        if getattr(dataset, "target_transform", None) is not None:
+            target = dataset.target_transform(target)
+        return image, target
 
 
 BUILDERS: dict[str, Callable] = {
@@ -327,7 +355,70 @@ def create_data(cfg) -> DataBundle:
             f"data.num_classes={cfg.num_classes} but {cfg.name} has {bundle.num_classes} classes: "
             f"drop data.num_classes or set it to {bundle.num_classes}"
         )
-    return bundle
+    return select_classes(bundle, cfg)
+
+
+class LabelSubset(Dataset):
+    """Some samples of a dataset, labels unchanged (class c stays class c, i.e. head output c)."""
+
+    def __init__(self, dataset: Dataset, indices: Sequence[int], parent_targets: Optional[Sequence[int]] = None):
+        self.dataset, self.indices = dataset, list(indices)
+        parent = targets_of(dataset) if parent_targets is None else parent_targets
+        self.targets = [int(parent[i]) for i in self.indices]
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, index: int):
+        return self.dataset[self.indices[index]]
+
+
+def select_classes(bundle: DataBundle, cfg) -> DataBundle:
+    """Class-incremental views (data.classes, data.old_classes, data.rehearsal) with the original label ids.
+
+    train/train_eval: every sample of `classes` plus `rehearsal` samples per old class (drawn with split_seed);
+    test: the samples of `classes` and `old_classes`. num_classes stays the dataset's, so the head keeps an
+    output (a reserved prototype, for fixed heads) for every class of the whole protocol.
+    """
+    classes, old = getattr(cfg, "classes", None), getattr(cfg, "old_classes", None)
+    rehearsal = int(getattr(cfg, "rehearsal", 0) or 0)
+    if classes is None:
+        if old is not None or rehearsal:
+            raise FixedclsError("data.old_classes / data.rehearsal need data.classes (the classes of this step): set data.classes=[...]")
+        return bundle
+    K = bundle.num_classes
+    classes, old = sorted({int(c) for c in classes}), sorted({int(c) for c in (old or [])})
+    bad = [c for c in classes + old if not 0 <= c < K]
+    if not classes or bad:
+        raise FixedclsError(f"data.classes={classes} / data.old_classes={old}: {cfg.name} has classes 0..{K - 1} "
+                            f"{'(got ' + str(bad) + ')' if bad else '(data.classes is empty)'}: list label ids in that range")
+    if set(classes) & set(old):
+        raise FixedclsError(f"classes {sorted(set(classes) & set(old))} are in both data.classes and data.old_classes: "
+                            f"list each class once")
+    if rehearsal < 0 or (rehearsal and not old):
+        raise FixedclsError(f"data.rehearsal={rehearsal} needs data.old_classes (the earlier classes) and a count >= 0")
+    train_targets = targets_of(bundle.train)
+    by_class: dict[int, list[int]] = {}
+    for index, label in enumerate(train_targets):
+        by_class.setdefault(int(label), []).append(index)
+    keep = [i for c in classes for i in by_class.get(c, [])]
+    generator = torch.Generator().manual_seed(int(cfg.split_seed))
+    for c in old:
+        members = by_class.get(c, [])
+        order = torch.randperm(len(members), generator=generator).tolist()
+        keep += [members[j] for j in order[:rehearsal]]
+    keep.sort()
+    if not keep:
+        raise FixedclsError(f"data.classes={classes} selects no training samples of {cfg.name}: check the label ids")
+    seen = set(classes) | set(old)
+    test_targets = targets_of(bundle.test)
+    test_keep = [i for i, label in enumerate(test_targets) if int(label) in seen]
+    return DataBundle(
+        train=LabelSubset(bundle.train, keep, train_targets),
+        train_eval=LabelSubset(bundle.train_eval, keep, train_targets),
+        test=LabelSubset(bundle.test, test_keep, test_targets),
+        num_classes=K, in_chans=bundle.in_chans, img_size=bundle.img_size, class_names=bundle.class_names,
+    )
 
 
 def create_loaders(
@@ -337,13 +428,17 @@ def create_loaders(
     """Train loader (seeded order and augmentation per epoch), train-eval and test loaders (sharded in DDP)."""
     train_set = SeededAugmentation(bundle.train, seed)
     common = dict(num_workers=num_workers, pin_memory=pin_memory, persistent_workers=False)
+    # Each loader gets a private generator: without one, every `iter(loader)` draws its workers' base
+    # seed from the global torch RNG, so a run resumed mid-epoch (one extra iter) would see other dropout masks.
     train = DataLoader(
         train_set, batch_size=batch_size, drop_last=False,
-        sampler=EpochSampler(len(train_set), shuffle=True, seed=seed, rank=rank, world_size=world_size), **common,
+        sampler=EpochSampler(len(train_set), shuffle=True, seed=seed, rank=rank, world_size=world_size),
+        generator=torch.Generator().manual_seed(seed), **common,
     )
 
     def eval_loader(dataset):
         sampler = EpochSampler(len(dataset), shuffle=False, rank=rank, world_size=world_size) if world_size > 1 else None
-        return DataLoader(dataset, batch_size=eval_batch_size, shuffle=False, sampler=sampler, **common)
+        return DataLoader(dataset, batch_size=eval_batch_size, shuffle=False, sampler=sampler,
+                          generator=torch.Generator().manual_seed(seed), **common)
 
     return train, eval_loader(bundle.train_eval), eval_loader(bundle.test)

@@ -128,6 +128,17 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def _finite_buffers(model: nn.Module) -> set:
+    """The floating-point buffers that are finite now (some backbones keep -inf attention masks: those are not)."""
+    return {name for name, b in model.named_buffers() if b.is_floating_point() and bool(torch.isfinite(b).all())}
+
+
+def _finite_weights(model: nn.Module, buffers: set) -> bool:
+    """Every parameter, and every buffer of `buffers` (e.g. BN statistics), is finite."""
+    return (all(bool(torch.isfinite(p).all()) for p in model.parameters())
+            and all(bool(torch.isfinite(b).all()) for name, b in model.named_buffers() if name in buffers))
+
+
 def _tolerate(what: str, fn: Callable, *args, **kwargs):
     """Run a side job of the loop (metrics file, plot, tracker): a failure warns and training goes on."""
     try:
@@ -150,8 +161,9 @@ def unwrap(model: nn.Module) -> nn.Module:
 
 @torch.no_grad()
 def evaluate(model: nn.Module, loader, criterion: Callable, *, device: torch.device, autocast, world: World,
-             channels_last: bool = False, online=None) -> dict:
-    """Loss and accuracy over a loader (summed across processes); optionally feeds an online collapse estimate."""
+             channels_last: bool = False, online=None, collapse_means=None) -> dict:
+    """Loss and accuracy over a loader (summed across processes); optionally feeds an online collapse estimate,
+    and pass 1 (class means) of an exact `collapse.CollapseAccumulator` with the same forward."""
     was_training = model.training
     model.eval()
     totals = torch.zeros(3, dtype=torch.float64, device=device)  # loss sum, correct, count
@@ -165,6 +177,8 @@ def evaluate(model: nn.Module, loader, criterion: Callable, *, device: torch.dev
         totals += torch.stack([loss.double() * len(y), (logits.argmax(1) == y).sum().double(), torch.tensor(len(y), dtype=torch.float64, device=device)])
         if online is not None:
             online.update(features.detach(), y, logits.detach())
+        if collapse_means is not None:
+            collapse_means.update_means(features.detach(), y)
     world.all_reduce_sum([totals])
     model.train(was_training)
     loss_sum, correct, count = totals.tolist()
@@ -254,6 +268,7 @@ def fit(
         }
 
     show_progress = world.is_main and (sys.stderr.isatty() if progress is None else progress)
+    finite_buffers = _finite_buffers(base_model)
     epoch_seconds: list[float] = []
     model.train()
     with StopSignals() as stop:
@@ -282,8 +297,7 @@ def fit(
                     finite = bool(torch.isfinite(loss))
                     if finite or scaler.is_enabled():  # the fp16 scaler skips the step itself on inf/nan
                         scaler.scale(loss / grad_accum).backward()
-                if not finite and not scaler.is_enabled():
-                    optimizer.zero_grad(set_to_none=True)
+                if not finite:  # counted under the fp16 scaler too: it skips steps, but cannot mend a NaN forward
                     nonfinite_in_a_row += 1
                     if nonfinite_in_a_row >= max_nonfinite:
                         raise FixedclsError(
@@ -291,6 +305,8 @@ def fit(
                             f"(epoch {epoch + 1}, step {step_in_epoch + 1}); stopped with the last good checkpoint "
                             f"kept in {checkpoints.directory}: lower optim.lr or set trainer.clip_grad"
                         )
+                if not finite and not scaler.is_enabled():
+                    optimizer.zero_grad(set_to_none=True)  # skip this step (the scaler does so itself)
                 elif update_now:
                     if clip_grad is not None:
                         scaler.unscale_(optimizer)
@@ -315,7 +331,8 @@ def fit(
                     if bar is not None:
                         bar.close()
                     signum = stop.received or signal.SIGTERM
-                    path = checkpoints.save_interrupted(state(stopped_mid_epoch=True)) if world.is_main else None
+                    healthy = _finite_weights(base_model, finite_buffers)  # non-finite weights never displace a good last.pt
+                    path = checkpoints.save_interrupted(state(stopped_mid_epoch=True)) if world.is_main and healthy else None
                     world.barrier()
                     raise TrainingInterrupted(signum, path)
             if bar is not None:
@@ -323,12 +340,25 @@ def fit(
             world.all_reduce_sum([running])
             world.broadcast_buffers(base_model, ema)  # one set of BN statistics (rank 0's, the checkpointed one) for eval
             train_seconds = time.perf_counter() - started
+            if not _finite_weights(base_model, finite_buffers):
+                raise FixedclsError(
+                    f"the weights became non-finite (inf or NaN) in epoch {epoch + 1}; stopped before checkpointing "
+                    f"them, with the last good checkpoint kept in {checkpoints.directory}: lower optim.lr or set "
+                    f"trainer.clip_grad"
+                )
 
             # ---- end of epoch: evaluate, measure, log, checkpoint ------------------------------
             loss_sum, correct, seen = running.tolist()
             row = {"epoch": epoch + 1, "train/loss": loss_sum / max(seen, 1), "train/acc": correct / max(seen, 1)}
+            # Exact collapse of the test split: its pass 1 (class means) rides on this evaluation's forward, unless
+            # the measurement runs on a faster inference copy (CPU with BatchNorm: both passes must share a forward).
+            test_means = None
+            if (collapse.due(epoch, epochs) and collapse.mode == "exact" and "test" in collapse.splits
+                    and collapse.max_samples is None and not collapse.layers and getattr(model, "module", model) is base_model
+                    and not nc.auto_inference_copy(base_model, device)):
+                test_means = nc.CollapseAccumulator(base_model.num_classes, base_model.dim, device=device)
             test = evaluate(model, test_loader, criterion, device=device, autocast=autocast, world=world,
-                            channels_last=channels_last, online=online_test)
+                            channels_last=channels_last, online=online_test, collapse_means=test_means)
             row.update({"test/loss": test["loss"], "test/acc": test["acc"], "lr": lr})
             if ema is not None:
                 test_ema = evaluate(ema.module, test_loader, criterion, device=device, autocast=autocast, world=world,
@@ -337,7 +367,8 @@ def fit(
             measured = time.perf_counter()
             if collapse.due(epoch, epochs):
                 row.update(_measure_collapse(base_model, collapse, train_eval_loader, test_loader, online_train, online_test,
-                                             device=device, precision=precision, world=world))
+                                             device=device, precision=precision, world=world,
+                                             channels_last=channels_last, test_means=test_means))
             collapse_seconds = time.perf_counter() - measured
             history.append(row)
             if scheduler is not None:
@@ -368,7 +399,8 @@ def fit(
 
 
 def _measure_collapse(model, settings: CollapseSettings, train_eval_loader, test_loader, online_train, online_test,
-                      *, device, precision, world: World) -> dict:
+                      *, device, precision, world: World, channels_last: bool = False, test_means=None) -> dict:
+    """The collapse row of an epoch; `test_means`: the test split's pass 1, already taken by `evaluate`."""
     from . import collapse as nc
 
     row: dict = {}
@@ -383,7 +415,8 @@ def _measure_collapse(model, settings: CollapseSettings, train_eval_loader, test
         else:
             values = nc.measure_model(model, loader, device=device, autocast_dtype=AUTOCAST_DTYPES[precision],
                                       max_samples=settings.max_samples, layers=list(settings.layers) or None,
-                                      reduce_fn=(lambda t: world.all_reduce_sum([t])) if world.distributed else None)
+                                      reduce_fn=(lambda t: world.all_reduce_sum([t])) if world.distributed else None,
+                                      channels_last=channels_last, accumulator=test_means if split == "test" else None)
         row.update({prefix + key: value for key, value in values.items()})
     return row
 

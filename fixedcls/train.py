@@ -258,9 +258,12 @@ def hydra_main(cfg: DictConfig):
     try:
         summary = train(cfg, run_dir)
         return summary.get("final/test/acc")
-    except FixedclsError as error:
+    except FixedclsError as raised:
         if os.environ.get("HYDRA_FULL_ERROR") == "1":
             raise
+        error = str(raised)
+        if "Original Traceback" in error and "FixedclsError: " in error:  # re-raised from a DataLoader worker
+            error = error.rsplit("FixedclsError: ", 1)[1]
         if _run_mode() == RunMode.MULTIRUN:
             job = HydraConfig.get().job
             FAILED_JOBS.append(f"job {job.num} ({job.override_dirname or 'defaults'}): {error}")
@@ -321,7 +324,7 @@ def check_overrides(args: list[str]) -> Optional[str]:
                 here = ".".join(parts[:depth])
                 close = difflib.get_close_matches(part, [str(k) for k in node.keys()], n=1, cutoff=0.6)
                 if close:
-                    return f"unknown config key '{key}': did you mean {here + '.' if here else ''}{close[0]}?"
+                    return f"unknown config key '{key}': did you mean {'.'.join(parts[:depth] + close + parts[depth + 1:])}?"
                 return (f"unknown config key '{key}': {here or 'the config'} has "
                         f"{', '.join(str(k) for k in node.keys())}")
             node = node._get_node(part) if depth + 1 < len(parts) else node
