@@ -195,9 +195,14 @@ _LAUNCH_KEYS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_
 
 @pytest.fixture
 def clean_env(monkeypatch):
+    # export_env() writes RANK/WORLD_SIZE/... straight into os.environ, which monkeypatch does not
+    # undo; a leak would make every later in-process training test wait for a process group.
+    saved = dict(os.environ)
     for key in _LAUNCH_KEYS:
         monkeypatch.delenv(key, raising=False)
-    return monkeypatch
+    yield monkeypatch
+    os.environ.clear()
+    os.environ.update(saved)
 
 
 def test_single_process_and_torchrun_env(clean_env):
