@@ -52,6 +52,7 @@ class ModelConfig:
     dim: Optional[int] = None  # feature dimension d; None = natural dimension of the head
     pretrained: bool = False
     drop_rate: float = 0.0
+    init_from: Optional[str] = None  # a checkpoint whose model weights are loaded before training (fine-tuning)
 
 
 @dataclass
@@ -76,6 +77,10 @@ class DataConfig:
     noise: float = 0.5
     mean: Optional[List[float]] = None
     std: Optional[List[float]] = None
+    # class-incremental training: label ids are kept, so class c is always head output c
+    classes: Optional[List[int]] = None  # train and test on these classes only; None = all
+    old_classes: Optional[List[int]] = None  # earlier classes: in the test split, and `rehearsal` train samples each
+    rehearsal: int = 0  # training samples kept per old class (a memory drawn with split_seed)
 
 
 @dataclass
@@ -112,6 +117,8 @@ class TrainerConfig:
     max_nonfinite: int = 5
     progress: Optional[bool] = None  # None: a progress bar only on a terminal
     threads: Optional[int] = None
+    distill_weight: float = 0.0  # feature distillation from the frozen model.init_from model (CL2R)
+    distill_loss: str = "cosine"  # cosine (1 - cos) or l2 (squared distance) between new and old features
 
 
 @dataclass
@@ -148,6 +155,17 @@ class LoggerConfig:
 
 
 @dataclass
+class GenerationsConfig:
+    """Model generations trained in sequence by `fixedcls-compat train` (CoReS / CL2R); fixedcls-train ignores it."""
+
+    tasks: List[List[int]] = field(default_factory=list)  # the classes each generation adds
+    protocol: str = "cumulative"  # cumulative: from scratch on all classes so far; finetune: from the previous model
+    backbones: Optional[List[str]] = None  # one per generation; None = model.backbone for all
+    query: str = "test"  # split embedded by the newer model of each pair
+    gallery: str = "train"  # split embedded by the older model
+
+
+@dataclass
 class Config:
     head: HeadConfig = field(default_factory=HeadConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -162,6 +180,7 @@ class Config:
     name: str = "${data.name}-${model.backbone}-${head.name}-s${seed}"
     resume: Optional[str] = None  # a checkpoint path, or auto
     experiment: Optional[str] = None  # set by experiment presets; the W&B group by default
+    generations: GenerationsConfig = field(default_factory=GenerationsConfig)  # fixedcls-compat train
 
 
 def register_configs() -> None:

@@ -1,0 +1,192 @@
+"""Compatibility (SPEC 4, CoReS / CL2R): criteria, class-incremental data, init_from / distillation, the CLI.
+
+The central check: two models trained apart (different seeds AND different backbones) against the same
+fixed simplex retrieve across each other about as well as each alone, while two learned-head models
+(same backbone, different seeds) do not.
+"""
+from __future__ import annotations
+
+import json
+import math
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import torch
+
+from fixedcls import checkpoint as ckpt
+from fixedcls import polytopes
+from fixedcls.compat import (FeatureDistillation, compatibility, compatibility_criteria, main, prepare_init,
+                             retrieval_scores, run_generations)
+from fixedcls.data import SeededAugmentation, create_data, targets_of
+from fixedcls.errors import FixedclsError
+from fixedcls.model import create_model
+from utils import compose_config
+
+# 6 well-separated synthetic classes, small enough to train a tiny model in a few seconds.
+DATA = ["data.num_classes=6", "data.train_per_class=24", "data.test_per_class=8", "data.noise=0.8",
+        "trainer.epochs=4", "collapse.every=0"]
+
+
+def _train(root: Path, tag: str, overrides: list[str]) -> Path:
+    from fixedcls.train import train
+
+    cfg = compose_config(DATA + overrides + [f"checkpoint.dir={root / tag}"], tmp_path=root)
+    train(cfg, root / f"run-{tag}")
+    return root / tag / "last.pt"
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("compat")
+    return {
+        "fixed_a": _train(root, "fixed_a", ["head=simplex", "seed=0"]),
+        "fixed_b": _train(root, "fixed_b", ["head=simplex", "seed=1", "model.backbone=test_efficientnet"]),
+        "learned_a": _train(root, "learned_a", ["head=learned", "seed=0"]),
+        "learned_b": _train(root, "learned_b", ["head=learned", "seed=1"]),
+    }
+
+
+# --------------------------------------------------------------------------- criteria and retrieval
+
+
+def test_criteria_match_the_spec_formulas_on_a_hand_made_matrix():
+    M = [[0.80], [0.85, 0.90], [0.70, 0.95, 0.92]]
+    got = compatibility_criteria(M)
+    # pairs (t > i): (2,1) 0.85 > 0.80 yes; (3,1) 0.70 > 0.80 no; (3,2) 0.95 > 0.90 yes
+    assert got["AC"] == pytest.approx(2 / 3)
+    assert got["AM"] == pytest.approx((0.80 + 0.85 + 0.90 + 0.70 + 0.95 + 0.92) / 6)
+    assert got["BC"] == pytest.approx(((0.70 - 0.80) + (0.95 - 0.90)) / 2)  # row T against the diagonal
+    assert got["FC"] == pytest.approx(((0.85 - 0.90) + (0.95 - 0.92)) / 2)  # M[i][i-1] - M[i][i]
+    # the same matrix with the upper triangle filled in (ignored) and as produced by compatibility()
+    assert compatibility_criteria([[0.80, None, None], [0.85, 0.90, None], [0.70, 0.95, 0.92]]) == got
+
+
+def test_criteria_of_one_model_and_of_missing_entries():
+    one = compatibility_criteria([[0.5]])
+    assert one["AM"] == 0.5 and all(math.isnan(one[k]) for k in ("AC", "BC", "FC"))
+    missing = compatibility_criteria([[0.8], [None, 0.9]])  # features that cannot be compared
+    assert missing["AC"] == 0.0 and math.isnan(missing["AM"]) and math.isnan(missing["BC"])
+
+
+def test_retrieval_top1_and_map_by_hand():
+    gallery = torch.tensor([[1.0, 0.0], [0.9, 0.1], [0.0, 1.0], [0.1, 0.9]])
+    gallery_labels = torch.tensor([0, 1, 1, 0])
+    query = torch.tensor([[1.0, 0.05], [0.05, 1.0]])
+    query_labels = torch.tensor([0, 1])
+    top1, mean_ap = retrieval_scores(query, query_labels, gallery, gallery_labels)
+    # query 0 ranks gallery 0(+), 1(-), 3(+), 2(-): AP = (1/1 + 2/3) / 2
+    # query 1 ranks gallery 2(+), 3(-), 1(+), 0(-): AP = (1/1 + 2/3) / 2
+    assert top1 == 1.0
+    assert mean_ap == pytest.approx((1 + 2 / 3) / 2)
+    assert math.isnan(retrieval_scores(query, query_labels, torch.ones(4, 3), gallery_labels)[0])  # widths differ
+
+
+# --------------------------------------------------------------------------- class-incremental data
+
+
+def test_data_classes_keep_label_ids_and_rehearsal_is_seeded():
+    cfg = compose_config(DATA + ["data.classes=[4,5]", "data.old_classes=[0,2]", "data.rehearsal=3"]).data
+    bundle = create_data(cfg)
+    assert bundle.num_classes == 6  # the head keeps an output for every class of the protocol
+    assert Counter(targets_of(bundle.train)) == {4: 24, 5: 24, 0: 3, 2: 3}
+    assert targets_of(bundle.train_eval) == targets_of(bundle.train)
+    assert targets_of(SeededAugmentation(bundle.train, 0)) == targets_of(bundle.train)
+    assert Counter(targets_of(bundle.test)) == {0: 8, 2: 8, 4: 8, 5: 8}
+    assert {int(bundle.train[i][1]) for i in range(len(bundle.train))} == {0, 2, 4, 5}  # original ids
+    assert targets_of(create_data(cfg).train) == targets_of(bundle.train)  # same memory every time
+    for bad in (["data.classes=[6]"], ["data.classes=[1]", "data.old_classes=[1]"], ["data.rehearsal=2"],
+                ["data.classes=[1]", "data.rehearsal=2"]):
+        with pytest.raises(FixedclsError):
+            create_data(compose_config(DATA + bad).data)
+
+
+# --------------------------------------------------------------------------- fixed vs learned compatibility
+
+
+def test_fixed_simplex_models_are_compatible_learned_heads_are_not(trained):
+    fixed = compatibility([trained["fixed_a"], trained["fixed_b"]])
+    learned = compatibility([trained["learned_a"], trained["learned_b"]])
+    assert [m["backbone"] for m in fixed["models"]] == ["test_resnet", "test_efficientnet"]
+    F, L = fixed["M"], learned["M"]
+    assert F[0][0] >= 0.8 and F[1][1] >= 0.8 and L[0][0] >= 0.8 and L[1][1] >= 0.8  # each model retrieves well
+    assert F[1][0] >= min(F[0][0], F[1][1]) - 0.15  # cross-model close to self-test
+    assert L[1][0] <= min(L[0][0], L[1][1]) - 0.4  # unrelated feature spaces
+    assert fixed["M_map"][1][0] >= fixed["M_map"][0][0] - 0.2
+    assert F[0][1] is None and fixed["AM"] > learned["AM"] + 0.2
+
+
+def test_cli_writes_json_and_png(trained, tmp_path, capsys):
+    out = tmp_path / "out" / "compat.json"
+    assert main([str(trained["fixed_a"]), str(trained["fixed_b"].parent), "--json", str(out), "--query", "test",
+                 "--gallery", "train", "--classes", "0", "1", "2"]) == 0
+    result = json.loads(out.read_text())
+    for key in ("M", "M_map", "AC", "AM", "BC", "FC", "AC_map", "AM_map", "BC_map", "FC_map"):
+        assert key in result
+    assert result["M"][0][1] is None and 0.0 <= result["M"][1][0] <= 1.0
+    assert result["num_query"] == 3 * 8 and result["num_gallery"] == 3 * 24
+    png = out.with_suffix(".png")
+    assert png.is_file() and png.read_bytes()[:4] == b"\x89PNG"
+    assert "top-1 NN accuracy" in capsys.readouterr().out
+
+
+def test_cli_missing_checkpoint_is_one_line_error(trained, tmp_path, capsys):
+    assert main([str(trained["fixed_a"]), str(tmp_path / "nope.pt"), "--json", str(tmp_path / "x.json")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("fixedcls-compat: error:") and "nope.pt" in err and "\n" not in err
+    assert not (tmp_path / "x.json").exists()
+    assert main([str(trained["fixed_a"]), "--query", "val"]) == 2
+
+
+# --------------------------------------------------------------------------- fine-tuning: init_from, distillation
+
+
+def test_init_from_is_strict_about_prototypes(trained, tmp_path):
+    cfg = compose_config(DATA + [f"model.init_from={trained['fixed_a']}"])
+    model = create_model("test_resnet", "simplex", 6, in_chans=3, img_size=16)
+    assert prepare_init(cfg, model, torch.device("cpu")) is None
+    saved = ckpt.load(trained["fixed_a"])["model"]
+    assert all(torch.equal(v, saved[k]) for k, v in model.state_dict().items())
+    other = create_model("test_resnet", "orthoplex", 6, dim=5, in_chans=3, img_size=16)
+    with pytest.raises(FixedclsError, match="prototypes"):
+        prepare_init(cfg, other, torch.device("cpu"))
+    with pytest.raises(FixedclsError, match="init_from"):
+        prepare_init(compose_config(DATA + ["trainer.distill_weight=1"]), model, torch.device("cpu"))
+    with pytest.raises(FixedclsError, match="does not exist"):
+        prepare_init(compose_config(DATA + [f"model.init_from={tmp_path / 'gone.pt'}"]), model, torch.device("cpu"))
+
+
+def test_feature_distillation_pulls_towards_the_frozen_model():
+    torch.manual_seed(0)
+    teacher = create_model("test_resnet", "simplex", 4, in_chans=3, img_size=16).eval()
+    student = create_model("test_resnet", "simplex", 4, in_chans=3, img_size=16).eval()
+    x = torch.randn(5, 3, 16, 16)
+    for kind in ("cosine", "l2"):
+        loss = FeatureDistillation(teacher, 2.0, kind)(x, student.forward_features(x), None)
+        assert loss > 0
+        loss.backward()
+        assert all(p.grad is None for p in teacher.parameters())
+        same = FeatureDistillation(teacher, 2.0, kind)(x, teacher.forward_features(x), None)
+        assert float(same.detach()) == pytest.approx(0.0, abs=1e-5)
+
+
+def test_generations_reserve_prototypes_and_chain_checkpoints(tmp_path):
+    cfg = compose_config(DATA + ["trainer.epochs=1", "generations.tasks=[[0,1,2],[3,4,5]]",
+                                 "generations.protocol=finetune", "data.rehearsal=2", "trainer.distill_weight=1.0"],
+                         tmp_path=tmp_path)
+    result = run_generations(cfg, tmp_path / "run")
+    simplex = polytopes.make("simplex", 6)
+    first, second = (ckpt.load(m["checkpoint"]) for m in result["models"])
+    for state in (first, second):  # every prototype exists from generation 1 on, and none moved
+        assert torch.allclose(state["model"]["head.prototypes"], simplex)
+    assert first["config"]["data"]["classes"] == [0, 1, 2]
+    assert second["config"]["data"]["classes"] == [3, 4, 5] and second["config"]["data"]["old_classes"] == [0, 1, 2]
+    assert second["config"]["model"]["init_from"] == result["models"][0]["checkpoint"]
+    # generation 1 never saw a label of a reserved prototype
+    labels = set(targets_of(create_data(compose_config(DATA + ["data.classes=[0,1,2]"]).data).train))
+    assert labels == {0, 1, 2}
+    for name in ("compat.json", "compat.png", "generations.json"):
+        assert (tmp_path / "run" / name).is_file()
+    assert len(result["M"]) == 2 and result["M"][1][0] is not None
+    with pytest.raises(FixedclsError, match="tasks"):
+        run_generations(compose_config(DATA, tmp_path=tmp_path), tmp_path / "run2")
