@@ -118,7 +118,7 @@ def test_digits_is_the_real_bundled_data():
     assert len(bundle.train) + len(bundle.test) == 1797 and bundle.num_classes == 10
     assert abs(len(bundle.test) - 0.2 * 1797) < 10
     image, label = bundle.train[0]
-    assert image.shape == (1, 32, 32) and 0 <= label < 10
+    assert image.shape == (1, 16, 16) and 0 <= label < 10
 
 
 def test_epoch_sampler_is_seeded_resumable_and_sharded():
