@@ -578,40 +578,19 @@ def run_generations(cfg, run_dir: str | Path) -> dict:
     return result
 
 
-FAILED_JOBS: list[str] = []
-
-
 def _generations_hydra_main():
     import hydra
     from hydra.core.hydra_config import HydraConfig
-    from hydra.types import RunMode
 
     from . import train as train_module  # registers the config schema
 
     @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")
     def generations_main(cfg):
         run_dir = Path(HydraConfig.get().runtime.output_dir)
-        try:
-            return run_generations(cfg, run_dir).get("AM")
-        except FixedclsError as error:
-            if os.environ.get("HYDRA_FULL_ERROR") == "1":
-                raise
-            if HydraConfig.get().mode == RunMode.MULTIRUN:
-                job = HydraConfig.get().job
-                FAILED_JOBS.append(f"job {job.num} ({job.override_dirname or 'defaults'}): {error}")
-                print(f"fixedcls-compat: error in job {job.num}: {error}", file=sys.stderr)
-                return None
-            print(f"fixedcls-compat: error: {error}", file=sys.stderr)
-            sys.exit(2)
-        except train_module.TrainingInterrupted as error:
-            train_module._stop_after_interrupt(error)
+        return train_module.run_job(lambda: run_generations(cfg, run_dir).get("AM"), prog="fixedcls-compat")
 
     generations_main()
-    if FAILED_JOBS:
-        print(f"fixedcls-compat: {len(FAILED_JOBS)} job(s) failed:", file=sys.stderr)
-        for line in FAILED_JOBS:
-            print(f"  {line}", file=sys.stderr)
-        sys.exit(1)
+    train_module.exit_if_jobs_failed("fixedcls-compat")
 
 
 # --------------------------------------------------------------------------- command line

@@ -11,7 +11,7 @@ import random
 import signal
 import sys
 from pathlib import Path
-from typing import Optional
+from typing import Any, Callable, Optional
 
 import hydra
 import numpy as np
@@ -250,14 +250,11 @@ def _stop_after_interrupt(error: TrainingInterrupted) -> None:
     sys.exit(128 + error.signum)
 
 
-# An absolute path: "../conf" would be read as the package `conf` when the module is not __main__
-# (the fixedcls-train console script), which fails outside the repository root.
-@hydra.main(version_base="1.3", config_path=str(Path(__file__).resolve().parents[1] / "conf"), config_name="config")
-def hydra_main(cfg: DictConfig):
-    run_dir = Path(HydraConfig.get().runtime.output_dir)
+def run_job(task: Callable[[], Any], *, prog: str = "fixedcls") -> Any:
+    """Run one Hydra job so that a user error is one line: exit 2, or, in a multirun, a recorded failure
+    that lets the other jobs run (`exit_if_jobs_failed` reports them at the end)."""
     try:
-        summary = train(cfg, run_dir)
-        return summary.get("final/test/acc")
+        return task()
     except FixedclsError as raised:
         if os.environ.get("HYDRA_FULL_ERROR") == "1":
             raise
@@ -267,12 +264,28 @@ def hydra_main(cfg: DictConfig):
         if _run_mode() == RunMode.MULTIRUN:
             job = HydraConfig.get().job
             FAILED_JOBS.append(f"job {job.num} ({job.override_dirname or 'defaults'}): {error}")
-            print(f"fixedcls: error in job {job.num}: {error}", file=sys.stderr)
+            print(f"{prog}: error in job {job.num}: {error}", file=sys.stderr)
             return None
-        print(f"fixedcls: error: {error}", file=sys.stderr)
+        print(f"{prog}: error: {error}", file=sys.stderr)
         sys.exit(2)
     except TrainingInterrupted as error:
         _stop_after_interrupt(error)
+
+
+def exit_if_jobs_failed(prog: str = "fixedcls") -> None:
+    if FAILED_JOBS:
+        print(f"{prog}: {len(FAILED_JOBS)} job(s) failed:", file=sys.stderr)
+        for line in FAILED_JOBS:
+            print(f"  {line}", file=sys.stderr)
+        sys.exit(1)
+
+
+# An absolute path: "../conf" would be read as the package `conf` when the module is not __main__
+# (the fixedcls-train console script), which fails outside the repository root.
+@hydra.main(version_base="1.3", config_path=str(Path(__file__).resolve().parents[1] / "conf"), config_name="config")
+def hydra_main(cfg: DictConfig):
+    run_dir = Path(HydraConfig.get().runtime.output_dir)
+    return run_job(lambda: train(cfg, run_dir).get("final/test/acc"))
 
 
 def check_overrides(args: list[str]) -> Optional[str]:
@@ -351,11 +364,7 @@ def main() -> None:
         sys.exit(2)
     with worker_hydra_args(sys.argv):  # ranks > 0 of a torchrun/srun launch make no Hydra run dir of their own
         hydra_main()
-    if FAILED_JOBS:
-        print(f"fixedcls: {len(FAILED_JOBS)} job(s) failed:", file=sys.stderr)
-        for line in FAILED_JOBS:
-            print(f"  {line}", file=sys.stderr)
-        sys.exit(1)
+    exit_if_jobs_failed()
 
 
 if __name__ == "__main__":
