@@ -405,6 +405,9 @@ def _measure_collapse(model, settings: CollapseSettings, train_eval_loader, test
 
     row: dict = {}
     head = model.head
+    net, copied = model, False
+    if settings.mode == "exact" and not settings.layers and test_means is None and nc.auto_inference_copy(model, device):
+        net, copied = nc.inference_model(model), True  # built once for both splits (measure_model would build one per call)
     for split, prefix, loader, online in (("train", "collapse/", train_eval_loader, online_train),
                                           ("test", "collapse_test/", test_loader, online_test)):
         if split not in settings.splits:
@@ -413,10 +416,11 @@ def _measure_collapse(model, settings: CollapseSettings, train_eval_loader, test
             world.all_reduce_sum(online.state_tensors())
             values = online.compute(head.weight.detach(), None if head.bias is None else head.bias.detach())
         else:
-            values = nc.measure_model(model, loader, device=device, autocast_dtype=AUTOCAST_DTYPES[precision],
+            values = nc.measure_model(net, loader, device=device, autocast_dtype=AUTOCAST_DTYPES[precision],
                                       max_samples=settings.max_samples, layers=list(settings.layers) or None,
                                       reduce_fn=(lambda t: world.all_reduce_sum([t])) if world.distributed else None,
-                                      channels_last=channels_last, accumulator=test_means if split == "test" else None)
+                                      channels_last=channels_last or copied, accumulator=test_means if split == "test" else None,
+                                      inference_copy=False if copied else None)
         row.update({prefix + key: value for key, value in values.items()})
     return row
 

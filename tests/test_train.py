@@ -80,12 +80,17 @@ def test_other_timm_backbones_train(tmp_path, backbone):
 
 
 def test_trainer_switches_run_together(tmp_path):
-    summary = train_tiny(tmp_path, ["trainer.precision=bf16", "trainer.grad_accum=2", "trainer.clip_grad=1.0",
+    summary = train_tiny(tmp_path, ["trainer.grad_accum=2", "trainer.clip_grad=1.0",
                                     "trainer.ema=true", "trainer.channels_last=true", "trainer.label_smoothing=0.1",
                                     "optim=adamw", "sched=step", "collapse.mode=online"])
     row = read_jsonl(tmp_path / "run" / "metrics.jsonl")[-1]
     assert "test/acc_ema" in row and "collapse/nc1" in row
     assert summary["epochs"] == 2
+
+
+def test_bf16_autocast_trains_on_cpu(tmp_path):
+    summary = train_tiny(tmp_path, ["trainer.precision=bf16", "trainer.clip_grad=1.0", "optim=adamw"])
+    assert summary["epochs"] == 2 and summary["final/train/loss"] < 10
 
 
 def test_training_learns_the_synthetic_classes(tmp_path):

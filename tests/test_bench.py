@@ -1,0 +1,83 @@
+"""tools/bench.py runs and writes its JSON keys (toy sizes, seconds).
+
+No timing is asserted here: performance targets are checked by running the benchmark itself
+(`python tools/bench.py`), never in unit tests.
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from utils import TINY
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def bench():
+    spec = importlib.util.spec_from_file_location("fixedcls_bench", ROOT / "tools" / "bench.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+TOY_RUN = [o for o in TINY if not o.startswith(("trainer.epochs", "trainer.progress"))]
+FIGURES = ("step_ratio_fixed_vs_learned", "loop_overhead_vs_plain", "collapse_overhead_online",
+           "collapse_overhead_exact", "nc_metrics_speedup_vs_naive")
+
+
+def test_alternate_rotates_and_ratios_are_medians(bench):
+    calls = []
+    times = bench.alternate({"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}, rounds=3, warmup=1)
+    assert calls == ["a", "b", "b", "a", "a", "b", "b", "a"]  # the order flips every round, warm-up included
+    assert {k: len(v) for k, v in times.items()} == {"a": 3, "b": 3}
+    assert bench.median_ratio({"a": [2.0, 9.0, 3.0], "b": [1.0, 1.0, 1.0]}, "a", "b") == 3.0
+    assert bench.verdict("step_ratio_fixed_vs_learned", 1.01) == "PASS"
+    assert bench.verdict("nc_metrics_speedup_vs_naive", 3.0) == "MISS"
+
+
+def test_step_benchmark_runs(bench):
+    out = bench.bench_step(backbone="test_resnet", img_size=16, in_chans=3, num_classes=4, batch_size=4,
+                           device=torch.device("cpu"), steps=1, rounds=1, warmup=0)
+    assert out["step_ratio_fixed_vs_learned"] > 0 and out["images_per_second_fixed"] > 0
+    assert out["settings"]["dim_fixed"] == 3  # natural simplex dimension, K - 1
+
+
+def test_nc_metrics_benchmark_checks_equal_values(bench):
+    # d > 256 and K > 128 take the blocked-scatter and index_add paths of the accumulator; K = 5 the one-hot path.
+    for N, d, K in ((400, 300, 150), (300, 16, 5)):
+        out = bench.bench_nc_metrics(N=N, d=d, K=K, naive_samples=N // 2, rounds=1, warmup=0)
+        assert out["nc_metrics_equal"], out["nc_metrics_max_rel_diff"]
+        assert out["settings"]["naive_scaled"] and "scaled linearly" in out["note_naive"]
+
+
+def test_memory_figure(bench):
+    out = bench.bench_memory(N=1000, d=32, K=10, batch=64)
+    assert out["stored_features_mb"] == pytest.approx(1000 * 32 * 4 / 2**20)
+    assert 0 < out["collapse_memory_mb"] and out["memory_ratio_features_over_measurer"] > 0
+
+
+def test_main_writes_every_key(bench, tmp_path, capsys):
+    path = tmp_path / "bench.json"
+    argv = ["--quick", "--backbone", "test_resnet", "--rounds", "1", "--warmup", "0", "--steps", "1",
+            "--nc-n", "300", "--nc-d", "16", "--nc-k", "5", "--naive-samples", "100", "--json", str(path)]
+    for override in TOY_RUN:
+        argv += ["--override", override]
+    assert bench.main(argv) == 0
+    table = capsys.readouterr().out
+    results = json.loads(path.read_text())
+    for key in FIGURES + ("collapse_memory_mb", "stored_features_mb", "memory_ratio_features_over_measurer",
+                          "images_per_second_fixed", "images_per_second_learned"):
+        assert isinstance(results[key], float) and math.isfinite(results[key]), key
+        assert key in table
+    assert results["nc_metrics_equal"] is True
+    assert {"cpu", "cores", "torch", "device"} <= set(results["machine"])
+    assert {"epoch_s_fit", "epoch_s_plain", "epoch_s_fit_online", "epoch_s_fit_exact", "step_s_fixed",
+            "step_s_learned", "nc_metrics_s", "naive_s"} <= set(results["medians"])
+    assert set(FIGURES) <= set(results["targets"]) and results["quick"] is True
+    assert any("scaled linearly" in note for note in results["notes"])

@@ -1,0 +1,600 @@
+#!/usr/bin/env python
+"""fixedcls benchmarks: speed and overhead, measured side by side in one process.
+
+    python tools/bench.py                 # full run on the CPU (the default run's settings)
+    python tools/bench.py --quick         # a few minutes on 2 CPU cores
+    python tools/bench.py --json bench.json
+    python tools/bench.py --device cuda --precision bf16   # GPU variant (adds images/s, ResNet-50 224px)
+
+Every figure is a ratio of two contenders timed in the same process and the same run, with the
+contenders ALTERNATED (the order flips every round; garbage collected before each call) after
+warm-up, so that machine noise (other processes, frequency changes, caches) hits both alike.  A figure
+is the MEDIAN over rounds of the per-round ratio; the raw per-contender medians, the same ratio in
+process CPU time, and the machine (CPU, cores, threads, torch, device, load average) are reported too.
+On a busy machine use --threads 1: with more threads than free cores OpenMP stalls at every barrier.
+The loop and collapse figures time whole epochs of the default run (digits, resnet18 at 32x32, batch 64,
+fixed simplex head, exact collapse on the train and test splits), --quick included (fewer rounds).
+
+Figures and targets:
+
+  step_ratio_fixed_vs_learned   training-step time, fixed simplex head / learned head (same backbone,
+                                same batch)                                              <= 1.03
+  loop_overhead_vs_plain        one epoch of fixedcls.engine.fit (collapse off; everything built by
+                                fixedcls.train.train) / a minimal hand-written PyTorch loop doing the
+                                same work (same model, loaders, precision, optimizer: train, test
+                                accuracy, one torch.save checkpoint)                     <= 1.05
+  collapse_overhead_online      fit epoch with collapse.mode=online every epoch / collapse off  <= 1.05
+  collapse_overhead_exact       fit epoch with collapse.mode=exact every epoch / collapse off   <= 1.35
+  nc_metrics_speedup_vs_naive   tools/naive_collapse.naive_nc_metrics / fixedcls.collapse.nc_metrics
+                                at N=50,000, d=512, K=100, values checked equal (1e-6 rel.)     >= 20
+  collapse memory               the streaming measurer's float64 state (O(Kd + d^2)) against the
+                                N x d float32 features it avoids storing (both in MB, and the ratio)
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import gc
+import importlib.util
+import json
+import math
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # run from a checkout without installing
+    sys.path.insert(0, str(ROOT))
+
+#: figure -> (comparison, target)
+TARGETS: dict[str, tuple[str, float]] = {
+    "step_ratio_fixed_vs_learned": ("<=", 1.03),
+    "loop_overhead_vs_plain": ("<=", 1.05),
+    "collapse_overhead_online": ("<=", 1.05),
+    "collapse_overhead_exact": ("<=", 1.35),
+    "nc_metrics_speedup_vs_naive": (">=", 20.0),
+    "memory_ratio_features_over_measurer": (">=", 1.0),
+}
+NC_REL_TOL = 1e-6
+
+DEFAULT_RUN = dict(backbone="resnet18", data="digits", img_size=32, batch_size=64)
+QUICK_BACKBONE = "resnet18"  # the default run's: --quick only runs fewer rounds (and the naive nc on a subset)
+GPU_STEP = dict(backbone="resnet50", img_size=224, batch_size=64, in_chans=3, num_classes=1000)
+
+
+# --------------------------------------------------------------------------------------------
+# timing
+# --------------------------------------------------------------------------------------------
+def _sync(device: torch.device) -> Callable[[], None]:
+    if device.type == "cuda":
+        return torch.cuda.synchronize
+    return lambda: None
+
+
+def alternate(contenders: dict[str, Callable[[], object]], *, rounds: int, warmup: int = 1,
+              sync: Callable[[], None] = lambda: None, cpu_times: Optional[dict] = None) -> dict[str, list[float]]:
+    """Wall time of each contender, called once per round, in an order that flips every round.
+
+    Even rounds run the contenders in the given order, odd rounds in reverse: every pair runs once in
+    each order per two rounds, so a load that drifts during a round hits both alike; list a baseline
+    next to what is compared with it (they then run back to back).
+    The garbage collector runs before each call (untimed), so no contender pays for another's garbage.
+    The first `warmup` rounds are run and discarded.  Returns name -> list of `rounds` seconds.
+    `cpu_times`, when given, receives name -> list of this process's CPU seconds (all threads) per call:
+    on a busy machine a CPU-time ratio at one thread shows the work ratio that wall time blurs.
+    """
+    names = list(contenders)
+    times: dict[str, list[float]] = {name: [] for name in names}
+    for r in range(warmup + rounds):
+        for name in (names[::-1] if r % 2 else names):
+            gc.collect()
+            sync()
+            start, cpu_start = time.perf_counter(), time.process_time()
+            contenders[name]()
+            sync()
+            elapsed, cpu = time.perf_counter() - start, time.process_time() - cpu_start
+            if r >= warmup:
+                times[name].append(elapsed)
+                if cpu_times is not None:
+                    cpu_times.setdefault(name, []).append(cpu)
+    return times
+
+
+def median_ratio(times: dict[str, list[float]], numerator: str, denominator: str) -> float:
+    """Median over rounds of the per-round ratio numerator / denominator."""
+    return statistics.median(a / b for a, b in zip(times[numerator], times[denominator]))
+
+
+def medians(times: dict[str, list[float]]) -> dict[str, float]:
+    return {name: statistics.median(ts) for name, ts in times.items()}
+
+
+# --------------------------------------------------------------------------------------------
+# machine
+# --------------------------------------------------------------------------------------------
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def machine_info(device: torch.device) -> dict:
+    import timm
+
+    info = {
+        "cpu": _cpu_model(),
+        "cores": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "timm": timm.__version__,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "device": str(device),
+        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else _cpu_model(),
+    }
+    if hasattr(os, "getloadavg"):
+        info["loadavg_start"] = [round(x, 2) for x in os.getloadavg()]
+    return info
+
+
+# --------------------------------------------------------------------------------------------
+# 1. training step: fixed simplex head vs learned head
+# --------------------------------------------------------------------------------------------
+def bench_step(*, backbone: str, img_size: int, in_chans: int, num_classes: int, batch_size: int,
+               device: torch.device, precision: str = "fp32", channels_last: bool = False,
+               steps: int = 3, rounds: int = 10, warmup: int = 1, batch: Optional[tuple] = None) -> dict:
+    """Time `steps` training steps per round for both heads on the same backbone and the same batch.
+
+    `batch` (x, y) defaults to a seeded synthetic batch placed on the device.
+    """
+    from fixedcls.engine import autocast_for
+    from fixedcls.heads import create_criterion
+    from fixedcls.model import create_model
+    from fixedcls.train import build_optimizer
+    from omegaconf import OmegaConf
+
+    autocast = autocast_for(device, precision)
+    if batch is None:
+        g = torch.Generator().manual_seed(0)
+        x = torch.randn(batch_size, in_chans, img_size, img_size, generator=g)
+        y = torch.randint(0, num_classes, (batch_size,), generator=g)
+    else:
+        x, y = batch
+    x, y = x.to(device), y.to(device)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    optim_cfg = OmegaConf.create({"name": "sgd", "lr": 0.01, "weight_decay": 5e-4, "momentum": 0.9})
+
+    def make(head: str):
+        torch.manual_seed(0)  # same backbone initialisation for both heads
+        model = create_model(backbone, head, num_classes, in_chans=in_chans, img_size=img_size).to(device)
+        if channels_last:
+            model = model.to(memory_format=torch.channels_last)
+        model.train()
+        optimizer = build_optimizer(optim_cfg, model)
+        criterion = create_criterion("ce", model.head)
+
+        def run_steps():
+            for _ in range(steps):
+                with autocast():
+                    logits = model(x)
+                    loss = criterion(logits.float(), y)
+                loss.backward()
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+
+        return run_steps, model
+
+    fixed, fixed_model = make("simplex")
+    learned, learned_model = make("learned")
+    cpu: dict = {}
+    times = alternate({"fixed": fixed, "learned": learned}, rounds=rounds, warmup=warmup, sync=_sync(device), cpu_times=cpu)
+    med = medians(times)
+    return {
+        "step_ratio_fixed_vs_learned": median_ratio(times, "fixed", "learned"),
+        "cpu_ratios": {"step_ratio_fixed_vs_learned": median_ratio(cpu, "fixed", "learned")},
+        "medians": {"step_s_fixed": med["fixed"] / steps, "step_s_learned": med["learned"] / steps},
+        "images_per_second_fixed": batch_size * steps / med["fixed"],
+        "images_per_second_learned": batch_size * steps / med["learned"],
+        "settings": {"backbone": backbone, "img_size": img_size, "batch_size": batch_size, "num_classes": num_classes,
+                     "dim_fixed": fixed_model.dim, "dim_learned": learned_model.dim, "precision": precision,
+                     "channels_last": channels_last, "steps_per_round": steps, "rounds": rounds, "warmup": warmup},
+        "raw": times,
+    }
+
+
+# --------------------------------------------------------------------------------------------
+# 2-3. the training loop: fixedcls.engine.fit vs a plain loop; collapse measurement on/off
+# --------------------------------------------------------------------------------------------
+def compose(overrides: list[str]):
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    if GlobalHydra.instance().is_initialized():
+        GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        return hydra_compose(config_name="config", overrides=list(overrides))
+
+
+def build_run(overrides: list[str], workdir: Path) -> dict:
+    """Everything `fixedcls.train.train` builds for a config, as the keyword arguments of engine.fit.
+
+    train() is run with `fit` replaced by a recorder, so the objects are exactly those of a real run.
+    """
+    import fixedcls.train as train_module
+
+    cfg = compose([f"checkpoint.root={workdir / 'checkpoints'}", "trainer.progress=false", *overrides])
+    captured: dict = {}
+
+    def record(model, **kwargs):
+        captured.update(kwargs, model=model)
+        return {}
+
+    real_fit = train_module.fit
+    train_module.fit = record
+    try:
+        train_module.train(cfg, workdir / "run")
+    finally:
+        train_module.fit = real_fit
+    captured["cfg"] = cfg
+    return captured
+
+
+def fit_epoch(run: dict, collapse_every: int, mode: str = "exact") -> Callable[[], dict]:
+    """One epoch of the real training loop (one fit() call), collapse measured every epoch or off."""
+    from fixedcls.engine import fit
+
+    kwargs = {k: v for k, v in run.items() if k not in ("model", "cfg")}
+    kwargs.update(epochs=1, progress=False, resume_state=None,
+                  collapse=dataclasses.replace(run["collapse"], every=collapse_every, mode=mode, plot=False))
+    return lambda: fit(run["model"], **kwargs)
+
+
+def plain_epoch(run: dict, checkpoint_path: Path) -> Callable[[], None]:
+    """A minimal hand-written PyTorch epoch doing the same work as one fit() epoch without collapse:
+    train over the same loader (same model, optimizer, precision), test accuracy, save a checkpoint."""
+    model, optimizer, criterion = run["model"], run["optimizer"], run["criterion"]
+    train_loader, test_loader, device = run["train_loader"], run["test_loader"], run["device"]
+    dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[run["precision"]]
+    channels_last = run["channels_last"]
+
+    def autocast():
+        return torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
+
+    def epoch():
+        model.train()
+        train_loader.sampler.set_epoch(0)
+        train_loader.dataset.set_epoch(0)
+        loss_sum = torch.zeros((), device=device)
+        for x, y in train_loader:
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            if channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            with autocast():
+                loss = criterion(model(x).float(), y)
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            loss_sum += loss.detach()
+        model.eval()
+        correct = torch.zeros((), device=device, dtype=torch.long)
+        with torch.no_grad():
+            for x, y in test_loader:
+                x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+                if channels_last:
+                    x = x.contiguous(memory_format=torch.channels_last)
+                with autocast():
+                    correct += (model(x).argmax(1) == y).sum()
+        model.train()
+        torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "loss": float(loss_sum),
+                    "acc": int(correct)}, checkpoint_path)
+
+    return epoch
+
+
+def bench_loop(run: dict, workdir: Path, *, rounds: int = 5, warmup: int = 1, collapse: bool = True,
+               loop: bool = True) -> dict:
+    """fit() epochs with collapse off / online / exact and the plain loop, alternated round by round."""
+    contenders: dict[str, Callable] = {}  # in this order, each ratio's two contenders run back to back or one apart
+    if loop:
+        contenders["plain"] = plain_epoch(run, workdir / "plain.pt")
+    contenders["fit"] = fit_epoch(run, 0)
+    if collapse:
+        contenders["fit_online"] = fit_epoch(run, 1, "online")
+        contenders["fit_exact"] = fit_epoch(run, 1, "exact")
+    cpu: dict = {}
+    times = alternate(contenders, rounds=rounds, warmup=warmup, sync=_sync(run["device"]), cpu_times=cpu)
+    out: dict = {"medians": {f"epoch_s_{k}": v for k, v in medians(times).items()}, "raw": times, "cpu_ratios": {}}
+    for key, num, den in (("loop_overhead_vs_plain", "fit", "plain"), ("collapse_overhead_online", "fit_online", "fit"),
+                          ("collapse_overhead_exact", "fit_exact", "fit")):
+        if num in times and den in times:
+            out[key] = median_ratio(times, num, den)
+            out["cpu_ratios"][key] = median_ratio(cpu, num, den)
+    cfg = run["cfg"]
+    out["settings"] = {"backbone": cfg.model.backbone, "data": cfg.data.name, "img_size": cfg.data.img_size,
+                       "batch_size": cfg.data.batch_size, "eval_batch_size": cfg.data.eval_batch_size,
+                       "head": cfg.head.name, "precision": run["precision"], "device": str(run["device"]),
+                       "collapse_splits": list(run["collapse"].splits), "steps_per_epoch": len(run["train_loader"]),
+                       "rounds": rounds, "warmup": warmup}
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# 4. nc_metrics vs the naive notebook-style computation
+# --------------------------------------------------------------------------------------------
+def load_naive():
+    spec = importlib.util.spec_from_file_location("naive_collapse", ROOT / "tools" / "naive_collapse.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def collapse_features(N: int, d: int, K: int, seed: int = 0):
+    """Clustered float32 features (a partly collapsed representation), labels, a classifier W and bias."""
+    g = torch.Generator().manual_seed(seed)
+    centres = 3.0 * torch.randn(K, d, generator=g)
+    y = torch.randint(0, K, (N,), generator=g)
+    h = centres[y] + torch.randn(N, d, generator=g)
+    W = centres + 0.5 * torch.randn(K, d, generator=g)
+    b = 0.1 * torch.randn(K, generator=g)
+    return h, y, W, b
+
+
+def max_rel_diff(a: dict, b: dict) -> float:
+    worst = 0.0
+    for key in a:
+        if key not in b:
+            continue
+        x, y = float(a[key]), float(b[key])
+        if math.isnan(x) and math.isnan(y):
+            continue
+        worst = max(worst, abs(x - y) / max(abs(x), abs(y), 1e-300))
+    return worst
+
+
+def bench_nc_metrics(*, N: int = 50_000, d: int = 512, K: int = 100, naive_samples: Optional[int] = None,
+                     rounds: int = 3, warmup: int = 1, device: torch.device = torch.device("cpu")) -> dict:
+    """Time fixedcls.collapse.nc_metrics and the naive reference, alternated.
+
+    `naive_samples` < N times the naive computation on the first naive_samples rows and scales its time
+    linearly to N (it is linear in N: per-batch, per-class and per-sample loops); the values are then
+    compared on that subset.
+    """
+    from fixedcls.collapse import nc_metrics
+
+    naive = load_naive().naive_nc_metrics
+    h, y, W, b = collapse_features(N, d, K)
+    hd, yd, Wd, bd = (t.to(device) for t in (h, y, W, b))
+    n_naive = N if naive_samples is None else min(int(naive_samples), N)
+    scale = N / n_naive
+    hs, ys = h[:n_naive], y[:n_naive]
+    sync = _sync(device)
+    for _ in range(warmup):  # warm nc_metrics only: the naive numpy loops have nothing to warm, and take a minute
+        nc_metrics(hd, yd, Wd, bd)
+    cpu: dict = {}
+    last: dict = {}  # the values of the last timed call of each
+    times = alternate({"nc_metrics": lambda: last.__setitem__("fast", nc_metrics(hd, yd, Wd, bd)),
+                       "naive": lambda: last.__setitem__("naive", naive(hs, ys, W, b))},
+                      rounds=rounds, warmup=0, sync=sync, cpu_times=cpu)
+    fast_values = last["fast"] if n_naive == N else nc_metrics(hd[:n_naive], yd[:n_naive], Wd, bd)
+    naive_values = last["naive"]
+    diff = max_rel_diff(fast_values, naive_values)
+    speedup = statistics.median(scale * t_naive / t_fast for t_naive, t_fast in zip(times["naive"], times["nc_metrics"]))
+    med = medians(times)
+    out = {
+        "nc_metrics_speedup_vs_naive": speedup,
+        "cpu_ratios": {"nc_metrics_speedup_vs_naive": statistics.median(
+            scale * a / b for a, b in zip(cpu["naive"], cpu["nc_metrics"]))},
+        "nc_metrics_max_rel_diff": diff,
+        "nc_metrics_equal": bool(diff <= NC_REL_TOL),
+        "medians": {"nc_metrics_s": med["nc_metrics"], "naive_s": med["naive"] * scale,
+                    "naive_s_measured": med["naive"]},
+        "settings": {"N": N, "d": d, "K": K, "naive_samples": n_naive, "naive_scaled": n_naive < N,
+                     "device": str(device), "rounds": rounds, "warmup": warmup},
+        "raw": times,
+    }
+    if n_naive < N:
+        out["note_naive"] = (f"naive_nc_metrics timed on {n_naive} of {N} samples and scaled linearly x{scale:g}; "
+                             f"values compared on those {n_naive} samples")
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# 5. memory of the streaming measurer vs the features it does not store
+# --------------------------------------------------------------------------------------------
+def _tensor_bytes(obj, seen: set) -> int:
+    total = 0
+    for value in vars(obj).values():
+        if torch.is_tensor(value):
+            key = (value.untyped_storage().data_ptr(), value.untyped_storage().nbytes())
+            if key not in seen:
+                seen.add(key)
+                total += value.untyped_storage().nbytes()
+        elif hasattr(value, "__dict__") and type(value).__module__.startswith("fixedcls"):
+            total += _tensor_bytes(value, seen)
+    return total
+
+
+def bench_memory(*, N: int = 50_000, d: int = 512, K: int = 100, batch: int = 256) -> dict:
+    """Bytes held by a CollapseAccumulator (after both passes, every tensor it keeps) against N x d float32.
+
+    Also reports the transient working memory of one update at `batch` rows (float64 copy of the
+    batch and its centred version), which is freed after each batch.
+    """
+    from fixedcls.collapse import CollapseAccumulator
+
+    h, y, W, b = collapse_features(min(N, 4 * batch), d, K)
+    acc = CollapseAccumulator(K, d)
+    for s in range(0, h.shape[0], batch):
+        acc.update_means(h[s:s + batch], y[s:s + batch])
+    acc.finalize_means()
+    for s in range(0, h.shape[0], batch):
+        acc.update_scatter(h[s:s + batch], y[s:s + batch], weight=W, bias=b)
+    state = _tensor_bytes(acc, set())
+    features = N * d * 4
+    mb = 1024.0 ** 2
+    return {
+        "collapse_memory_mb": state / mb,
+        "stored_features_mb": features / mb,
+        "memory_ratio_features_over_measurer": features / state,
+        "collapse_batch_working_mb": 2 * batch * d * 8 / mb,
+        "settings": {"N": N, "d": d, "K": K, "batch": batch},
+    }
+
+
+# --------------------------------------------------------------------------------------------
+# report
+# --------------------------------------------------------------------------------------------
+def verdict(key: str, value: Optional[float]) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "n/a"
+    op, target = TARGETS[key]
+    ok = value <= target if op == "<=" else value >= target
+    return "PASS" if ok else "MISS"
+
+
+def format_table(results: dict) -> str:
+    rows = [("figure", "value (wall)", "cpu-time ratio", "target", "verdict")]
+    cpu = results.get("cpu_ratios", {})
+    for key, (op, target) in TARGETS.items():
+        if key in results:
+            value = results[key]
+            rows.append((key, f"{value:.3f}" if value < 100 else f"{value:.1f}",
+                         f"{cpu[key]:.3f}" if key in cpu else "", f"{op} {target:g}", verdict(key, value)))
+    if "nc_metrics_equal" in results:
+        rows.append(("nc_metrics equal to naive (max rel diff)", f"{results['nc_metrics_max_rel_diff']:.1e}", "",
+                     f"<= {NC_REL_TOL:g}", "PASS" if results["nc_metrics_equal"] else "MISS"))
+    for key in ("collapse_memory_mb", "stored_features_mb", "images_per_second_fixed", "images_per_second_learned"):
+        if key in results:
+            rows.append((key, f"{results[key]:.2f}", "", "", "info"))
+    for key, value in results.get("medians", {}).items():
+        rows.append((f"median {key}", f"{value:.4f}", "", "", "info"))
+    widths = [max(len(r[i]) for r in rows) for i in range(5)]
+    lines = [" | ".join(c.ljust(w) for c, w in zip(row, widths)) for row in rows]
+    lines.insert(1, "-+-".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def run(args) -> dict:
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("bench: --device cuda but no CUDA device is visible")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    quick = args.quick
+    results: dict = {"machine": machine_info(device), "quick": quick, "medians": {}, "cpu_ratios": {}, "settings": {},
+                     "notes": []}
+    started = time.perf_counter()
+    load = results["machine"].get("loadavg_start", [0.0])[0]
+    if load > 0.75 * (os.cpu_count() or 1):
+        results["notes"].append(
+            f"busy machine (load average {load:.1f} on {os.cpu_count()} cores): wall times are noisy; the ratios of "
+            f"alternated contenders still compare like with like, and with more than one torch thread an oversubscribed "
+            f"CPU stalls OpenMP (try --threads 1, and re-run on a quiet machine for release figures)")
+
+    def merge(part: dict, section: str):
+        results["medians"].update(part.pop("medians", {}))
+        results["cpu_ratios"].update(part.pop("cpu_ratios", {}))
+        results["settings"][section] = part.pop("settings", {})
+        raw = part.pop("raw", None)
+        if args.raw and raw is not None:
+            results.setdefault("raw", {})[section] = raw
+        for key in [k for k in part if k.startswith("note")]:
+            results["notes"].append(part.pop(key))
+        results.update(part)
+        print(f"[bench] {section} done ({time.perf_counter() - started:.0f}s)", file=sys.stderr, flush=True)
+
+    backbone = args.backbone or (QUICK_BACKBONE if quick else DEFAULT_RUN["backbone"])
+    if backbone != DEFAULT_RUN["backbone"]:
+        results["notes"].append(f"loop and collapse figures on backbone {backbone}, not the default run's "
+                                f"{DEFAULT_RUN['backbone']} (run without --quick for the default-run figures)")
+    sections = set(args.only.split(",")) if args.only else {"step", "loop", "nc", "memory"}
+    with tempfile.TemporaryDirectory(prefix="fixedcls-bench-") as tmp:
+        workdir = Path(tmp)
+        run_objects = None
+        if sections & {"step", "loop"}:
+            overrides = [f"model.backbone={backbone}", f"trainer.device={device.type}",
+                         f"trainer.precision={args.precision}", *args.override]
+            run_objects = build_run(overrides, workdir)
+        if "step" in sections:
+            if device.type == "cuda":
+                part = bench_step(**GPU_STEP, device=device, precision=args.precision, channels_last=True,
+                                  steps=args.steps or 5, rounds=args.rounds or (6 if quick else 10), warmup=args.warmup)
+            else:
+                x, y = next(iter(run_objects["train_loader"]))
+                cfg = run_objects["cfg"]
+                part = bench_step(backbone=backbone, img_size=cfg.data.img_size, in_chans=x.shape[1],
+                                  num_classes=run_objects["model"].num_classes, batch_size=x.shape[0],
+                                  device=device, precision=args.precision, channels_last=cfg.trainer.channels_last,
+                                  steps=args.steps or 3, rounds=args.rounds or (8 if quick else 16), batch=(x, y),
+                                  warmup=args.warmup)
+            merge(part, "step")
+        if "loop" in sections:
+            merge(bench_loop(run_objects, workdir, rounds=args.rounds or (4 if quick else 10), warmup=args.warmup), "loop")
+        if "nc" in sections:
+            merge(bench_nc_metrics(N=args.nc_n, d=args.nc_d, K=args.nc_k,
+                                   naive_samples=(args.naive_samples or (5000 if quick else None)),
+                                   rounds=args.rounds or (4 if quick else 2), warmup=args.warmup, device=device), "nc_metrics")
+        if "memory" in sections:
+            merge(bench_memory(N=args.nc_n, d=args.nc_d, K=args.nc_k), "memory")
+    if hasattr(os, "getloadavg"):
+        results["machine"]["loadavg_end"] = [round(x, 2) for x in os.getloadavg()]
+    results["seconds"] = time.perf_counter() - started
+    results["targets"] = {k: {"op": op, "target": t, "verdict": verdict(k, results.get(k))}
+                          for k, (op, t) in TARGETS.items() if k in results}
+    return results
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="fewer rounds, the naive nc_metrics timed on a subset")
+    p.add_argument("--json", type=Path, help="write the results to this JSON file")
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"])
+    p.add_argument("--backbone", help="backbone of the loop/collapse/step figures (default: the default run's)")
+    p.add_argument("--rounds", type=int, help="measured rounds per figure")
+    p.add_argument("--warmup", type=int, default=1, help="discarded warm-up rounds before the measured ones")
+    p.add_argument("--steps", type=int, help="training steps per round in the step benchmark")
+    p.add_argument("--threads", type=int, help="torch.set_num_threads")
+    p.add_argument("--only", help="comma list of sections: step,loop,nc,memory")
+    p.add_argument("--nc-n", type=int, default=50_000, help="samples N of the nc_metrics and memory figures")
+    p.add_argument("--nc-d", type=int, default=512, help="feature dimension d of the nc_metrics and memory figures")
+    p.add_argument("--nc-k", type=int, default=100, help="classes K of the nc_metrics and memory figures")
+    p.add_argument("--naive-samples", type=int, help="time the naive reference on this many samples, scaled to N")
+    p.add_argument("--raw", action="store_true", help="include every timing in the JSON")
+    p.add_argument("--override", action="append", default=[], help="extra Hydra override for the built run")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    results = run(args)
+    print(format_table(results))
+    m = results["machine"]
+    print(f"\nmachine: {m['cpu']}, {m['cores']} cores ({m['torch_threads']} torch threads), torch {m['torch']}, "
+          f"device {m['device_name']}; load average {m.get('loadavg_start')} -> {m.get('loadavg_end')}; "
+          f"{results['seconds']:.0f}s")
+    for note in results["notes"]:
+        print(f"note: {note}")
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(results, indent=2, default=str) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
