@@ -89,7 +89,8 @@ def test_trainer_switches_run_together(tmp_path):
 
 
 def test_bf16_autocast_trains_on_cpu(tmp_path):
-    summary = train_tiny(tmp_path, ["trainer.precision=bf16", "trainer.clip_grad=1.0", "optim=adamw"])
+    # 32x32: at 16x16 test_resnet's last stage is 1x1 and bf16 CPU training sporadically turns a conv weight NaN
+    summary = train_tiny(tmp_path, ["trainer.precision=bf16", "trainer.clip_grad=1.0", "optim=adamw", "data.img_size=32"])
     assert summary["epochs"] == 2 and summary["final/train/loss"] < 10
 
 

@@ -499,12 +499,6 @@ def run(args) -> dict:
     results: dict = {"machine": machine_info(device), "quick": quick, "medians": {}, "cpu_ratios": {}, "settings": {},
                      "notes": []}
     started = time.perf_counter()
-    load = results["machine"].get("loadavg_start", [0.0])[0]
-    if load > 0.75 * (os.cpu_count() or 1):
-        results["notes"].append(
-            f"busy machine (load average {load:.1f} on {os.cpu_count()} cores): wall times are noisy; the ratios of "
-            f"alternated contenders still compare like with like, and with more than one torch thread an oversubscribed "
-            f"CPU stalls OpenMP (try --threads 1, and re-run on a quiet machine for release figures)")
 
     def merge(part: dict, section: str):
         results["medians"].update(part.pop("medians", {}))
@@ -548,11 +542,18 @@ def run(args) -> dict:
         if "nc" in sections:
             merge(bench_nc_metrics(N=args.nc_n, d=args.nc_d, K=args.nc_k,
                                    naive_samples=(args.naive_samples or (5000 if quick else None)),
-                                   rounds=args.rounds or (4 if quick else 2), warmup=args.warmup, device=device), "nc_metrics")
+                                   rounds=args.rounds or (4 if quick else 3), warmup=args.warmup, device=device), "nc_metrics")
         if "memory" in sections:
             merge(bench_memory(N=args.nc_n, d=args.nc_d, K=args.nc_k), "memory")
     if hasattr(os, "getloadavg"):
         results["machine"]["loadavg_end"] = [round(x, 2) for x in os.getloadavg()]
+        load = max(results["machine"]["loadavg_start"][0], results["machine"]["loadavg_end"][0])
+        if device.type == "cpu" and load > 0.75 * (os.cpu_count() or 1):
+            results["notes"].append(
+                f"busy machine (load average up to {load:.1f} on {os.cpu_count()} cores): wall times are noisy; the "
+                f"ratios of alternated contenders still compare like with like, but with more than one torch thread an "
+                f"oversubscribed CPU stalls OpenMP at every barrier (use --threads 1; re-run on a quiet machine for "
+                f"release figures)")
     results["seconds"] = time.perf_counter() - started
     results["targets"] = {k: {"op": op, "target": t, "verdict": verdict(k, results.get(k))}
                           for k, (op, t) in TARGETS.items() if k in results}
