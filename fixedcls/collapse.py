@@ -50,7 +50,6 @@ __all__ = [
     "OnlineCollapse",
     "measure_model",
     "inference_model",
-    "auto_inference_copy",
     "collapse_speed",
     "plot_collapse",
     "format_table",
@@ -633,7 +632,11 @@ def inference_model(model: torch.nn.Module) -> torch.nn.Module:
     BatchNorm is folded into the preceding convolutions of ``model.backbone`` (torch.fx; a backbone
     that cannot be traced is copied unfused) and the weights are channels_last: the same function as
     ``model.eval()``, whose float32 features differ from the eval forward's only by rounding (~1e-7
-    relative).  On CPU (oneDNN) a ResNet pass is ~1.3-1.6x faster.  Feed it channels_last inputs.
+    relative).  Feed it channels_last inputs.  Measured on 2 CPU cores (oneDNN): a ResNet-18 pass at
+    16-32 px is 1.1-1.25x faster quiet (1.3-1.6x with memory contention), but building the copy
+    (~0.07-0.09 s) and losing the fused test pass cost as much on the digits default run, so the
+    training loop does not use it: pass ``inference_copy=True`` to :func:`measure_model` for large
+    CPU measurements.
     """
     from torch.fx.experimental.optimization import fuse
 
@@ -646,13 +649,6 @@ def inference_model(model: torch.nn.Module) -> torch.nn.Module:
         except Exception:  # not symbolically traceable (data-dependent control flow): keep it unfused
             pass
     return clone.to(memory_format=torch.channels_last)
-
-
-def auto_inference_copy(model: torch.nn.Module, device: torch.device | str) -> bool:
-    """Whether :func:`measure_model` measures on an :func:`inference_model` copy by default: on CPU,
-    for a model with BatchNorm (whose folding, with channels_last, makes the passes faster there)."""
-    return torch.device(device).type == "cpu" and any(
-        isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in _unwrap(model).modules())
 
 
 def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
@@ -794,7 +790,7 @@ def measure_model(
     reduce_fn: ReduceFn | None = None,
     channels_last: bool = False,
     accumulator: CollapseAccumulator | None = None,
-    inference_copy: bool | None = None,
+    inference_copy: bool = False,
 ) -> dict[str, float]:
     """Exact collapse measures of ``model`` on the data of ``loader`` (two passes).
 
@@ -816,10 +812,9 @@ def measure_model(
     features of exactly this loader's samples (e.g. during the test evaluation of the training loop):
     then only pass 2 runs over the loader.  Not with ``max_samples`` or ``layers``.
     ``inference_copy``: run both passes on :func:`inference_model` (BatchNorm folded, channels_last):
-    the same function up to float32 rounding (~1e-7 relative in the features), ~1.3-1.6x faster on
-    CPU.  None (default): :func:`auto_inference_copy` -- on CPU for models with BatchNorm, so that the
-    training loop and a later call on the checkpoint measure alike.  Never with ``layers`` or
-    ``accumulator`` (whose pass 1 came from the model itself).
+    the same function up to float32 rounding (~1e-7 relative in the features), faster on CPU for
+    large inputs (see there).  Ignored with ``layers`` or ``accumulator`` (whose pass 1 came from the
+    model itself).
     The train/eval state of every submodule is restored afterwards.
     """
     device = torch.device(device)
@@ -848,8 +843,6 @@ def measure_model(
             raise FixedclsError(f"measure_model: the accumulator is for {accumulator.num_classes} classes x {accumulator.dim} dims but the head is {num_classes} x {dim}; build it from model.head.weight.shape.")
         stages = (2,)
     net = model
-    if inference_copy is None:
-        inference_copy = auto_inference_copy(model, device)
     if inference_copy and inter is None and accumulator is None:
         net, channels_last = inference_model(model), True
 

@@ -350,12 +350,10 @@ def fit(
             # ---- end of epoch: evaluate, measure, log, checkpoint ------------------------------
             loss_sum, correct, seen = running.tolist()
             row = {"epoch": epoch + 1, "train/loss": loss_sum / max(seen, 1), "train/acc": correct / max(seen, 1)}
-            # Exact collapse of the test split: its pass 1 (class means) rides on this evaluation's forward, unless
-            # the measurement runs on a faster inference copy (CPU with BatchNorm: both passes must share a forward).
+            # Exact collapse of the test split: its pass 1 (class means) rides on this evaluation's forward.
             test_means = None
             if (collapse.due(epoch, epochs) and collapse.mode == "exact" and "test" in collapse.splits
-                    and collapse.max_samples is None and not collapse.layers and getattr(model, "module", model) is base_model
-                    and not nc.auto_inference_copy(base_model, device)):
+                    and collapse.max_samples is None and not collapse.layers and getattr(model, "module", model) is base_model):
                 test_means = nc.CollapseAccumulator(base_model.num_classes, base_model.dim, device=device)
             test = evaluate(model, test_loader, criterion, device=device, autocast=autocast, world=world,
                             channels_last=channels_last, online=online_test, collapse_means=test_means)
@@ -405,9 +403,6 @@ def _measure_collapse(model, settings: CollapseSettings, train_eval_loader, test
 
     row: dict = {}
     head = model.head
-    net, copied = model, False
-    if settings.mode == "exact" and not settings.layers and test_means is None and nc.auto_inference_copy(model, device):
-        net, copied = nc.inference_model(model), True  # built once for both splits (measure_model would build one per call)
     for split, prefix, loader, online in (("train", "collapse/", train_eval_loader, online_train),
                                           ("test", "collapse_test/", test_loader, online_test)):
         if split not in settings.splits:
@@ -416,11 +411,10 @@ def _measure_collapse(model, settings: CollapseSettings, train_eval_loader, test
             world.all_reduce_sum(online.state_tensors())
             values = online.compute(head.weight.detach(), None if head.bias is None else head.bias.detach())
         else:
-            values = nc.measure_model(net, loader, device=device, autocast_dtype=AUTOCAST_DTYPES[precision],
+            values = nc.measure_model(model, loader, device=device, autocast_dtype=AUTOCAST_DTYPES[precision],
                                       max_samples=settings.max_samples, layers=list(settings.layers) or None,
                                       reduce_fn=(lambda t: world.all_reduce_sum([t])) if world.distributed else None,
-                                      channels_last=channels_last or copied, accumulator=test_means if split == "test" else None,
-                                      inference_copy=False if copied else None)
+                                      channels_last=channels_last, accumulator=test_means if split == "test" else None)
         row.update({prefix + key: value for key, value in values.items()})
     return row
 

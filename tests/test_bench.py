@@ -8,6 +8,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
+import os
 from pathlib import Path
 
 import pytest
@@ -81,3 +82,21 @@ def test_main_writes_every_key(bench, tmp_path, capsys):
             "step_s_learned", "nc_metrics_s", "naive_s"} <= set(results["medians"])
     assert set(FIGURES) <= set(results["targets"]) and results["quick"] is True
     assert any("scaled linearly" in note for note in results["notes"])
+
+
+def test_other_processes_load_excludes_the_benchmark_itself(bench, monkeypatch):
+    import time
+
+    # 10 s of wall time in which the machine was busy for 25 CPU-seconds, 18 of them this process's own
+    wall_start = time.perf_counter() - 10.0
+    monkeypatch.setattr(bench, "_machine_busy_seconds", lambda: 1025.0)
+    other = bench.other_processes_load((2.0, 1000.0), 20.0, wall_start)
+    assert other == pytest.approx(0.7, rel=1e-3)
+    assert bench.other_processes_load((2.0, None), 20.0, wall_start) is None  # no /proc/stat: unknown, not zero
+
+
+def test_machine_busy_seconds_reads_proc_stat(bench):
+    if not os.path.exists("/proc/stat"):
+        pytest.skip("no /proc/stat")
+    first = bench._machine_busy_seconds()
+    assert first is not None and first > 0 and bench._machine_busy_seconds() >= first

@@ -12,8 +12,9 @@ warm-up, so that machine noise (other processes, frequency changes, caches) hits
 is the MEDIAN over rounds of the per-round ratio; the raw per-contender medians, the same ratio in
 process CPU time, and the machine (CPU, cores, threads, torch, device, load average) are reported too.
 On a busy machine use --threads 1: with more threads than free cores OpenMP stalls at every barrier.
-The loop and collapse figures time whole epochs of the default run (digits, resnet18 at 32x32, batch 64,
-fixed simplex head, exact collapse on the train and test splits), --quick included (fewer rounds).
+The loop and collapse figures time whole epochs of the default run as conf/config.yaml composes it
+(digits at 16x16, resnet18, batch 64, fixed simplex head, exact collapse on the train and test splits),
+--quick included (fewer rounds).
 
 Figures and targets:
 
@@ -65,8 +66,7 @@ TARGETS: dict[str, tuple[str, float]] = {
 }
 NC_REL_TOL = 1e-6
 
-DEFAULT_RUN = dict(backbone="resnet18", data="digits", img_size=32, batch_size=64)
-QUICK_BACKBONE = "resnet18"  # the default run's: --quick only runs fewer rounds (and the naive nc on a subset)
+DEFAULT_BACKBONE = "resnet18"  # conf/config.yaml's; --quick runs the same model, fewer rounds (and the naive nc on a subset)
 GPU_STEP = dict(backbone="resnet50", img_size=224, batch_size=64, in_chans=3, num_classes=1000)
 
 
@@ -131,6 +131,32 @@ def _cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+def _machine_busy_seconds() -> Optional[float]:
+    """CPU seconds all processes have spent busy since boot (Linux /proc/stat), or None elsewhere."""
+    try:
+        with open("/proc/stat") as f:
+            fields = [int(v) for v in f.readline().split()[1:]]
+    except (OSError, ValueError):
+        return None
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
+    return (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")
+
+
+def other_processes_load(start: tuple, process_cpu_end: float, wall_start: float) -> Optional[float]:
+    """Average number of cores other processes kept busy since `start` (process CPU, machine busy seconds).
+
+    The load average cannot tell: it counts the benchmark's own threads, so a quiet 2-core machine
+    running a 2-thread benchmark shows a load of 2.  Data-loader worker processes count as other
+    processes (the default run loads in the main process).
+    """
+    process_cpu_start, busy_start = start
+    busy_end = _machine_busy_seconds()
+    if busy_start is None or busy_end is None:
+        return None
+    wall = time.perf_counter() - wall_start
+    return max(0.0, (busy_end - busy_start) - (process_cpu_end - process_cpu_start)) / max(wall, 1e-9)
+
+
 def machine_info(device: torch.device) -> dict:
     import timm
 
@@ -145,6 +171,12 @@ def machine_info(device: torch.device) -> dict:
         "device": str(device),
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else _cpu_model(),
     }
+    try:
+        from threadpoolctl import threadpool_info
+
+        info["blas_threads"] = {i["internal_api"]: i["num_threads"] for i in threadpool_info()}
+    except ImportError:
+        pass
     if hasattr(os, "getloadavg"):
         info["loadavg_start"] = [round(x, 2) for x in os.getloadavg()]
     return info
@@ -493,12 +525,27 @@ def run(args) -> dict:
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("bench: --device cuda but no CUDA device is visible")
+    limiter = None
     if args.threads:
         torch.set_num_threads(args.threads)
+        try:  # numpy's BLAS too (the naive reference's outer products and norms run on it)
+            from threadpoolctl import threadpool_limits
+
+            limiter = threadpool_limits(limits=args.threads)
+        except ImportError:
+            pass
+    try:
+        return _run(args, device)
+    finally:
+        if limiter is not None:
+            limiter.restore_original_limits()
+
+
+def _run(args, device: torch.device) -> dict:
     quick = args.quick
     results: dict = {"machine": machine_info(device), "quick": quick, "medians": {}, "cpu_ratios": {}, "settings": {},
                      "notes": []}
-    started = time.perf_counter()
+    started, cpu_start = time.perf_counter(), (time.process_time(), _machine_busy_seconds())
 
     def merge(part: dict, section: str):
         results["medians"].update(part.pop("medians", {}))
@@ -512,10 +559,9 @@ def run(args) -> dict:
         results.update(part)
         print(f"[bench] {section} done ({time.perf_counter() - started:.0f}s)", file=sys.stderr, flush=True)
 
-    backbone = args.backbone or (QUICK_BACKBONE if quick else DEFAULT_RUN["backbone"])
-    if backbone != DEFAULT_RUN["backbone"]:
-        results["notes"].append(f"loop and collapse figures on backbone {backbone}, not the default run's "
-                                f"{DEFAULT_RUN['backbone']} (run without --quick for the default-run figures)")
+    backbone = args.backbone or DEFAULT_BACKBONE
+    if backbone != DEFAULT_BACKBONE:
+        results["notes"].append(f"loop and collapse figures on backbone {backbone}, not the default run's {DEFAULT_BACKBONE}")
     sections = set(args.only.split(",")) if args.only else {"step", "loop", "nc", "memory"}
     with tempfile.TemporaryDirectory(prefix="fixedcls-bench-") as tmp:
         workdir = Path(tmp)
@@ -534,11 +580,11 @@ def run(args) -> dict:
                 part = bench_step(backbone=backbone, img_size=cfg.data.img_size, in_chans=x.shape[1],
                                   num_classes=run_objects["model"].num_classes, batch_size=x.shape[0],
                                   device=device, precision=args.precision, channels_last=cfg.trainer.channels_last,
-                                  steps=args.steps or 3, rounds=args.rounds or (8 if quick else 16), batch=(x, y),
+                                  steps=args.steps or (3 if quick else 5), rounds=args.rounds or (10 if quick else 20), batch=(x, y),
                                   warmup=args.warmup)
             merge(part, "step")
         if "loop" in sections:
-            merge(bench_loop(run_objects, workdir, rounds=args.rounds or (4 if quick else 10), warmup=args.warmup), "loop")
+            merge(bench_loop(run_objects, workdir, rounds=args.rounds or (4 if quick else 16), warmup=args.warmup), "loop")
         if "nc" in sections:
             merge(bench_nc_metrics(N=args.nc_n, d=args.nc_d, K=args.nc_k,
                                    naive_samples=(args.naive_samples or (5000 if quick else None)),
@@ -547,12 +593,14 @@ def run(args) -> dict:
             merge(bench_memory(N=args.nc_n, d=args.nc_d, K=args.nc_k), "memory")
     if hasattr(os, "getloadavg"):
         results["machine"]["loadavg_end"] = [round(x, 2) for x in os.getloadavg()]
-        load = max(results["machine"]["loadavg_start"][0], results["machine"]["loadavg_end"][0])
-        if device.type == "cpu" and load > 0.75 * (os.cpu_count() or 1):
+    other = other_processes_load(cpu_start, time.process_time(), started)
+    if other is not None:
+        results["machine"]["other_processes_load"] = round(other, 2)
+        if device.type == "cpu" and other > 0.25:
             results["notes"].append(
-                f"busy machine (load average up to {load:.1f} on {os.cpu_count()} cores): wall times are noisy; the "
-                f"ratios of alternated contenders still compare like with like, but with more than one torch thread an "
-                f"oversubscribed CPU stalls OpenMP at every barrier (use --threads 1; re-run on a quiet machine for "
+                f"busy machine: other processes kept {other:.2f} of {os.cpu_count()} cores busy on average during the "
+                f"run; the ratios of alternated contenders still compare like with like, but with more torch threads "
+                f"than free cores OpenMP stalls at every barrier (use --threads 1; re-run on a quiet machine for "
                 f"release figures)")
     results["seconds"] = time.perf_counter() - started
     results["targets"] = {k: {"op": op, "target": t, "verdict": verdict(k, results.get(k))}
@@ -587,7 +635,7 @@ def main(argv=None) -> int:
     print(format_table(results))
     m = results["machine"]
     print(f"\nmachine: {m['cpu']}, {m['cores']} cores ({m['torch_threads']} torch threads), torch {m['torch']}, "
-          f"device {m['device_name']}; load average {m.get('loadavg_start')} -> {m.get('loadavg_end')}; "
+          f"device {m['device_name']}; other processes' load {m.get('other_processes_load')}; "
           f"{results['seconds']:.0f}s")
     for note in results["notes"]:
         print(f"note: {note}")
