@@ -95,7 +95,8 @@ class EpochSampler(Sampler[int]):
     steps), plus `start`: the number of this rank's samples already consumed, for exact resume.
     """
 
-    def __init__(self, length: int, *, shuffle: bool = True, seed: int = 0, rank: int = 0, world_size: int = 1):
+    def __init__(self, length: int, *, shuffle: bool = True, seed: int = 0, rank: int = 0, world_size: int = 1,
+                 batch_size: Optional[int] = None):
         self.length, self.shuffle, self.seed = length, shuffle, seed
         self.rank, self.world_size = rank, world_size
         self.epoch, self.start = 0, 0
@@ -103,6 +104,10 @@ class EpochSampler(Sampler[int]):
         # evaluation shards are disjoint and unpadded so each sample is measured exactly once.
         self.pad = shuffle
         self.num_samples = math.ceil(length / world_size) if self.pad else len(range(rank, length, world_size))
+        # A training batch of one sample stops BatchNorm ("Expected more than 1 value per channel"): that
+        # epoch's last sample is left out instead (a new permutation every epoch, so never the same one).
+        if self.pad and batch_size and self.num_samples > 1 and self.num_samples % batch_size == 1:
+            self.num_samples -= 1
 
     def set_epoch(self, epoch: int, start: int = 0) -> None:
         self.epoch, self.start = epoch, start
@@ -114,7 +119,8 @@ class EpochSampler(Sampler[int]):
         else:
             order = list(range(self.length))
         if self.pad:
-            order = order + order[: self.num_samples * self.world_size - self.length]
+            total = self.num_samples * self.world_size
+            order = (order + order[: max(0, total - self.length)])[:total]
         return order[self.rank :: self.world_size]
 
     def __iter__(self) -> Iterator[int]:
@@ -432,7 +438,7 @@ def create_loaders(
     # seed from the global torch RNG, so a run resumed mid-epoch (one extra iter) would see other dropout masks.
     train = DataLoader(
         train_set, batch_size=batch_size, drop_last=False,
-        sampler=EpochSampler(len(train_set), shuffle=True, seed=seed, rank=rank, world_size=world_size),
+        sampler=EpochSampler(len(train_set), shuffle=True, seed=seed, rank=rank, world_size=world_size, batch_size=batch_size),
         generator=torch.Generator().manual_seed(seed), **common,
     )
 

@@ -88,6 +88,12 @@ def test_trainer_switches_run_together(tmp_path):
     assert summary["epochs"] == 2
 
 
+def test_a_last_training_batch_of_one_sample_is_left_out(tmp_path):
+    # 48 samples in batches of 47: a last batch of one sample would stop BatchNorm in train mode
+    summary = train_tiny(tmp_path, ["data.batch_size=47", "trainer.epochs=1", "collapse.every=0"])
+    assert summary["epochs"] == 1
+
+
 def test_bf16_autocast_trains_on_cpu(tmp_path):
     # 32x32: at 16x16 test_resnet's last stage is 1x1 and bf16 CPU training sporadically turns a conv weight NaN
     summary = train_tiny(tmp_path, ["trainer.precision=bf16", "trainer.clip_grad=1.0", "optim=adamw", "data.img_size=32"])
