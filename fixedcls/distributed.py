@@ -71,6 +71,14 @@ class World:
         dist.broadcast_object_list(holder, src=0)
         return holder[0]
 
+    def all_gather_object(self, obj: Any) -> list:
+        """Every rank's `obj`, in rank order, on every rank."""
+        if not self.distributed:
+            return [obj]
+        gathered: list = [None] * self.world_size
+        dist.all_gather_object(gathered, obj)
+        return gathered
+
     def broadcast_buffers(self, *modules: Optional[torch.nn.Module]) -> None:
         """Copy rank 0's buffers (batch-norm running statistics, ...) into every rank's modules.
 

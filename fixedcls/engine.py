@@ -128,6 +128,16 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def _split_rng(world: World) -> None:
+    """Give every rank > 0 a torch RNG stream of its own (dropout, drop-path and other random layers).
+
+    Every rank seeds alike so the models start equal; without this each rank would then draw the same
+    dropout masks.  Rank 0 keeps its stream, so a one-process run is unchanged.
+    """
+    if world.rank > 0:
+        torch.manual_seed((torch.initial_seed() + 1_000_003 * world.rank) % 2**63)
+
+
 def _finite_buffers(model: nn.Module) -> set:
     """The floating-point buffers that are finite now (some backbones keep -inf attention masks: those are not)."""
     return {name for name, b in model.named_buffers() if b.is_floating_point() and bool(torch.isfinite(b).all())}
@@ -250,11 +260,18 @@ def fit(
         for name, online in (("online_train", online_train), ("online_test", online_test)):
             if online is not None and resume_state.get(name):
                 online.load_state_dict(resume_state[name])
-        set_rng_state(resume_state["rng"])
+        per_rank = resume_state.get("rng_ranks") or []
+        if len(per_rank) == world.world_size:
+            set_rng_state(per_rank[world.rank])
+        else:  # a checkpoint of another world size: rank 0's state, then a stream of each rank's own
+            set_rng_state(resume_state["rng"])
+            _split_rng(world)
         log.info(f"resumed at epoch {epoch + 1} step {step_in_epoch} of {steps_per_epoch}")
+    else:
+        _split_rng(world)
     _tolerate("writing metrics.jsonl", metrics.reset, history)
 
-    def state(stopped_mid_epoch: bool) -> dict:
+    def state(stopped_mid_epoch: bool, rng_ranks: Optional[list] = None) -> dict:
         return {
             "model": base_model.state_dict(), "optimizer": optimizer.state_dict(),
             "scheduler": scheduler.state_dict() if scheduler is not None else None,
@@ -264,7 +281,7 @@ def fit(
             "nonfinite_in_a_row": nonfinite_in_a_row, "best_value": checkpoints.best_value,
             "online_train": online_train.state_dict() if online_train is not None else None,
             "online_test": online_test.state_dict() if online_test is not None else None,
-            "rng": rng_state(), **(checkpoint_meta or {}),
+            "rng": rng_state(), "rng_ranks": rng_ranks, **(checkpoint_meta or {}),
         }
 
     show_progress = world.is_main and (sys.stderr.isatty() if progress is None else progress)
@@ -294,14 +311,17 @@ def fit(
                         loss = criterion(logits.float(), y)
                         if extra_loss is not None:  # e.g. feature distillation from an earlier model generation
                             loss = loss + extra_loss(x, features, y)
-                    finite = bool(torch.isfinite(loss))
+                    # Every rank must agree: a rank that skipped backward alone would leave the others waiting in DDP's all-reduce.
+                    finite_here = bool(torch.isfinite(loss))
+                    finite = not world.any(not finite_here, device)
                     if finite or scaler.is_enabled():  # the fp16 scaler skips the step itself on inf/nan
                         scaler.scale(loss / grad_accum).backward()
                 if not finite:  # counted under the fp16 scaler too: it skips steps, but cannot mend a NaN forward
                     nonfinite_in_a_row += 1
                     if nonfinite_in_a_row >= max_nonfinite:
                         raise FixedclsError(
-                            f"the loss was non-finite ({loss.item()}) for {nonfinite_in_a_row} steps in a row "
+                            f"the loss was non-finite ({loss.item() if not finite_here else 'on another rank'}) "
+                            f"for {nonfinite_in_a_row} steps in a row "
                             f"(epoch {epoch + 1}, step {step_in_epoch + 1}); stopped with the last good checkpoint "
                             f"kept in {checkpoints.directory}: lower optim.lr or set trainer.clip_grad"
                         )
@@ -332,7 +352,9 @@ def fit(
                         bar.close()
                     signum = stop.received or signal.SIGTERM
                     healthy = _finite_weights(base_model, finite_buffers)  # non-finite weights never displace a good last.pt
-                    path = checkpoints.save_interrupted(state(stopped_mid_epoch=True)) if world.is_main and healthy else None
+                    rng_ranks = world.all_gather_object(rng_state()) if world.distributed else None
+                    path = (checkpoints.save_interrupted(state(stopped_mid_epoch=True, rng_ranks=rng_ranks))
+                            if world.is_main and healthy else None)
                     world.barrier()
                     raise TrainingInterrupted(signum, path)
             if bar is not None:
@@ -374,8 +396,9 @@ def fit(
             epoch, step_in_epoch = epoch + 1, 0
             running.zero_()
             epoch_seconds.append(train_seconds)
+            rng_ranks = world.all_gather_object(rng_state()) if world.distributed else None
             if world.is_main:
-                checkpoints.save_epoch(state(stopped_mid_epoch=False), row)
+                checkpoints.save_epoch(state(stopped_mid_epoch=False, rng_ranks=rng_ranks), row)
                 _tolerate("writing metrics.jsonl", metrics.append, row)
                 _tolerate("the tracker's log_epoch", tracker.log_epoch,
                           {**row, "time/train_s": train_seconds, "time/collapse_s": collapse_seconds})

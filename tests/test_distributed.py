@@ -134,6 +134,10 @@ def test_torchrun_two_processes_one_run_dir_and_same_measures_as_one_process(lau
                          in_chans=bundle.in_chans, img_size=bundle.img_size)
     state = torch.load(ckpt_dirs[0] / "last.pt", map_location="cpu", weights_only=True)
     assert (state["epoch"], state["global_step"]) == (2, 4)  # 18 samples per rank: 2 steps per epoch (1 process: 3)
+    # Each rank's own RNG stream (its own dropout masks), saved so a resume restores every rank's.
+    assert len(state["rng_ranks"]) == 2
+    assert not torch.equal(state["rng_ranks"][0]["torch"], state["rng_ranks"][1]["torch"])
+    assert torch.equal(state["rng_ranks"][0]["torch"], state["rng"]["torch"])
     model.load_state_dict(state["model"])
     _, train_eval, test = create_loaders(bundle, batch_size=16, eval_batch_size=1, seed=cfg.seed)
     cpu = torch.device("cpu")
@@ -167,6 +171,24 @@ def test_epoch_sampler_shards(length, world_size):
     assert set().union(*shards) == set(range(length))
     evals = [list(EpochSampler(length, shuffle=False, rank=r, world_size=world_size)) for r in range(world_size)]
     assert sorted(i for shard in evals for i in shard) == list(range(length))  # disjoint, unpadded, complete
+
+
+@pytest.mark.parametrize("length,world_size,batch_size", [(17, 1, 8), (33, 2, 16), (10, 3, 3), (16, 1, 8)])
+def test_epoch_sampler_never_ends_an_epoch_on_a_one_sample_batch(length, world_size, batch_size):
+    samplers = [EpochSampler(length, shuffle=True, seed=1, rank=r, world_size=world_size, batch_size=batch_size)
+                for r in range(world_size)]
+    seen: set = set()
+    for epoch in range(6):
+        shards = []
+        for sampler in samplers:
+            sampler.set_epoch(epoch)
+            shards.append(sampler.epoch_indices())
+        assert len({len(s) for s in shards}) == 1 and len(shards[0]) == samplers[0].num_samples
+        assert len(shards[0]) % batch_size != 1  # last batch: 0 (full) or at least 2 samples
+        flat = [i for shard in shards for i in shard]
+        assert len(set(flat)) == min(len(flat), length) and set(flat) <= set(range(length))
+        seen.update(flat)
+    assert seen == set(range(length))  # the sample left out changes with the epoch
 
 
 def test_collapse_subset_loader_reshards_disjoint_unpadded():
@@ -337,3 +359,94 @@ def test_submitit_local_launch_two_tasks(launches):
     assert len(ckpt_dirs) == 1
     # 36 samples, batches of 16: 2 steps per epoch on each of 2 ranks (one process would take 3).
     assert torch.load(ckpt_dirs[0] / "last.pt", weights_only=True)["global_step"] == 2
+
+
+# ---------------------------------------------------------------------------------------------------
+# ranks agree: a non-finite loss on one rank, each rank's RNG on resume (2 spawned gloo processes)
+# ---------------------------------------------------------------------------------------------------
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _rank_main(rank: int, port: int, tmp_path: str, overrides: list, nan_on_rank: int, out: str) -> None:
+    """One rank of a 2-process run of `train.train` (env:// rendezvous, like torchrun); writes what it saw to `out`."""
+    os.environ.update(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE="2",
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    import fixedcls.engine as engine
+    import fixedcls.train as train_module
+    from fixedcls.errors import FixedclsError
+
+    restored = []
+    real_set_rng_state = engine.set_rng_state
+    engine.set_rng_state = lambda state: (restored.append(state["torch"].clone()), real_set_rng_state(state))[1]
+    if nan_on_rank == rank:  # this rank alone sees a non-finite loss from its second step on
+        real_criterion = train_module.create_criterion
+
+        def create_criterion(*args, **kwargs):
+            criterion, calls = real_criterion(*args, **kwargs), [0]
+
+            def poisoned(logits, y):
+                calls[0] += 1
+                loss = criterion(logits, y)
+                return loss * float("nan") if calls[0] >= 2 else loss
+            return poisoned
+        train_module.create_criterion = create_criterion
+    result: dict = {"rank": rank}
+    try:
+        train_module.train(compose_config(overrides, tmp_path=Path(tmp_path)), Path(tmp_path) / "run")
+        result["outcome"] = "finished"
+    except FixedclsError as error:
+        result["outcome"] = f"FixedclsError: {error}"
+    result["restored"] = [t.tolist() for t in restored]
+    Path(out).write_text(json.dumps(result))
+
+
+def _run_two_ranks(tmp_path: Path, overrides: list, nan_on_rank: int = -1, timeout: float = 180) -> list[dict]:
+    import multiprocessing
+
+    context = multiprocessing.get_context("spawn")
+    port = _free_port()
+    outs = [tmp_path / f"rank{r}.json" for r in range(2)]
+    for out in outs:
+        out.unlink(missing_ok=True)
+    processes = [context.Process(target=_rank_main, args=(r, port, str(tmp_path), overrides, nan_on_rank, str(outs[r])))
+                 for r in range(2)]
+    for process in processes:
+        process.start()
+    deadline = time.perf_counter() + timeout
+    for process in processes:
+        process.join(max(1.0, deadline - time.perf_counter()))
+    hung = [p.pid for p in processes if p.is_alive()]
+    for process in processes:
+        if process.is_alive():
+            process.kill()
+            process.join()
+    assert not hung, f"ranks {hung} still running after {timeout:.0f}s: the ranks did not agree and one waits forever"
+    return [json.loads(out.read_text()) for out in outs]
+
+
+RANKS_OVERRIDES = ["trainer.device=cpu", "data.num_classes=3", "data.train_per_class=12", "data.batch_size=6",
+                   "collapse.every=0", "model.drop_rate=0.2"]
+
+
+def test_a_non_finite_loss_on_one_rank_stops_every_rank_with_the_same_error(tmp_path):
+    results = _run_two_ranks(tmp_path, RANKS_OVERRIDES + ["trainer.max_nonfinite=2", "trainer.epochs=1"], nan_on_rank=1)
+    for result in results:
+        assert "non-finite" in result["outcome"] and "for 2 steps in a row" in result["outcome"], result
+        assert "epoch 1, step 3" in result["outcome"], result  # steps 2 and 3 of rank 1, skipped by both ranks
+
+
+def test_each_rank_resumes_its_own_rng_stream(tmp_path):
+    first = _run_two_ranks(tmp_path, RANKS_OVERRIDES + ["trainer.epochs=1"])
+    assert [r["outcome"] for r in first] == ["finished", "finished"] and all(not r["restored"] for r in first)
+    saved = torch.load(next((tmp_path / "checkpoints").rglob("last.pt")), map_location="cpu", weights_only=True)
+    assert not torch.equal(saved["rng_ranks"][0]["torch"], saved["rng_ranks"][1]["torch"])
+    resumed = _run_two_ranks(tmp_path, RANKS_OVERRIDES + ["trainer.epochs=2", "resume=auto"])
+    for rank, result in enumerate(resumed):
+        assert result["outcome"] == "finished"
+        assert result["restored"] == [saved["rng_ranks"][rank]["torch"].tolist()], f"rank {rank} restored another stream"
