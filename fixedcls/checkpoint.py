@@ -11,6 +11,7 @@ Layout of a checkpoint directory::
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import pickle
@@ -263,23 +264,50 @@ class CheckpointWriter:
 
     A write that fails (full disk, lost mount) warns and returns None: the run goes on, and the
     previous checkpoints stay as they were (every write is atomic).
+
+    ``background=True`` writes epoch checkpoints in a thread while the next epoch trains: the caller
+    pays only for a copy of the state (~15 ms for ResNet-18 and its SGD momentum on a CPU, against
+    ~0.1-0.2 s for the durable write with fsync).  Writes stay one at a time and in order; the next
+    save, a mid-epoch save and :meth:`wait` wait for the one in flight.  A process killed during a
+    background write loses that write only: the previous checkpoints are intact, as with a killed
+    foreground write.
+
+    The writer owns ``best_value``: each file records the best `best_metric` among the checkpoints
+    actually written, itself included, so a resumed run compares against the right best.
     """
 
-    def __init__(self, directory: Path, *, keep: int = 2, best_metric: str = "test/acc", enabled: bool = True):
+    def __init__(self, directory: Path, *, keep: int = 2, best_metric: str = "test/acc", enabled: bool = True,
+                 background: bool = False):
         self.directory, self.keep, self.best_metric, self.enabled = Path(directory), keep, best_metric, enabled
         self.best_value: Optional[float] = None
+        self._executor = None
+        self._pending = None
         if enabled:
             remove_partial_writes(self.directory)
+            if background:
+                from concurrent.futures import ThreadPoolExecutor
+
+                self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fixedcls-checkpoint")
 
     def save_epoch(self, state: dict, metrics: dict) -> Optional[Path]:
+        """Write a finished epoch's state (in the background when so built); returns the epoch file's path."""
         epoch_path = self.directory / f"epoch_{state['epoch']:04d}.pt"
         if not self.enabled:
             return epoch_path
+        if self._executor is None:
+            return self._write_epoch(state, metrics.get(self.best_metric), epoch_path)
+        state = snapshot(state)  # the live weights change under the next epoch's steps
+        self.wait()
+        self._pending = self._executor.submit(self._write_epoch, state, metrics.get(self.best_metric), epoch_path)
+        return epoch_path
+
+    def _write_epoch(self, state: dict, value: Optional[float], epoch_path: Path) -> Optional[Path]:
+        is_best = value is not None and (self.best_value is None or self._better(value, self.best_value))
+        state["best_value"] = value if is_best else self.best_value
         try:
             atomic_save(state, epoch_path)
             _link_or_copy(epoch_path, self.directory / LAST)
-            value = metrics.get(self.best_metric)
-            if value is not None and (self.best_value is None or self._better(value, self.best_value)):
+            if is_best:
                 self.best_value = value
                 _link_or_copy(epoch_path, self.directory / BEST)
             for old in epoch_files(self.directory)[max(self.keep, 1) :]:
@@ -290,6 +318,26 @@ class CheckpointWriter:
             return None
         return epoch_path
 
+    def wait(self) -> None:
+        """Return once the write in flight (if any) is on disk; an unexpected error in it is raised here."""
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            pending.result()
+
+    @contextlib.contextmanager
+    def finish_writes(self):
+        """A block at whose end, normal or not, the write in flight is on disk."""
+        try:
+            yield self
+        finally:
+            self.wait()
+
+    def close(self) -> None:
+        self.wait()
+        if self._executor is not None:
+            self._executor.shutdown(wait=True)
+            self._executor = None
+
     def _better(self, value: float, than: float) -> bool:
         return value < than if "loss" in self.best_metric else value > than
 
@@ -297,6 +345,8 @@ class CheckpointWriter:
         """A mid-epoch state (after a stop signal); it becomes last.pt, the epoch files stay untouched."""
         path = self.directory / LAST
         if self.enabled:
+            self.wait()  # the finished epoch's file first: last.pt must end as this newer state
+            state["best_value"] = self.best_value
             try:
                 atomic_save(state, path)
             except OSError as error:
@@ -304,6 +354,20 @@ class CheckpointWriter:
                       f"epoch checkpoint in {self.directory}")
                 return None
         return path
+
+
+def snapshot(obj: Any) -> Any:
+    """A copy of a state whose tensors share no memory with the live ones (and sit on the CPU)."""
+    if torch.is_tensor(obj):
+        return obj.detach().to("cpu", copy=True)
+    if isinstance(obj, dict):
+        copy = type(obj)((key, snapshot(value)) for key, value in obj.items())
+        if hasattr(obj, "_metadata"):  # state_dict version info, read by load_state_dict
+            copy._metadata = obj._metadata
+        return copy
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(snapshot(value) for value in obj)
+    return obj
 
 
 PARTIAL = re.compile(r"^\..+\.tmp$")  # what atomic_save and _link_or_copy write before the rename

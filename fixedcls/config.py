@@ -127,6 +127,7 @@ class CheckpointConfig:
     dir: Optional[str] = None  # None: <root>/<run name>
     keep: int = 2  # per-epoch checkpoints kept besides last.pt and best.pt
     best_metric: str = "test/acc"
+    background: bool = True  # write epoch checkpoints in a thread while the next epoch trains (still atomic)
 
 
 @dataclass

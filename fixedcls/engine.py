@@ -288,7 +288,8 @@ def fit(
     finite_buffers = _finite_buffers(base_model)
     epoch_seconds: list[float] = []
     model.train()
-    with StopSignals() as stop:
+    # Background checkpoint writes end before fit returns or raises (a stop, a crash, non-finite weights).
+    with StopSignals() as stop, checkpoints.finish_writes():
         while epoch < epochs:
             # ---- one epoch of training -------------------------------------------------------
             train_sampler.set_epoch(epoch, start=step_in_epoch * train_loader.batch_size)

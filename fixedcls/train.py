@@ -129,7 +129,7 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict:
         device = torch.device("cuda", world.device_index)
     if world.distributed:  # every rank works with rank 0's run directory (ranks > 0 ran Hydra in a scratch dir)
         run_dir = Path(world.broadcast_object(str(run_dir)))
-    tracker = None
+    tracker = checkpoints = None
     exit_code = 1
     try:
         seed_everything(cfg.seed)
@@ -200,13 +200,14 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict:
             run_dir.mkdir(parents=True, exist_ok=True)
             log.info(f"run directory {run_dir}, checkpoints in {directory}")
         kind = "learned" if not model.head.is_fixed else "fixed"
+        checkpoints = ckpt.CheckpointWriter(directory, keep=cfg.checkpoint.keep, best_metric=cfg.checkpoint.best_metric,
+                                            enabled=world.is_main, background=cfg.checkpoint.background)
         summary = fit(
             trained,
             train_loader=train_loader, train_eval_loader=train_eval_loader, test_loader=test_loader,
             optimizer=optimizer, scheduler=scheduler, criterion=criterion, epochs=cfg.trainer.epochs, extra_loss=extra_loss,
             device=device, run_dir=run_dir,
-            checkpoints=ckpt.CheckpointWriter(directory, keep=cfg.checkpoint.keep, best_metric=cfg.checkpoint.best_metric,
-                                              enabled=world.is_main),
+            checkpoints=checkpoints,
             metrics=MetricsFile(run_dir, enabled=world.is_main), tracker=tracker, precision=precision,
             grad_accum=cfg.trainer.grad_accum, clip_grad=cfg.trainer.clip_grad, ema=ema,
             max_nonfinite=cfg.trainer.max_nonfinite, channels_last=cfg.trainer.channels_last,
@@ -230,6 +231,8 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict:
                 tracker.finish(exit_code)
             except Exception as error:  # a tracker can only warn: the run and its checkpoints are already safe
                 log.warning(f"warning: the tracker's finish failed ({type(error).__name__}: {error})")
+        if checkpoints is not None:
+            checkpoints.close()
         close_world(world)
 
 

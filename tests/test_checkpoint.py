@@ -269,6 +269,53 @@ def test_only_the_newest_keep_epoch_files_are_kept(tmp_path):
     assert sorted(p.name for p in tmp_path.glob("epoch_*.pt")) == ["epoch_0006.pt"]
 
 
+@pytest.mark.parametrize("background", [False, True])
+def test_each_checkpoint_records_the_best_among_those_written_itself_included(tmp_path, background):
+    writer = ckpt.CheckpointWriter(tmp_path, keep=5, background=background)
+    for epoch, acc in zip(range(1, 5), [0.5, 0.9, 0.7, 0.95]):
+        writer.save_epoch(fake_state(epoch), {"test/acc": acc})
+    writer.wait()
+    # a run resumed from epoch 3 must still know that epoch 2 (0.9) is the best, not re-link best.pt to 0.8
+    assert [ckpt.load(tmp_path / f"epoch_{e:04d}.pt")["best_value"] for e in range(1, 5)] == [0.5, 0.9, 0.9, 0.95]
+    assert ckpt.load(tmp_path / "best.pt")["epoch"] == 4 and writer.best_value == 0.95
+
+
+def test_background_writes_save_the_state_as_it_was_and_finish_in_order(tmp_path):
+    writer = ckpt.CheckpointWriter(tmp_path, keep=2, background=True)
+    live = fake_state(1, value=1.0)
+    writer.save_epoch(live, {"test/acc": 0.5})
+    live["model"]["weight"].fill_(99.0)  # the next epoch's steps change the live weights in place
+    live["model"]["big"].zero_()
+    writer.save_epoch(fake_state(2, value=2.0), {"test/acc": 0.4})
+    writer.save_interrupted({**fake_state(2, step=3, value=3.0), "epoch": 2})  # waits for epoch 2's write first
+    first = ckpt.load(tmp_path / "epoch_0001.pt")
+    assert torch.equal(first["model"]["weight"], torch.ones(3, 4))
+    assert torch.equal(first["model"]["big"], torch.arange(2048, dtype=torch.float32))
+    assert ckpt.load(tmp_path / "epoch_0002.pt")["marker"] == 2.0
+    assert ckpt.load(tmp_path / "last.pt")["step_in_epoch"] == 3  # the newer, mid-epoch state ends as last.pt
+    assert ckpt.load(tmp_path / "best.pt")["epoch"] == 1
+    writer.close()
+    assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_a_failed_background_write_warns_and_the_next_one_succeeds(tmp_path, monkeypatch, caplog):
+    real_atomic_save = ckpt.atomic_save
+
+    def full_disk_once(state, path):
+        if Path(path).name == "epoch_0001.pt":
+            raise OSError(28, "No space left on device")
+        return real_atomic_save(state, path)
+
+    monkeypatch.setattr(ckpt, "atomic_save", full_disk_once)
+    writer = ckpt.CheckpointWriter(tmp_path, background=True)
+    writer.save_epoch(fake_state(1), {"test/acc": 0.9})
+    writer.save_epoch(fake_state(2), {"test/acc": 0.1})
+    writer.close()
+    assert "could not write checkpoint" in caplog.text and "epoch_0001.pt" in caplog.text
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["best.pt", "epoch_0002.pt", "last.pt"]
+    assert ckpt.load(tmp_path / "best.pt")["best_value"] == 0.1  # the best among checkpoints that exist
+
+
 # ------------------------------------------------------------------ numerical faults
 
 EXPLODE = ["sched=step", "sched.decay_epochs=1", "sched.decay_rate=1e32", "checkpoint.dir=ck", "hydra.run.dir=run",
