@@ -326,20 +326,32 @@ def fit(
                             f"(epoch {epoch + 1}, step {step_in_epoch + 1}); stopped with the last good checkpoint "
                             f"kept in {checkpoints.directory}: lower optim.lr or set trainer.clip_grad"
                         )
+                grads_finite = True
                 if not finite and not scaler.is_enabled():
                     optimizer.zero_grad(set_to_none=True)  # skip this step (the scaler does so itself)
                 elif update_now:
                     if clip_grad is not None:
                         scaler.unscale_(optimizer)
-                        torch.nn.utils.clip_grad_norm_(model.parameters(), clip_grad)
-                    scaler.step(optimizer)
-                    scaler.update()
+                        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip_grad)
+                        # An overflowed norm scales every gradient by 0 (inf * 0 = NaN): skip, as fp16's scaler does.
+                        grads_finite = scaler.is_enabled() or bool(torch.isfinite(grad_norm))
+                    if grads_finite:
+                        scaler.step(optimizer)
+                        scaler.update()
+                    else:
+                        nonfinite_in_a_row += 1
+                        if nonfinite_in_a_row >= max_nonfinite:
+                            raise FixedclsError(
+                                f"the gradient norm was non-finite ({float(grad_norm)}) for {nonfinite_in_a_row} steps "
+                                f"in a row (epoch {epoch + 1}, step {step_in_epoch + 1}); stopped with the last good "
+                                f"checkpoint kept in {checkpoints.directory}: lower optim.lr, or train in fp32")
                     optimizer.zero_grad(set_to_none=True)
-                    if ema is not None:
+                    if ema is not None and grads_finite:
                         ema.update(base_model, step=global_step)
                     global_step += 1
                 if finite:
-                    nonfinite_in_a_row = 0
+                    if grads_finite:
+                        nonfinite_in_a_row = 0
                     running += torch.stack([loss.detach().double() * len(y), (logits.argmax(1) == y).sum().double(),
                                             torch.tensor(len(y), dtype=torch.float64, device=device)])
                     if online_train is not None:

@@ -335,8 +335,8 @@ def test_non_finite_training_stops_with_the_last_good_checkpoint(tmp_path, limit
     assert [json.loads(row)["epoch"] for row in rows] == [1]
 
 
-def _nan_criterion(monkeypatch, nan_steps: set[int]):
-    """The training criterion returns NaN at the given (1-based) training steps."""
+def _nan_criterion(monkeypatch, nan_steps: set[int], factor: float = float("nan")):
+    """The training criterion returns NaN (or the loss times `factor`) at the given (1-based) training steps."""
     import fixedcls.train as train_module
 
     create = train_module.create_criterion
@@ -350,7 +350,7 @@ def _nan_criterion(monkeypatch, nan_steps: set[int]):
             if torch.is_grad_enabled():
                 calls[0] += 1
                 if calls[0] in nan_steps:
-                    return loss * float("nan")
+                    return loss * factor
             return loss
 
         return maybe_nan
@@ -368,6 +368,22 @@ def test_a_non_finite_loss_skips_the_step(tmp_path, monkeypatch):
     assert state["global_step"] == 3 and state["nonfinite_in_a_row"] == 0
     assert all(torch.isfinite(t).all() for t in state["model"].values() if t.is_floating_point())
     assert all(torch.isfinite(torch.tensor(row["train/loss"])) for row in state["history"])
+
+
+def test_an_overflowed_gradient_norm_skips_the_step_instead_of_poisoning_the_weights(tmp_path, monkeypatch):
+    """A finite loss whose gradients overflow the clipping norm (bf16 blow-ups): clipping would scale them by 0
+    (inf * 0 = NaN); the step is skipped and counted like a non-finite loss."""
+    from utils import train_tiny
+
+    _nan_criterion(monkeypatch, {2}, factor=1e37)  # finite loss, gradient norm overflows float32
+    summary = train_tiny(tmp_path, ["trainer.clip_grad=1.0", "trainer.max_nonfinite=3", "collapse.every=0"])
+    state = ckpt.load(Path(summary["checkpoint_dir"]) / "last.pt")
+    assert all(torch.isfinite(t).all() for t in state["model"].values() if t.is_floating_point())
+    assert state["nonfinite_in_a_row"] == 0 and summary["epochs"] == 2
+
+    _nan_criterion(monkeypatch, {4, 5, 6}, factor=1e37)
+    with pytest.raises(FixedclsError, match=r"gradient norm was non-finite \(inf\) for 3 steps in a row \(epoch 2, step 3\)"):
+        train_tiny(tmp_path / "again", ["trainer.clip_grad=1.0", "trainer.max_nonfinite=3", "collapse.every=0"])
 
 
 def test_non_finite_losses_in_a_row_stop_the_run(tmp_path, monkeypatch):
