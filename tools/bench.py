@@ -286,18 +286,27 @@ def build_run(overrides: list[str], workdir: Path) -> dict:
     return captured
 
 
-def fit_epoch(run: dict, collapse_every: int, mode: str = "exact") -> Callable[[], dict]:
-    """One epoch of the real training loop (one fit() call), collapse measured every epoch or off."""
+def fit_epochs(run: dict, collapse_every: int, mode: str = "exact", *, epochs: int = 1) -> Callable[[], dict]:
+    """`epochs` epochs of the real training loop (one fit() call), collapse measured every epoch or off.
+
+    Several epochs per call, as in a real run: fit()'s once-per-call costs are spread over them, and an
+    epoch checkpoint written in the background overlaps the next epoch (fit waits only for the last).
+    """
+    from fixedcls.checkpoint import CheckpointWriter
     from fixedcls.engine import fit
 
+    cfg = run["cfg"]
     kwargs = {k: v for k, v in run.items() if k not in ("model", "cfg")}
-    kwargs.update(epochs=1, progress=False, resume_state=None,
+    # train() closed the writer it built; this one is built the same way (background writes as configured)
+    kwargs["checkpoints"] = CheckpointWriter(run["checkpoints"].directory, keep=cfg.checkpoint.keep,
+                                             best_metric=cfg.checkpoint.best_metric, background=cfg.checkpoint.background)
+    kwargs.update(epochs=epochs, progress=False, resume_state=None,
                   collapse=dataclasses.replace(run["collapse"], every=collapse_every, mode=mode, plot=False))
     return lambda: fit(run["model"], **kwargs)
 
 
-def plain_epoch(run: dict, checkpoint_path: Path) -> Callable[[], None]:
-    """A minimal hand-written PyTorch epoch doing the same work as one fit() epoch without collapse:
+def plain_epochs(run: dict, checkpoint_path: Path, *, epochs: int = 1) -> Callable[[], None]:
+    """A minimal hand-written PyTorch loop doing the same work as fit() without collapse, `epochs` times:
     train over the same loader (same model, optimizer, precision), test accuracy, save a checkpoint."""
     model, optimizer, criterion = run["model"], run["optimizer"], run["criterion"]
     train_loader, test_loader, device = run["train_loader"], run["test_loader"], run["device"]
@@ -307,50 +316,51 @@ def plain_epoch(run: dict, checkpoint_path: Path) -> Callable[[], None]:
     def autocast():
         return torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
 
-    def epoch():
-        model.train()
-        train_loader.sampler.set_epoch(0)
-        train_loader.dataset.set_epoch(0)
-        loss_sum = torch.zeros((), device=device)
-        for x, y in train_loader:
-            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            if channels_last:
-                x = x.contiguous(memory_format=torch.channels_last)
-            with autocast():
-                loss = criterion(model(x).float(), y)
-            loss.backward()
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            loss_sum += loss.detach()
-        model.eval()
-        correct = torch.zeros((), device=device, dtype=torch.long)
-        with torch.no_grad():
-            for x, y in test_loader:
+    def train_epochs():
+        for epoch in range(epochs):
+            model.train()
+            train_loader.sampler.set_epoch(epoch)
+            train_loader.dataset.set_epoch(epoch)
+            loss_sum = torch.zeros((), device=device)
+            for x, y in train_loader:
                 x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
                 if channels_last:
                     x = x.contiguous(memory_format=torch.channels_last)
                 with autocast():
-                    correct += (model(x).argmax(1) == y).sum()
-        model.train()
-        torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "loss": float(loss_sum),
-                    "acc": int(correct)}, checkpoint_path)
+                    loss = criterion(model(x).float(), y)
+                loss.backward()
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                loss_sum += loss.detach()
+            model.eval()
+            correct = torch.zeros((), device=device, dtype=torch.long)
+            with torch.no_grad():
+                for x, y in test_loader:
+                    x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+                    if channels_last:
+                        x = x.contiguous(memory_format=torch.channels_last)
+                    with autocast():
+                        correct += (model(x).argmax(1) == y).sum()
+            model.train()
+            torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "loss": float(loss_sum),
+                        "acc": int(correct)}, checkpoint_path)
 
-    return epoch
+    return train_epochs
 
 
-def bench_loop(run: dict, workdir: Path, *, rounds: int = 5, warmup: int = 1, collapse: bool = True,
+def bench_loop(run: dict, workdir: Path, *, rounds: int = 5, warmup: int = 1, epochs: int = 3, collapse: bool = True,
                loop: bool = True) -> dict:
-    """fit() epochs with collapse off / online / exact and the plain loop, alternated round by round."""
+    """fit() runs of `epochs` epochs with collapse off / online / exact and the plain loop, alternated round by round."""
     contenders: dict[str, Callable] = {}  # in this order, each ratio's two contenders run back to back or one apart
     if loop:
-        contenders["plain"] = plain_epoch(run, workdir / "plain.pt")
-    contenders["fit"] = fit_epoch(run, 0)
+        contenders["plain"] = plain_epochs(run, workdir / "plain.pt", epochs=epochs)
+    contenders["fit"] = fit_epochs(run, 0, epochs=epochs)
     if collapse:
-        contenders["fit_online"] = fit_epoch(run, 1, "online")
-        contenders["fit_exact"] = fit_epoch(run, 1, "exact")
+        contenders["fit_online"] = fit_epochs(run, 1, "online", epochs=epochs)
+        contenders["fit_exact"] = fit_epochs(run, 1, "exact", epochs=epochs)
     cpu: dict = {}
     times = alternate(contenders, rounds=rounds, warmup=warmup, sync=_sync(run["device"]), cpu_times=cpu)
-    out: dict = {"medians": {f"epoch_s_{k}": v for k, v in medians(times).items()}, "raw": times, "cpu_ratios": {}}
+    out: dict = {"medians": {f"epoch_s_{k}": v / epochs for k, v in medians(times).items()}, "raw": times, "cpu_ratios": {}}
     for key, num, den in (("loop_overhead_vs_plain", "fit", "plain"), ("collapse_overhead_online", "fit_online", "fit"),
                           ("collapse_overhead_exact", "fit_exact", "fit")):
         if num in times and den in times:
@@ -361,6 +371,7 @@ def bench_loop(run: dict, workdir: Path, *, rounds: int = 5, warmup: int = 1, co
                        "batch_size": cfg.data.batch_size, "eval_batch_size": cfg.data.eval_batch_size,
                        "head": cfg.head.name, "precision": run["precision"], "device": str(run["device"]),
                        "collapse_splits": list(run["collapse"].splits), "steps_per_epoch": len(run["train_loader"]),
+                       "epochs_per_round": epochs, "checkpoint_background": bool(cfg.checkpoint.background),
                        "rounds": rounds, "warmup": warmup}
     return out
 
@@ -584,7 +595,8 @@ def _run(args, device: torch.device) -> dict:
                                   warmup=args.warmup)
             merge(part, "step")
         if "loop" in sections:
-            merge(bench_loop(run_objects, workdir, rounds=args.rounds or (4 if quick else 16), warmup=args.warmup), "loop")
+            merge(bench_loop(run_objects, workdir, rounds=args.rounds or (3 if quick else 10), warmup=args.warmup,
+                             epochs=args.epochs or (2 if quick else 3)), "loop")
         if "nc" in sections:
             merge(bench_nc_metrics(N=args.nc_n, d=args.nc_d, K=args.nc_k,
                                    naive_samples=(args.naive_samples or (5000 if quick else None)),
@@ -618,6 +630,7 @@ def parse_args(argv=None):
     p.add_argument("--rounds", type=int, help="measured rounds per figure")
     p.add_argument("--warmup", type=int, default=1, help="discarded warm-up rounds before the measured ones")
     p.add_argument("--steps", type=int, help="training steps per round in the step benchmark")
+    p.add_argument("--epochs", type=int, help="epochs per fit() call (and per plain-loop call) in the loop benchmark")
     p.add_argument("--threads", type=int, help="torch.set_num_threads")
     p.add_argument("--only", help="comma list of sections: step,loop,nc,memory")
     p.add_argument("--nc-n", type=int, default=50_000, help="samples N of the nc_metrics and memory figures")
