@@ -86,7 +86,9 @@ def alternate(contenders: dict[str, Callable[[], object]], *, rounds: int, warmu
     Even rounds run the contenders in the given order, odd rounds in reverse: every pair runs once in
     each order per two rounds, so a load that drifts during a round hits both alike; list a baseline
     next to what is compared with it (they then run back to back).
-    The garbage collector runs before each call (untimed), so no contender pays for another's garbage.
+    The garbage collector and os.sync() run before each call (untimed), so no contender pays for another's
+    garbage or for the disk writes another left in the page cache (a plain torch.save returns before its
+    90 MB reach the disk, and the kernel would write them back during the next contender's turn).
     The first `warmup` rounds are run and discarded.  Returns name -> list of `rounds` seconds.
     `cpu_times`, when given, receives name -> list of this process's CPU seconds (all threads) per call:
     on a busy machine a CPU-time ratio at one thread shows the work ratio that wall time blurs.
@@ -96,6 +98,8 @@ def alternate(contenders: dict[str, Callable[[], object]], *, rounds: int, warmu
     for r in range(warmup + rounds):
         for name in (names[::-1] if r % 2 else names):
             gc.collect()
+            if hasattr(os, "sync"):
+                os.sync()  # the page cache a contender left dirty is written back now, not during the next one's turn
             sync()
             start, cpu_start = time.perf_counter(), time.process_time()
             contenders[name]()
@@ -595,8 +599,8 @@ def _run(args, device: torch.device) -> dict:
                                   warmup=args.warmup)
             merge(part, "step")
         if "loop" in sections:
-            merge(bench_loop(run_objects, workdir, rounds=args.rounds or (3 if quick else 10), warmup=args.warmup,
-                             epochs=args.epochs or (2 if quick else 3)), "loop")
+            merge(bench_loop(run_objects, workdir, rounds=args.rounds or (3 if quick else 8), warmup=args.warmup,
+                             epochs=args.epochs or 4), "loop")
         if "nc" in sections:
             merge(bench_nc_metrics(N=args.nc_n, d=args.nc_d, K=args.nc_k,
                                    naive_samples=(args.naive_samples or (5000 if quick else None)),
