@@ -20,10 +20,10 @@ Figures and targets:
 
   step_ratio_fixed_vs_learned   training-step time, fixed simplex head / learned head (same backbone,
                                 same batch)                                              <= 1.03
-  loop_overhead_vs_plain        one epoch of fixedcls.engine.fit (collapse off; everything built by
+  loop_overhead_vs_plain        a 4-epoch fixedcls.engine.fit call (collapse off; everything built by
                                 fixedcls.train.train) / a minimal hand-written PyTorch loop doing the
                                 same work (same model, loaders, precision, optimizer: train, test
-                                accuracy, one torch.save checkpoint)                     <= 1.05
+                                accuracy, one torch.save checkpoint per epoch)           <= 1.05
   collapse_overhead_online      fit epoch with collapse.mode=online every epoch / collapse off  <= 1.05
   collapse_overhead_exact       fit epoch with collapse.mode=exact every epoch / collapse off   <= 1.35
   nc_metrics_speedup_vs_naive   tools/naive_collapse.naive_nc_metrics / fixedcls.collapse.nc_metrics
