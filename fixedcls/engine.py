@@ -349,9 +349,9 @@ def fit(
                     if ema is not None and grads_finite:
                         ema.update(base_model, step=global_step)
                     global_step += 1
+                if finite and grads_finite and update_now:  # a clean update ends a run of skipped steps
+                    nonfinite_in_a_row = 0
                 if finite:
-                    if grads_finite:
-                        nonfinite_in_a_row = 0
                     running += torch.stack([loss.detach().double() * len(y), (logits.argmax(1) == y).sum().double(),
                                             torch.tensor(len(y), dtype=torch.float64, device=device)])
                     if online_train is not None:

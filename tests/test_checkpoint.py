@@ -470,3 +470,13 @@ def test_tracker_disk_and_plot_failures_warn_and_training_goes_on(tmp_path, monk
     directory = Path(summary["checkpoint_dir"])
     assert sorted(p.name for p in directory.iterdir()) == ["best.pt", "epoch_0002.pt", "last.pt"]
     assert ckpt.load(directory / "last.pt")["epoch"] == 2
+
+
+def test_overflowed_updates_with_gradient_accumulation_still_stop_the_run(tmp_path, monkeypatch):
+    """With grad_accum, the finite micro-steps between two overflowed updates do not reset the count."""
+    from utils import train_tiny
+
+    _nan_criterion(monkeypatch, set(range(1, 100)), factor=1e37)  # every step: finite loss, overflowing gradients
+    with pytest.raises(FixedclsError, match=r"gradient norm was non-finite \(inf\) for 2 steps in a row"):
+        train_tiny(tmp_path, ["trainer.clip_grad=1.0", "trainer.grad_accum=2", "trainer.max_nonfinite=2",
+                              "data.batch_size=4", "collapse.every=0"])
