@@ -1045,8 +1045,12 @@ def plot_collapse(
             raise ValueError("no collapse measures in the history")
         ncols = min(4, len(panels))
         nrows = math.ceil(len(panels) / ncols)
-        fig = Figure(figsize=(4.0 * ncols, 3.0 * nrows + 0.6), layout="constrained")
+        width, height = 4.0 * ncols, 3.0 * nrows + 0.6
+        fig = Figure(figsize=(width, height))
         FigureCanvasAgg(fig)
+        # Fixed margins, in inches: the constrained layout engine took half of the drawing time (~0.7 s of 1.5 s).
+        fig.subplots_adjust(left=0.8 / width, right=1 - 0.15 / width, bottom=0.45 / height, top=1 - 0.65 / height,
+                            wspace=0.38, hspace=0.55)
         axes = fig.subplots(nrows, ncols, squeeze=False).ravel()
         for ax, (label, lines) in zip(axes, panels):
             for xs, ys, name in lines:
