@@ -138,6 +138,15 @@ def _split_rng(world: World) -> None:
         torch.manual_seed((torch.initial_seed() + 1_000_003 * world.rank) % 2**63)
 
 
+def _count_skipped_step(in_a_row: int, limit: int, what: str, epoch: int, step: int, directory: Path, fix: str) -> int:
+    """One more skipped step in a row; at `limit` the run stops with one line (the last good checkpoint is kept)."""
+    in_a_row += 1
+    if in_a_row >= limit:
+        raise FixedclsError(f"{what} for {in_a_row} steps in a row (epoch {epoch + 1}, step {step + 1}); stopped with "
+                            f"the last good checkpoint kept in {directory}: {fix}")
+    return in_a_row
+
+
 def _finite_buffers(model: nn.Module) -> set:
     """The floating-point buffers that are finite now (some backbones keep -inf attention masks: those are not)."""
     return {name for name, b in model.named_buffers() if b.is_floating_point() and bool(torch.isfinite(b).all())}
@@ -278,7 +287,7 @@ def fit(
             "scaler": scaler.state_dict(), "ema": ema.state_dict() if ema is not None else None,
             "epoch": epoch, "step_in_epoch": step_in_epoch if stopped_mid_epoch else 0,
             "global_step": global_step, "history": history, "running": running.cpu(),
-            "nonfinite_in_a_row": nonfinite_in_a_row, "best_value": checkpoints.best_value,
+            "nonfinite_in_a_row": nonfinite_in_a_row,  # best_value: set by the checkpoint writer, which owns it
             "online_train": online_train.state_dict() if online_train is not None else None,
             "online_test": online_test.state_dict() if online_test is not None else None,
             "rng": rng_state(), "rng_ranks": rng_ranks, **(checkpoint_meta or {}),
@@ -318,14 +327,10 @@ def fit(
                     if finite or scaler.is_enabled():  # the fp16 scaler skips the step itself on inf/nan
                         scaler.scale(loss / grad_accum).backward()
                 if not finite:  # counted under the fp16 scaler too: it skips steps, but cannot mend a NaN forward
-                    nonfinite_in_a_row += 1
-                    if nonfinite_in_a_row >= max_nonfinite:
-                        raise FixedclsError(
-                            f"the loss was non-finite ({loss.item() if not finite_here else 'on another rank'}) "
-                            f"for {nonfinite_in_a_row} steps in a row "
-                            f"(epoch {epoch + 1}, step {step_in_epoch + 1}); stopped with the last good checkpoint "
-                            f"kept in {checkpoints.directory}: lower optim.lr or set trainer.clip_grad"
-                        )
+                    nonfinite_in_a_row = _count_skipped_step(
+                        nonfinite_in_a_row, max_nonfinite,
+                        f"the loss was non-finite ({loss.item() if not finite_here else 'on another rank'})",
+                        epoch, step_in_epoch, checkpoints.directory, "lower optim.lr or set trainer.clip_grad")
                 grads_finite = True
                 if not finite and not scaler.is_enabled():
                     optimizer.zero_grad(set_to_none=True)  # skip this step (the scaler does so itself)
@@ -339,12 +344,9 @@ def fit(
                         scaler.step(optimizer)
                         scaler.update()
                     else:
-                        nonfinite_in_a_row += 1
-                        if nonfinite_in_a_row >= max_nonfinite:
-                            raise FixedclsError(
-                                f"the gradient norm was non-finite ({float(grad_norm)}) for {nonfinite_in_a_row} steps "
-                                f"in a row (epoch {epoch + 1}, step {step_in_epoch + 1}); stopped with the last good "
-                                f"checkpoint kept in {checkpoints.directory}: lower optim.lr, or train in fp32")
+                        nonfinite_in_a_row = _count_skipped_step(
+                            nonfinite_in_a_row, max_nonfinite, f"the gradient norm was non-finite ({float(grad_norm)})",
+                            epoch, step_in_epoch, checkpoints.directory, "lower optim.lr, or train in fp32")
                     optimizer.zero_grad(set_to_none=True)
                     if ema is not None and grads_finite:
                         ema.update(base_model, step=global_step)

@@ -59,6 +59,12 @@ def build_optimizer(cfg, model):
     return create_optimizer_v2(model, opt=cfg.name, lr=cfg.lr, weight_decay=cfg.weight_decay, momentum=cfg.momentum)
 
 
+def build_checkpoints(cfg, directory: Path, *, enabled: bool = True) -> ckpt.CheckpointWriter:
+    """The checkpoint writer of `checkpoint.*` (close() it when done: it may own a writer thread)."""
+    return ckpt.CheckpointWriter(directory, keep=cfg.keep, best_metric=cfg.best_metric, enabled=enabled,
+                                 background=cfg.background)
+
+
 def build_scheduler(cfg, optimizer, epochs: int):
     from timm.scheduler import create_scheduler_v2
 
@@ -200,8 +206,7 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict:
             run_dir.mkdir(parents=True, exist_ok=True)
             log.info(f"run directory {run_dir}, checkpoints in {directory}")
         kind = "learned" if not model.head.is_fixed else "fixed"
-        checkpoints = ckpt.CheckpointWriter(directory, keep=cfg.checkpoint.keep, best_metric=cfg.checkpoint.best_metric,
-                                            enabled=world.is_main, background=cfg.checkpoint.background)
+        checkpoints = build_checkpoints(cfg.checkpoint, directory, enabled=world.is_main)
         summary = fit(
             trained,
             train_loader=train_loader, train_eval_loader=train_eval_loader, test_loader=test_loader,

@@ -296,14 +296,12 @@ def fit_epochs(run: dict, collapse_every: int, mode: str = "exact", *, epochs: i
     Several epochs per call, as in a real run: fit()'s once-per-call costs are spread over them, and an
     epoch checkpoint written in the background overlaps the next epoch (fit waits only for the last).
     """
-    from fixedcls.checkpoint import CheckpointWriter
     from fixedcls.engine import fit
+    from fixedcls.train import build_checkpoints
 
-    cfg = run["cfg"]
     kwargs = {k: v for k, v in run.items() if k not in ("model", "cfg")}
     # train() closed the writer it built; this one is built the same way (background writes as configured)
-    kwargs["checkpoints"] = CheckpointWriter(run["checkpoints"].directory, keep=cfg.checkpoint.keep,
-                                             best_metric=cfg.checkpoint.best_metric, background=cfg.checkpoint.background)
+    kwargs["checkpoints"] = build_checkpoints(run["cfg"].checkpoint, run["checkpoints"].directory)
     kwargs.update(epochs=epochs, progress=False, resume_state=None,
                   collapse=dataclasses.replace(run["collapse"], every=collapse_every, mode=mode, plot=False))
     return lambda: fit(run["model"], **kwargs)
