@@ -20,7 +20,7 @@ import tempfile
 import warnings
 import zipfile
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 
@@ -210,14 +210,46 @@ def run_directories(root: Path, name: str) -> list[Path]:
     return [p for p in root.iterdir() if p.is_dir() and pattern.match(p.name)] if root.is_dir() else []
 
 
+def run_directory(root: str | Path, name: str, *, resume: bool, holds_run: Callable[[Path], bool] = None) -> Path:
+    """The folder of run `name` under `root`: with `resume`, the newest folder of that name that holds a run;
+    otherwise the first of `<name>`, `<name>-2`, `<name>-3`, ... that holds none, so a new run never writes
+    over another.  `holds_run(folder)` says whether a folder holds a run (default: it has checkpoints)."""
+    root, holds_run = Path(root), holds_run or (lambda d: bool(candidates(d)))
+    taken = [d for d in run_directories(root, name) if holds_run(d)]
+    if resume and taken:
+        return max(taken, key=_newest_mtime)
+    number, directory = 2, root / name
+    while directory.exists() and holds_run(directory):
+        directory, number = root / f"{name}-{number}", number + 1
+    return directory
+
+
+def _newest_mtime(directory: Path) -> float:
+    return max((p.stat().st_mtime for p in directory.rglob("*.pt") if p.is_file()), default=0.0)
+
+
+def checkpoint_file(path: str | Path, warn=print) -> Path:
+    """The one rule for "which file" (resume, fixedcls-compat, the collapse command): a file is itself; a
+    folder means its newest good checkpoint."""
+    path = Path(path).expanduser()
+    if path.is_dir():
+        found = _newest_loadable(path, warn)
+        if found is None:
+            raise FixedclsError(f"checkpoint folder {path} holds no loadable checkpoint (last.pt, epoch_NNNN.pt): "
+                                f"pass a checkpoint file or a run's checkpoint folder")
+        return found
+    if not path.is_file():
+        raise FixedclsError(f"checkpoint {path} does not exist: pass a .pt file written by fixedcls-train, or its folder")
+    return path
+
+
 def resolve(root: str | Path, name: str, explicit_dir: Optional[str], resume: Optional[str], warn=print) -> tuple[Path, Optional[Path]]:
     """Decide where this run saves and what it resumes from: (checkpoint directory, checkpoint to load).
 
-    - resume=<file>: load that file; save next to it.
+    - resume=<file or folder>: load it (a folder: its newest good checkpoint); save next to it.
     - resume=auto: the newest good checkpoint of this run name (or of checkpoint.dir); none -> a fresh run.
     - no resume: a fresh run never overwrites another run's checkpoints; a taken name gets a suffix -2, -3...
     """
-    root = Path(root)
     if resume not in (None, "", "auto"):
         path = Path(resume).expanduser()
         if path.is_dir():  # a checkpoint folder: its newest good checkpoint
@@ -239,16 +271,8 @@ def resolve(root: str | Path, name: str, explicit_dir: Optional[str], resume: Op
                 f"pass resume=auto to continue it, or choose an empty checkpoint.dir"
             )
         return directory, None
-    taken = [d for d in run_directories(root, name) if candidates(d)]
-    if resume == "auto" and taken:
-        newest = max(taken, key=lambda d: max(p.stat().st_mtime for p in candidates(d)))
-        return newest, _newest_loadable(newest, warn)
-    if not (root / name).exists() or not candidates(root / name):
-        return root / name, None
-    number = 2
-    while (root / f"{name}-{number}").exists() and candidates(root / f"{name}-{number}"):
-        number += 1
-    return root / f"{name}-{number}", None
+    directory = run_directory(root, name, resume=resume == "auto")
+    return directory, (_newest_loadable(directory, warn) if resume == "auto" else None)
 
 
 def _newest_loadable(directory: Path, warn) -> Optional[Path]:

@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Optional, Sequence
 
+from .cli import output_folder, run_command
 from .errors import FixedclsError
 
 #: Final-epoch measures of the table: (summary key without "final/", column title, format).
@@ -540,7 +541,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         description="Summarise Hydra multirun (or single run) directories of fixedcls-train: one row per group of "
                     "jobs that differ only by seed, mean ± std over seeds.")
     parser.add_argument("dirs", nargs="*", metavar="DIR", help="multirun sweep directories or run directories")
-    parser.add_argument("--out", help="where comparison.csv/.md and the plots go (default: the first DIR)")
+    parser.add_argument("--out", type=output_folder, help="where comparison.csv/.md and the plots go (default: the first DIR)")
     parser.add_argument("--wandb", metavar="ENTITY/PROJECT", help="read the runs from the W&B API instead (online)")
     parser.add_argument("--group", help="with --wandb: only the runs of this W&B group")
     parser.add_argument("--by", action="append", default=[], metavar="KEY",
@@ -551,19 +552,21 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     args = parser.parse_args(argv)
     if not args.dirs and not args.wandb:
         parser.error("give one or more DIRs, or --wandb ENTITY/PROJECT")
-    try:
-        jobs, skipped = [], []
-        if args.dirs:
-            jobs, skipped = load_dirs(args.dirs)
-        if args.wandb:
-            more, more_skipped = load_wandb(args.wandb, args.group)
-            jobs, skipped = jobs + more, skipped + more_skipped
-        out = Path(args.out or (args.dirs[0] if args.dirs else "."))
-        result = compare(jobs, skipped, out, by=args.by, ignore=args.ignore, plots=not args.no_plots,
-                         sources=list(args.dirs) + ([f"wandb:{args.wandb}"] if args.wandb else []))
-    except FixedclsError as error:
-        print(f"fixedcls-compare: error: {error}", file=sys.stderr)
-        sys.exit(2)
+    code = run_command(lambda: _compare(args), prog="fixedcls-compare")
+    if code:
+        sys.exit(code)
+
+
+def _compare(args) -> int:
+    jobs, skipped = [], []
+    if args.dirs:
+        jobs, skipped = load_dirs(args.dirs)
+    if args.wandb:
+        more, more_skipped = load_wandb(args.wandb, args.group)
+        jobs, skipped = jobs + more, skipped + more_skipped
+    out = Path(args.out or (args.dirs[0] if args.dirs else "."))
+    result = compare(jobs, skipped, out, by=args.by, ignore=args.ignore, plots=not args.no_plots,
+                     sources=list(args.dirs) + ([f"wandb:{args.wandb}"] if args.wandb else []))
     print(result.table)
     if result.skipped:
         print(f"\nskipped {len(result.skipped)} job(s):")
@@ -572,6 +575,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     print(f"\n{sum(len(g) for g in result.groups.values())} job(s) in {len(result.groups)} group(s); "
           f"wrote {', '.join(str(p.relative_to(out)) if p.is_relative_to(out) else str(p) for p in result.files[:2])}"
           f"{f' and {len(result.files) - 2} plot(s)' if len(result.files) > 2 else ''} to {out}")
+    return 0
 
 
 if __name__ == "__main__":

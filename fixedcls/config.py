@@ -7,6 +7,7 @@ not an hour into it.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from enum import Enum
 from typing import Dict, List, Optional
 
@@ -187,3 +188,8 @@ class Config:
 def register_configs() -> None:
     cs = ConfigStore.instance()
     cs.store(name="config_schema", node=Config)
+
+
+def conf_dir() -> Path:
+    """The folder of the Hydra configs (`conf/` of the repository)."""
+    return Path(__file__).resolve().parents[1] / "conf"

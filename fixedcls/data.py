@@ -19,8 +19,6 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from .errors import FixedclsError
 
-DATASETS = ("digits", "synthetic", "cifar10", "cifar100", "imagefolder")
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tif", ".tiff")
 
 
 @dataclass

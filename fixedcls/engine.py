@@ -1,181 +1,247 @@
-"""The training loop: one readable function, `fit`, where every step of an iteration is visible.
+"""The training loop: `fit` runs epochs of `train_one_epoch`, then `end_of_epoch` (evaluate, measure, log,
+checkpoint), and returns the run's summary.
 
-Everything it needs is built elsewhere (train.py builds it from the Hydra config; tests build it by
-hand), so the loop can be called and tested without Hydra.
+Everything it needs arrives built in a `TrainingRun` (train.py builds one from the Hydra config; a test or
+a benchmark can build one by hand), and where the run stands is a `LoopState`, which is exactly what a
+checkpoint restores.
 """
 from __future__ import annotations
 
 import contextlib
 import logging
 import math
-import random
 import signal
 import sys
-import threading
 import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-import numpy as np
 import torch
 import torch.nn as nn
 
+from . import collapse as nc
 from .checkpoint import CheckpointWriter
+from .collapse import report as collapse_report
 from .distributed import World
 from .errors import FixedclsError
-from .loggers import MetricsFile, Tracker, log_prototype_alignment, write_summary
+from .loggers import MetricsFile, Tracker, write_summary
+from .runtime import AUTOCAST_DTYPES, autocast_for, choice, rng_state, set_rng_state, split_rng, unwrap
+from .signals import StopSignals, TrainingInterrupted
 
 log = logging.getLogger("fixedcls")
 
-AUTOCAST_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
-# SIGUSR2: submitit's (>= 1.5) default preemption/timeout signal; SIGUSR1: older submitit and plain sbatch --signal.
-STOP_SIGNALS = tuple(s for s in (getattr(signal, "SIGTERM", None), getattr(signal, "SIGINT", None), getattr(signal, "SIGUSR1", None),
-                                 getattr(signal, "SIGUSR2", None)) if s)
 
+@dataclass
+class TrainingRun:
+    """Everything `fit` needs.  `trainer` and `collapse` are the config sections of the same names (any
+    object with their attributes); `model` is what trains: the Classifier, or its DDP / compiled wrapper."""
 
-class TrainingInterrupted(Exception):
-    """Raised after a stop signal was honoured: the state was saved at a step boundary."""
-
-    def __init__(self, signum: int, checkpoint: Optional[Path]):
-        self.signum, self.checkpoint = signum, checkpoint
-        name = signal.Signals(signum).name
-        where = f"state saved to {checkpoint}" if checkpoint is not None else "no checkpoint written by this process"
-        super().__init__(f"stopped by {name}; {where}; continue with resume=auto")
+    model: nn.Module
+    train_loader: Any
+    train_eval_loader: Any
+    test_loader: Any
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    criterion: Callable
+    checkpoints: CheckpointWriter
+    metrics: MetricsFile
+    trainer: Any
+    collapse: Any
+    device: torch.device
+    run_dir: Path
+    world: World = field(default_factory=World)
+    tracker: Tracker = field(default_factory=Tracker)
+    ema: Optional[nn.Module] = None
+    extra_loss: Optional[Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]] = None  # (x, features, y)
+    resume_state: Optional[dict] = None
+    checkpoint_meta: dict = field(default_factory=dict)  # stored in every checkpoint: config, meta
+    title: str = ""
+    run_info: dict = field(default_factory=dict)  # copied into the summary
 
 
 @dataclass
-class CollapseSettings:
-    every: int = 1
-    mode: str = "exact"
-    splits: tuple = ("train", "test")
-    max_samples: Optional[int] = None
-    layers: tuple = ()
-    thresholds: dict = field(default_factory=dict)
-    plot: bool = True
+class LoopState:
+    """Where a run stands; a checkpoint stores it and `restore` puts it back."""
 
-    def due(self, epoch: int, epochs: int) -> bool:
-        return self.every > 0 and ((epoch + 1) % self.every == 0 or epoch + 1 == epochs)
+    epoch: int = 0
+    step_in_epoch: int = 0
+    global_step: int = 0
+    history: list = field(default_factory=list)
+    running: torch.Tensor = field(default_factory=lambda: torch.zeros(3, dtype=torch.float64))  # loss sum, correct, samples
+    nonfinite_in_a_row: int = 0
+    epoch_seconds: list = field(default_factory=list)
 
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise FixedclsError("trainer.device=cuda but no CUDA device is visible: use trainer.device=cpu or auto")
-    return torch.device(name)
+    def restore(self, state: dict, device: torch.device) -> None:
+        self.epoch, self.step_in_epoch = state["epoch"], state["step_in_epoch"]
+        self.global_step, self.history = state["global_step"], list(state["history"])
+        self.running = state["running"].to(device=device, dtype=torch.float64)
+        self.nonfinite_in_a_row = state.get("nonfinite_in_a_row", 0)
 
 
-def autocast_for(device: torch.device, precision: str):
-    """The autocast context of a precision name; fp16 is refused on CPU, where it is slow and unscaled."""
-    if precision not in AUTOCAST_DTYPES:
-        raise FixedclsError(f"unknown trainer.precision='{precision}': choose one of {', '.join(AUTOCAST_DTYPES)}")
-    dtype = AUTOCAST_DTYPES[precision]
-    if dtype is None:
-        return contextlib.nullcontext
-    if precision == "fp16" and device.type != "cuda":
-        raise FixedclsError("trainer.precision=fp16 needs a CUDA device (gradient scaling); on CPU use bf16 or fp32")
-    return lambda: torch.autocast(device_type=device.type, dtype=dtype)
+def collapse_due(settings, epoch: int, epochs: int) -> bool:
+    return settings.every > 0 and ((epoch + 1) % settings.every == 0 or epoch + 1 == epochs)
 
 
-class StopSignals:
-    """Turns SIGTERM/SIGINT/SIGUSR1 into a flag the loop checks at each step boundary.
+def fit(run: TrainingRun) -> dict:
+    """Train for `trainer.epochs`, evaluate and measure collapse after each epoch, checkpoint, return the summary."""
+    model, world, device = unwrap(run.model), run.world, run.device
+    precision = choice(run.trainer.precision)
+    autocast = autocast_for(device, precision)
+    scaler = torch.amp.GradScaler(device.type, enabled=(precision == "fp16"))
+    online = None
+    if run.collapse.every > 0 and choice(run.collapse.mode) == "online":
+        online = {split: nc.OnlineCollapse(model.num_classes, model.dim, device) for split in ("train", "test")}
 
-    The previous handlers are kept so a launcher's own handler (submitit's requeue on SIGUSR1)
-    can still run once our checkpoint is safely written.
-    """
+    loop = LoopState(running=torch.zeros(3, dtype=torch.float64, device=device))
+    if run.resume_state is not None:
+        _restore(run, loop, model, scaler, online)
+    else:
+        split_rng(world.rank)
+    _tolerate("writing metrics.jsonl", run.metrics.reset, loop.history)
 
-    def __init__(self):
-        self.received: Optional[int] = None
-        self.previous: dict[int, Any] = {}
+    def snapshot(mid_epoch: bool) -> dict:
+        """The checkpoint of this moment (every rank's RNG gathered when distributed)."""
+        rng_ranks = world.all_gather_object(rng_state()) if world.distributed else None
+        return {
+            "model": model.state_dict(), "optimizer": run.optimizer.state_dict(),
+            "scheduler": run.scheduler.state_dict() if run.scheduler is not None else None,
+            "scaler": scaler.state_dict(), "ema": run.ema.state_dict() if run.ema is not None else None,
+            "epoch": loop.epoch, "step_in_epoch": loop.step_in_epoch if mid_epoch else 0,
+            "global_step": loop.global_step, "history": loop.history, "running": loop.running.cpu(),
+            "nonfinite_in_a_row": loop.nonfinite_in_a_row,  # best_value: set by the checkpoint writer, which owns it
+            **{f"online_{split}": online[split].state_dict() if online else None for split in ("train", "test")},
+            "rng": rng_state(), "rng_ranks": rng_ranks, **run.checkpoint_meta,
+        }
 
-    def __enter__(self) -> "StopSignals":
-        if threading.current_thread() is threading.main_thread():
-            for signum in STOP_SIGNALS:
-                self.previous[signum] = signal.signal(signum, self._handle)
-        return self
-
-    def _handle(self, signum, frame) -> None:
-        if self.received is not None and signum == signal.SIGINT:
-            raise KeyboardInterrupt  # a second Ctrl-C means now
-        self.received = signum
-
-    def __exit__(self, *exc) -> None:
-        for signum, handler in self.previous.items():
-            signal.signal(signum, handler)
-
-
-def rng_state() -> dict:
-    np_state = np.random.get_state()
-    state = {
-        "torch": torch.get_rng_state(),
-        "python": random.getstate(),
-        "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), int(np_state[2]), int(np_state[3]), float(np_state[4])],
-    }
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: dict) -> None:
-    torch.set_rng_state(state["torch"])
-    version, internal, gauss = state["python"]
-    random.setstate((version, tuple(internal), gauss))
-    name, keys, pos, has_gauss, cached = state["numpy"]
-    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    run.model.train()
+    # Background checkpoint writes end before fit returns or raises (a stop, a crash, non-finite weights).
+    with StopSignals() as stop, run.checkpoints.finish_writes():
+        while loop.epoch < run.trainer.epochs:
+            train_seconds = train_one_epoch(run, loop, scaler, autocast, stop, snapshot,
+                                            online=online["train"] if online else None)
+            end_of_epoch(run, loop, autocast, snapshot, train_seconds, online)
+    return finish(run, loop)
 
 
-def _split_rng(world: World) -> None:
-    """Give every rank > 0 a torch RNG stream of its own (dropout, drop-path and other random layers).
-
-    Every rank seeds alike so the models start equal; without this each rank would then draw the same
-    dropout masks.  Rank 0 keeps its stream, so a one-process run is unchanged.
-    """
-    if world.rank > 0:
-        torch.manual_seed((torch.initial_seed() + 1_000_003 * world.rank) % 2**63)
-
-
-def _count_skipped_step(in_a_row: int, limit: int, what: str, epoch: int, step: int, directory: Path, fix: str) -> int:
-    """One more skipped step in a row; at `limit` the run stops with one line (the last good checkpoint is kept)."""
-    in_a_row += 1
-    if in_a_row >= limit:
-        raise FixedclsError(f"{what} for {in_a_row} steps in a row (epoch {epoch + 1}, step {step + 1}); stopped with "
-                            f"the last good checkpoint kept in {directory}: {fix}")
-    return in_a_row
-
-
-def _finite_buffers(model: nn.Module) -> set:
-    """The floating-point buffers that are finite now (some backbones keep -inf attention masks: those are not)."""
-    return {name for name, b in model.named_buffers() if b.is_floating_point() and bool(torch.isfinite(b).all())}
-
-
-def _finite_weights(model: nn.Module, buffers: set) -> bool:
-    """Every parameter, and every buffer of `buffers` (e.g. BN statistics), is finite."""
-    return (all(bool(torch.isfinite(p).all()) for p in model.parameters())
-            and all(bool(torch.isfinite(b).all()) for name, b in model.named_buffers() if name in buffers))
+def _restore(run: TrainingRun, loop: LoopState, model: nn.Module, scaler, online) -> None:
+    state, world = run.resume_state, run.world
+    model.load_state_dict(state["model"])
+    run.optimizer.load_state_dict(state["optimizer"])
+    if run.scheduler is not None and state.get("scheduler"):
+        run.scheduler.load_state_dict(state["scheduler"])
+    scaler.load_state_dict(state.get("scaler") or scaler.state_dict())
+    if run.ema is not None and state.get("ema"):
+        run.ema.load_state_dict(state["ema"])
+    loop.restore(state, run.device)
+    run.checkpoints.best_value = state.get("best_value")
+    for split, acc in (online or {}).items():
+        if state.get(f"online_{split}"):
+            acc.load_state_dict(state[f"online_{split}"])
+    per_rank = state.get("rng_ranks") or []
+    if len(per_rank) == world.world_size:
+        set_rng_state(per_rank[world.rank])
+    else:  # a checkpoint of another world size: rank 0's state, then a stream of each rank's own
+        set_rng_state(state["rng"])
+        split_rng(world.rank)
+    steps = math.ceil(run.train_loader.sampler.num_samples / run.train_loader.batch_size)
+    log.info(f"resumed at epoch {loop.epoch + 1} step {loop.step_in_epoch} of {steps}")
 
 
-def _tolerate(what: str, fn: Callable, *args, **kwargs):
-    """Run a side job of the loop (metrics file, plot, tracker): a failure warns and training goes on."""
-    try:
-        return fn(*args, **kwargs)
-    except Exception as error:
-        warnings.warn(f"{what} failed ({type(error).__name__}: {error}); training goes on", RuntimeWarning, stacklevel=2)
-        return None
+def train_one_epoch(run: TrainingRun, loop: LoopState, scaler, autocast, stop: StopSignals,
+                    snapshot: Callable[[bool], dict], online=None) -> float:
+    """One epoch of optimizer steps from where `loop` stands; returns its seconds.  A stop signal saves the
+    state at the next update and raises TrainingInterrupted."""
+    model, base, loader, world, device, trainer = run.model, unwrap(run.model), run.train_loader, run.world, run.device, run.trainer
+    grad_accum, directory = trainer.grad_accum, run.checkpoints.directory
+    steps_per_epoch = math.ceil(loader.sampler.num_samples / loader.batch_size)
+    loader.sampler.set_epoch(loop.epoch, start=loop.step_in_epoch * loader.batch_size)
+    if hasattr(loader.dataset, "set_epoch"):
+        loader.dataset.set_epoch(loop.epoch)
+    if online is not None and loop.step_in_epoch == 0:
+        online.reset()
+    finite_buffers = _finite_buffers(base)
+    started = time.perf_counter()
+    bar = _progress_bar(run, steps_per_epoch, loop.step_in_epoch, f"epoch {loop.epoch + 1}/{trainer.epochs}")
+    for x, y in loader:
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        if trainer.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        update_now = (loop.step_in_epoch + 1) % grad_accum == 0 or loop.step_in_epoch + 1 == steps_per_epoch
+        sync = contextlib.nullcontext() if update_now or not hasattr(model, "no_sync") else model.no_sync()
+        with sync:
+            with autocast():
+                logits, features = model(x, return_features=True)
+                loss = run.criterion(logits.float(), y)
+                if run.extra_loss is not None:  # e.g. feature distillation from an earlier model generation
+                    loss = loss + run.extra_loss(x, features, y)
+            # Every rank must agree: a rank that skipped backward alone would leave the others waiting in DDP's all-reduce.
+            finite_here = bool(torch.isfinite(loss))
+            finite = not world.any(not finite_here, device)
+            if finite or scaler.is_enabled():  # the fp16 scaler skips the step itself on inf/nan
+                scaler.scale(loss / grad_accum).backward()
+        if not finite:  # counted under the fp16 scaler too: it skips steps, but cannot mend a NaN forward
+            loop.nonfinite_in_a_row = _count_skipped_step(
+                loop, trainer.max_nonfinite, f"the loss was non-finite ({loss.item() if not finite_here else 'on another rank'})",
+                directory, "lower optim.lr or set trainer.clip_grad")
+        grads_finite = True
+        if not finite and not scaler.is_enabled():
+            run.optimizer.zero_grad(set_to_none=True)  # skip this step (the scaler does so itself)
+        elif update_now:
+            grads_finite = _optimizer_step(run, loop, scaler, base)
+        if finite and grads_finite and update_now:  # a clean update ends a run of skipped steps
+            loop.nonfinite_in_a_row = 0
+        if finite:
+            loop.running += torch.stack([loss.detach().double() * len(y), (logits.argmax(1) == y).sum().double(),
+                                         torch.tensor(len(y), dtype=torch.float64, device=device)])
+            if online is not None:
+                online.update(features.detach(), y, logits.detach())
+        loop.step_in_epoch += 1
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss.item():.4f}", refresh=False)
+        if update_now and world.any(stop.received is not None, device):
+            if bar is not None:
+                bar.close()
+            healthy = _finite_weights(base, finite_buffers)  # non-finite weights never displace a good last.pt
+            state = snapshot(True)
+            path = run.checkpoints.save_interrupted(state) if world.is_main and healthy else None
+            world.barrier()
+            raise TrainingInterrupted(stop.received or signal.SIGTERM, path)
+    if bar is not None:
+        bar.close()
+    world.all_reduce_sum([loop.running])
+    world.broadcast_buffers(base, run.ema)  # one set of BN statistics (rank 0's, the checkpointed one) for eval
+    if not _finite_weights(base, finite_buffers):
+        raise FixedclsError(
+            f"the weights became non-finite (inf or NaN) in epoch {loop.epoch + 1}; stopped before checkpointing "
+            f"them, with the last good checkpoint kept in {directory}: lower optim.lr or set trainer.clip_grad"
+        )
+    return time.perf_counter() - started
 
 
-def unwrap(model: nn.Module) -> nn.Module:
-    """The plain Classifier inside DDP and torch.compile wrappers."""
-    while True:
-        if hasattr(model, "module"):
-            model = model.module
-        elif hasattr(model, "_orig_mod"):
-            model = model._orig_mod
-        else:
-            return model
+def _optimizer_step(run: TrainingRun, loop: LoopState, scaler, base: nn.Module) -> bool:
+    """Clip, step, EMA-update and zero the gradients; returns whether the gradients were finite (else the step
+    is skipped and counted)."""
+    grads_finite = True
+    if run.trainer.clip_grad is not None:
+        scaler.unscale_(run.optimizer)
+        grad_norm = torch.nn.utils.clip_grad_norm_(run.model.parameters(), run.trainer.clip_grad)
+        # An overflowed norm scales every gradient by 0 (inf * 0 = NaN): skip, as fp16's scaler does.
+        grads_finite = scaler.is_enabled() or bool(torch.isfinite(grad_norm))
+    if grads_finite:
+        scaler.step(run.optimizer)
+        scaler.update()
+    else:
+        loop.nonfinite_in_a_row = _count_skipped_step(
+            loop, run.trainer.max_nonfinite, f"the gradient norm was non-finite ({float(grad_norm)})",
+            run.checkpoints.directory, "lower optim.lr, or train in fp32")
+    run.optimizer.zero_grad(set_to_none=True)
+    if run.ema is not None and grads_finite:
+        run.ema.update(base, step=loop.global_step)
+    loop.global_step += 1
+    return grads_finite
 
 
 @torch.no_grad()
@@ -204,261 +270,86 @@ def evaluate(model: nn.Module, loader, criterion: Callable, *, device: torch.dev
     return {"loss": loss_sum / max(count, 1), "acc": correct / max(count, 1)}
 
 
-def fit(
-    model: nn.Module,
-    *,
-    train_loader,
-    train_eval_loader,
-    test_loader,
-    optimizer: torch.optim.Optimizer,
-    scheduler,
-    criterion: Callable,
-    epochs: int,
-    extra_loss: Optional[Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]] = None,
-    device: torch.device,
-    run_dir: Path,
-    checkpoints: CheckpointWriter,
-    metrics: MetricsFile,
-    tracker: Tracker = Tracker(),
-    precision: str = "fp32",
-    grad_accum: int = 1,
-    clip_grad: Optional[float] = None,
-    ema: Optional[nn.Module] = None,
-    max_nonfinite: int = 5,
-    channels_last: bool = False,
-    collapse: Optional[CollapseSettings] = None,
-    world: World = World(),
-    resume_state: Optional[dict] = None,
-    checkpoint_meta: Optional[dict] = None,
-    progress: Optional[bool] = None,
-    title: str = "",
-    run_info: Optional[dict] = None,
-) -> dict:
-    """Train for `epochs`, evaluate and measure collapse after each, checkpoint, and return the summary.
-
-    `extra_loss(x, features, y)` is added to the criterion on every training step.
-    """
-    from . import collapse as nc  # measurement stays optional for callers that only train
-
-    collapse = collapse or CollapseSettings(every=0)
-    base_model = unwrap(model)
-    autocast = autocast_for(device, precision)
-    scaler = torch.amp.GradScaler(device.type, enabled=(precision == "fp16"))
-    train_sampler, train_set = train_loader.sampler, train_loader.dataset
-    steps_per_epoch = math.ceil(train_sampler.num_samples / train_loader.batch_size)
-    online_train = nc.OnlineCollapse(base_model.num_classes, base_model.dim, device) if collapse.mode == "online" else None
-    online_test = nc.OnlineCollapse(base_model.num_classes, base_model.dim, device) if collapse.mode == "online" else None
-
-    # Where the run stands: a fresh start, or exactly where a checkpoint left it.
-    epoch, step_in_epoch, global_step, history = 0, 0, 0, []
-    running = torch.zeros(3, dtype=torch.float64, device=device)  # loss sum, correct, samples of this epoch
-    nonfinite_in_a_row = 0
-    if resume_state is not None:
-        base_model.load_state_dict(resume_state["model"])
-        optimizer.load_state_dict(resume_state["optimizer"])
-        if scheduler is not None and resume_state.get("scheduler"):
-            scheduler.load_state_dict(resume_state["scheduler"])
-        scaler.load_state_dict(resume_state.get("scaler") or scaler.state_dict())
-        if ema is not None and resume_state.get("ema"):
-            ema.load_state_dict(resume_state["ema"])
-        epoch, step_in_epoch = resume_state["epoch"], resume_state["step_in_epoch"]
-        global_step, history = resume_state["global_step"], list(resume_state["history"])
-        running = resume_state["running"].to(device=device, dtype=torch.float64)
-        nonfinite_in_a_row = resume_state.get("nonfinite_in_a_row", 0)
-        checkpoints.best_value = resume_state.get("best_value")
-        for name, online in (("online_train", online_train), ("online_test", online_test)):
-            if online is not None and resume_state.get(name):
-                online.load_state_dict(resume_state[name])
-        per_rank = resume_state.get("rng_ranks") or []
-        if len(per_rank) == world.world_size:
-            set_rng_state(per_rank[world.rank])
-        else:  # a checkpoint of another world size: rank 0's state, then a stream of each rank's own
-            set_rng_state(resume_state["rng"])
-            _split_rng(world)
-        log.info(f"resumed at epoch {epoch + 1} step {step_in_epoch} of {steps_per_epoch}")
-    else:
-        _split_rng(world)
-    _tolerate("writing metrics.jsonl", metrics.reset, history)
-
-    def state(stopped_mid_epoch: bool, rng_ranks: Optional[list] = None) -> dict:
-        return {
-            "model": base_model.state_dict(), "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict() if scheduler is not None else None,
-            "scaler": scaler.state_dict(), "ema": ema.state_dict() if ema is not None else None,
-            "epoch": epoch, "step_in_epoch": step_in_epoch if stopped_mid_epoch else 0,
-            "global_step": global_step, "history": history, "running": running.cpu(),
-            "nonfinite_in_a_row": nonfinite_in_a_row,  # best_value: set by the checkpoint writer, which owns it
-            "online_train": online_train.state_dict() if online_train is not None else None,
-            "online_test": online_test.state_dict() if online_test is not None else None,
-            "rng": rng_state(), "rng_ranks": rng_ranks, **(checkpoint_meta or {}),
-        }
-
-    show_progress = world.is_main and (sys.stderr.isatty() if progress is None else progress)
-    finite_buffers = _finite_buffers(base_model)
-    epoch_seconds: list[float] = []
-    model.train()
-    # Background checkpoint writes end before fit returns or raises (a stop, a crash, non-finite weights).
-    with StopSignals() as stop, checkpoints.finish_writes():
-        while epoch < epochs:
-            # ---- one epoch of training -------------------------------------------------------
-            train_sampler.set_epoch(epoch, start=step_in_epoch * train_loader.batch_size)
-            if hasattr(train_set, "set_epoch"):
-                train_set.set_epoch(epoch)
-            if online_train is not None and step_in_epoch == 0:
-                online_train.reset()
-            lr = optimizer.param_groups[0]["lr"]
-            started = time.perf_counter()
-            bar = _progress_bar(show_progress, steps_per_epoch, step_in_epoch, f"epoch {epoch + 1}/{epochs}")
-            for x, y in train_loader:
-                x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-                if channels_last:
-                    x = x.contiguous(memory_format=torch.channels_last)
-                update_now = (step_in_epoch + 1) % grad_accum == 0 or step_in_epoch + 1 == steps_per_epoch
-                sync = contextlib.nullcontext() if update_now or not hasattr(model, "no_sync") else model.no_sync()
-                with sync:
-                    with autocast():
-                        logits, features = model(x, return_features=True)
-                        loss = criterion(logits.float(), y)
-                        if extra_loss is not None:  # e.g. feature distillation from an earlier model generation
-                            loss = loss + extra_loss(x, features, y)
-                    # Every rank must agree: a rank that skipped backward alone would leave the others waiting in DDP's all-reduce.
-                    finite_here = bool(torch.isfinite(loss))
-                    finite = not world.any(not finite_here, device)
-                    if finite or scaler.is_enabled():  # the fp16 scaler skips the step itself on inf/nan
-                        scaler.scale(loss / grad_accum).backward()
-                if not finite:  # counted under the fp16 scaler too: it skips steps, but cannot mend a NaN forward
-                    nonfinite_in_a_row = _count_skipped_step(
-                        nonfinite_in_a_row, max_nonfinite,
-                        f"the loss was non-finite ({loss.item() if not finite_here else 'on another rank'})",
-                        epoch, step_in_epoch, checkpoints.directory, "lower optim.lr or set trainer.clip_grad")
-                grads_finite = True
-                if not finite and not scaler.is_enabled():
-                    optimizer.zero_grad(set_to_none=True)  # skip this step (the scaler does so itself)
-                elif update_now:
-                    if clip_grad is not None:
-                        scaler.unscale_(optimizer)
-                        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip_grad)
-                        # An overflowed norm scales every gradient by 0 (inf * 0 = NaN): skip, as fp16's scaler does.
-                        grads_finite = scaler.is_enabled() or bool(torch.isfinite(grad_norm))
-                    if grads_finite:
-                        scaler.step(optimizer)
-                        scaler.update()
-                    else:
-                        nonfinite_in_a_row = _count_skipped_step(
-                            nonfinite_in_a_row, max_nonfinite, f"the gradient norm was non-finite ({float(grad_norm)})",
-                            epoch, step_in_epoch, checkpoints.directory, "lower optim.lr, or train in fp32")
-                    optimizer.zero_grad(set_to_none=True)
-                    if ema is not None and grads_finite:
-                        ema.update(base_model, step=global_step)
-                    global_step += 1
-                if finite and grads_finite and update_now:  # a clean update ends a run of skipped steps
-                    nonfinite_in_a_row = 0
-                if finite:
-                    running += torch.stack([loss.detach().double() * len(y), (logits.argmax(1) == y).sum().double(),
-                                            torch.tensor(len(y), dtype=torch.float64, device=device)])
-                    if online_train is not None:
-                        online_train.update(features.detach(), y, logits.detach())
-                step_in_epoch += 1
-                if bar is not None:
-                    bar.update(1)
-                    bar.set_postfix(loss=f"{loss.item():.4f}", refresh=False)
-                if update_now and world.any(stop.received is not None, device):
-                    if bar is not None:
-                        bar.close()
-                    signum = stop.received or signal.SIGTERM
-                    healthy = _finite_weights(base_model, finite_buffers)  # non-finite weights never displace a good last.pt
-                    rng_ranks = world.all_gather_object(rng_state()) if world.distributed else None
-                    path = (checkpoints.save_interrupted(state(stopped_mid_epoch=True, rng_ranks=rng_ranks))
-                            if world.is_main and healthy else None)
-                    world.barrier()
-                    raise TrainingInterrupted(signum, path)
-            if bar is not None:
-                bar.close()
-            world.all_reduce_sum([running])
-            world.broadcast_buffers(base_model, ema)  # one set of BN statistics (rank 0's, the checkpointed one) for eval
-            train_seconds = time.perf_counter() - started
-            if not _finite_weights(base_model, finite_buffers):
-                raise FixedclsError(
-                    f"the weights became non-finite (inf or NaN) in epoch {epoch + 1}; stopped before checkpointing "
-                    f"them, with the last good checkpoint kept in {checkpoints.directory}: lower optim.lr or set "
-                    f"trainer.clip_grad"
-                )
-
-            # ---- end of epoch: evaluate, measure, log, checkpoint ------------------------------
-            loss_sum, correct, seen = running.tolist()
-            row = {"epoch": epoch + 1, "train/loss": loss_sum / max(seen, 1), "train/acc": correct / max(seen, 1)}
-            # Exact collapse of the test split: its pass 1 (class means) rides on this evaluation's forward.
-            test_means = None
-            if (collapse.due(epoch, epochs) and collapse.mode == "exact" and "test" in collapse.splits
-                    and collapse.max_samples is None and not collapse.layers and getattr(model, "module", model) is base_model):
-                test_means = nc.CollapseAccumulator(base_model.num_classes, base_model.dim, device=device)
-            test = evaluate(model, test_loader, criterion, device=device, autocast=autocast, world=world,
-                            channels_last=channels_last, online=online_test, collapse_means=test_means)
-            row.update({"test/loss": test["loss"], "test/acc": test["acc"], "lr": lr})
-            if ema is not None:
-                test_ema = evaluate(ema.module, test_loader, criterion, device=device, autocast=autocast, world=world,
-                                    channels_last=channels_last)
-                row.update({"test/loss_ema": test_ema["loss"], "test/acc_ema": test_ema["acc"]})
-            measured = time.perf_counter()
-            if collapse.due(epoch, epochs):
-                row.update(_measure_collapse(base_model, collapse, train_eval_loader, test_loader, online_train, online_test,
-                                             device=device, precision=precision, world=world,
-                                             channels_last=channels_last, test_means=test_means))
-            collapse_seconds = time.perf_counter() - measured
-            history.append(row)
-            if scheduler is not None:
-                scheduler.step(epoch + 1)
-            epoch, step_in_epoch = epoch + 1, 0
-            running.zero_()
-            epoch_seconds.append(train_seconds)
-            rng_ranks = world.all_gather_object(rng_state()) if world.distributed else None
-            if world.is_main:
-                checkpoints.save_epoch(state(stopped_mid_epoch=False, rng_ranks=rng_ranks), row)
-                _tolerate("writing metrics.jsonl", metrics.append, row)
-                _tolerate("the tracker's log_epoch", tracker.log_epoch,
-                          {**row, "time/train_s": train_seconds, "time/collapse_s": collapse_seconds})
-                log.info(_epoch_line(row, epochs, train_seconds, collapse_seconds))
-            world.barrier()
-
-    summary = {**(run_info or {}), **_summary(history, collapse, base_model, epoch_seconds, title)}
+def end_of_epoch(run: TrainingRun, loop: LoopState, autocast, snapshot: Callable[[bool], dict], train_seconds: float,
+                 online: Optional[dict]) -> dict:
+    """Evaluate, measure collapse, step the schedule, checkpoint and log the epoch that just ended; returns its row."""
+    model, world, trainer, settings = unwrap(run.model), run.world, run.trainer, run.collapse
+    epochs, channels_last = trainer.epochs, trainer.channels_last
+    loss_sum, correct, seen = loop.running.tolist()
+    row = {"epoch": loop.epoch + 1, "train/loss": loss_sum / max(seen, 1), "train/acc": correct / max(seen, 1)}
+    due = collapse_due(settings, loop.epoch, epochs)
+    # Exact collapse of the test split: its pass 1 (class means) rides on this evaluation's forward.
+    test_means = None
+    if (due and choice(settings.mode) == "exact" and "test" in settings.splits and settings.max_samples is None
+            and not settings.layers and getattr(run.model, "module", run.model) is model):
+        test_means = nc.CollapseAccumulator(model.num_classes, model.dim, device=run.device)
+    test = evaluate(run.model, run.test_loader, run.criterion, device=run.device, autocast=autocast, world=world,
+                    channels_last=channels_last, online=online["test"] if online else None, collapse_means=test_means)
+    row.update({"test/loss": test["loss"], "test/acc": test["acc"], "lr": run.optimizer.param_groups[0]["lr"]})
+    if run.ema is not None:
+        test_ema = evaluate(run.ema.module, run.test_loader, run.criterion, device=run.device, autocast=autocast,
+                            world=world, channels_last=channels_last)
+        row.update({"test/loss_ema": test_ema["loss"], "test/acc_ema": test_ema["acc"]})
+    measured = time.perf_counter()
+    if due:
+        row.update(measure_collapse(run, model, online, test_means))
+    collapse_seconds = time.perf_counter() - measured
+    loop.history.append(row)
+    if run.scheduler is not None:
+        run.scheduler.step(loop.epoch + 1)
+    loop.epoch, loop.step_in_epoch = loop.epoch + 1, 0
+    loop.running.zero_()
+    loop.epoch_seconds.append(train_seconds)
+    state = snapshot(False)
     if world.is_main:
-        if collapse.plot and any(k.startswith("collapse") for row in history for k in row):
-            plot = _tolerate("plotting collapse", nc.plot_collapse, history, Path(run_dir) / "collapse.png", title or "collapse")
-            if plot is not None:
-                _tolerate("the tracker's log_image", tracker.log_image, "collapse", plot)
-        _tolerate("writing summary.json", write_summary, run_dir, summary)
-        _tolerate("the tracker's log_summary", tracker.log_summary, summary)
-        if getattr(tracker, "active", False):  # a real tracker (W&B): per-class table of class-mean vs classifier-row alignment
-            _tolerate("the tracker's alignment table", log_prototype_alignment, tracker, base_model, train_eval_loader,
-                      device=device, autocast=autocast)
-    return summary
+        run.checkpoints.save_epoch(state, row)
+        _tolerate("writing metrics.jsonl", run.metrics.append, row)
+        _tolerate("the tracker's log_epoch", run.tracker.log_epoch,
+                  {**row, "time/train_s": train_seconds, "time/collapse_s": collapse_seconds})
+        log.info(_epoch_line(row, epochs, train_seconds, collapse_seconds))
+    world.barrier()
+    return row
 
 
-def _measure_collapse(model, settings: CollapseSettings, train_eval_loader, test_loader, online_train, online_test,
-                      *, device, precision, world: World, channels_last: bool = False, test_means=None) -> dict:
+def measure_collapse(run: TrainingRun, model: nn.Module, online: Optional[dict], test_means=None) -> dict:
     """The collapse row of an epoch; `test_means`: the test split's pass 1, already taken by `evaluate`."""
-    from . import collapse as nc
-
     row: dict = {}
-    head = model.head
-    for split, prefix, loader, online in (("train", "collapse/", train_eval_loader, online_train),
-                                          ("test", "collapse_test/", test_loader, online_test)):
+    settings, world, head = run.collapse, run.world, model.head
+    for split, prefix, loader in (("train", "collapse/", run.train_eval_loader), ("test", "collapse_test/", run.test_loader)):
         if split not in settings.splits:
             continue
         if online is not None:
-            world.all_reduce_sum(online.state_tensors())
-            values = online.compute(head.weight.detach(), None if head.bias is None else head.bias.detach())
+            world.all_reduce_sum(online[split].state_tensors())
+            values = online[split].compute(head.weight.detach(), None if head.bias is None else head.bias.detach())
         else:
-            values = nc.measure_model(model, loader, device=device, autocast_dtype=AUTOCAST_DTYPES[precision],
+            values = nc.measure_model(model, loader, device=run.device, autocast_dtype=AUTOCAST_DTYPES[choice(run.trainer.precision)],
                                       max_samples=settings.max_samples, layers=list(settings.layers) or None,
                                       reduce_fn=(lambda t: world.all_reduce_sum([t])) if world.distributed else None,
-                                      channels_last=channels_last, accumulator=test_means if split == "test" else None)
+                                      channels_last=run.trainer.channels_last,
+                                      accumulator=test_means if split == "test" else None)
         row.update({prefix + key: value for key, value in values.items()})
     return row
 
 
-def _summary(history: list[dict], collapse: CollapseSettings, model: nn.Module, epoch_seconds: list[float], title: str) -> dict:
-    from . import collapse as nc
+def finish(run: TrainingRun, loop: LoopState) -> dict:
+    """The run's summary, plot and end-of-run tracker tables (rank 0 writes them)."""
+    model, history = unwrap(run.model), loop.history
+    summary = {**run.run_info, **summarize(history, run.collapse, model, loop.epoch_seconds, run.title)}
+    if run.world.is_main:
+        if run.collapse.plot and any(k.startswith("collapse") for row in history for k in row):
+            plot = _tolerate("plotting collapse", collapse_report.plot_collapse, history, Path(run.run_dir) / "collapse.png",
+                             run.title or "collapse")
+            if plot is not None:
+                _tolerate("the tracker's log_image", run.tracker.log_image, "collapse", plot)
+        _tolerate("writing summary.json", write_summary, run.run_dir, summary)
+        _tolerate("the tracker's log_summary", run.tracker.log_summary, summary)
+        if getattr(run.tracker, "active", False):  # a real tracker (W&B): per-class alignment of class means and rows
+            _tolerate("the tracker's alignment table", nc.log_prototype_alignment, run.tracker, model, run.train_eval_loader,
+                      device=run.device, autocast=autocast_for(run.device, run.trainer.precision))
+    return summary
+
+
+def summarize(history: list[dict], settings, model: nn.Module, epoch_seconds: list[float], title: str) -> dict:
     from .model import param_summary
 
     summary: dict = {"title": title, "epochs": len(history)}
@@ -468,11 +359,40 @@ def _summary(history: list[dict], collapse: CollapseSettings, model: nn.Module, 
         if accs:
             summary["best/test/acc"] = max(accs)
     if any("collapse/nc1" in row for row in history):
-        summary.update(nc.collapse_speed(history, collapse.thresholds or None))
+        summary.update(nc.collapse_speed(history, dict(settings.thresholds) or None))
     summary.update({f"params/{k}": v for k, v in param_summary(model).items()})
     if epoch_seconds:
         summary["time/train_s_per_epoch"] = sum(epoch_seconds) / len(epoch_seconds)
     return summary
+
+
+def _count_skipped_step(loop: LoopState, limit: int, what: str, directory: Path, fix: str) -> int:
+    """One more skipped step in a row; at `limit` the run stops with one line (the last good checkpoint is kept)."""
+    in_a_row = loop.nonfinite_in_a_row + 1
+    if in_a_row >= limit:
+        raise FixedclsError(f"{what} for {in_a_row} steps in a row (epoch {loop.epoch + 1}, step {loop.step_in_epoch + 1}); "
+                            f"stopped with the last good checkpoint kept in {directory}: {fix}")
+    return in_a_row
+
+
+def _finite_buffers(model: nn.Module) -> set:
+    """The floating-point buffers that are finite now (some backbones keep -inf attention masks: those are not)."""
+    return {name for name, b in model.named_buffers() if b.is_floating_point() and bool(torch.isfinite(b).all())}
+
+
+def _finite_weights(model: nn.Module, buffers: set) -> bool:
+    """Every parameter, and every buffer of `buffers` (e.g. BN statistics), is finite."""
+    return (all(bool(torch.isfinite(p).all()) for p in model.parameters())
+            and all(bool(torch.isfinite(b).all()) for name, b in model.named_buffers() if name in buffers))
+
+
+def _tolerate(what: str, fn: Callable, *args, **kwargs):
+    """Run a side job of the loop (metrics file, plot, tracker): a failure warns and training goes on."""
+    try:
+        return fn(*args, **kwargs)
+    except Exception as error:
+        warnings.warn(f"{what} failed ({type(error).__name__}: {error}); training goes on", RuntimeWarning, stacklevel=2)
+        return None
 
 
 def _epoch_line(row: dict, epochs: int, train_seconds: float, collapse_seconds: float) -> str:
@@ -488,8 +408,9 @@ def _epoch_line(row: dict, epochs: int, train_seconds: float, collapse_seconds: 
     return " | ".join(parts)
 
 
-def _progress_bar(enabled: bool, total: int, initial: int, description: str):
-    if not enabled:
+def _progress_bar(run: TrainingRun, total: int, initial: int, description: str):
+    progress = run.trainer.progress
+    if not run.world.is_main or not (sys.stderr.isatty() if progress is None else progress):
         return None
     from tqdm import tqdm
 

@@ -148,7 +148,6 @@ class FixedHead(nn.Module):
         self.seed = seed
         self.normalize = _check_normalize(normalize)
         self.num_classes = num_prototypes  # outputs, reserved prototypes included
-        self.num_active_classes = num_classes  # classes of the current task
         self.dim = prototypes.shape[1]
         self.bias = nn.Parameter(torch.zeros(num_prototypes)) if bias else None
         _make_scale(self, scale, learn_scale)
@@ -312,6 +311,23 @@ class DotRegressionLoss(nn.Module):
         target_logit = logits.float().gather(1, target.long().unsqueeze(1)).squeeze(1)
         cosine = target_logit / self._scale()
         return 0.5 * (cosine - 1.0).pow(2).mean()
+
+
+class FeatureDistillation:
+    """extra_loss(x, features, y) = weight * distance(h_new, h_old), h_old from a frozen earlier model (CL2R)."""
+
+    def __init__(self, teacher: nn.Module, weight: float, kind: str = "cosine"):
+        self.teacher, self.weight, self.kind = teacher, float(weight), kind
+
+    def __call__(self, x: torch.Tensor, features: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            old = self.teacher.forward_features(x).float()
+        new = features.float()
+        if self.kind == "cosine":
+            distance = 1.0 - F.cosine_similarity(new, old, dim=1)
+        else:
+            distance = (new - old).pow(2).sum(1)
+        return self.weight * distance.mean()
 
 
 CRITERIA = ("ce", "dot_regression")

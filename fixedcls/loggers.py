@@ -5,12 +5,13 @@ and a tracker failure can only warn, never stop training.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
 import os
+import tempfile
 import warnings
-from contextlib import nullcontext
 from pathlib import Path
 from typing import Any, Callable, Iterable, Optional
 
@@ -24,18 +25,52 @@ class TrackerWarning(UserWarning):
     """A tracker (W&B) problem: reported once, and training goes on without (or with an offline) tracker."""
 
 
-def _jsonable(value: Any) -> Any:
+def jsonable(value: Any) -> Any:
+    """`value` with NaN as None (JSON has no NaN), tensors and numpy scalars as numbers, tuples as lists."""
     if isinstance(value, float) and not math.isfinite(value):
         return None if math.isnan(value) else value  # json writes Infinity; NaN becomes null
-    if hasattr(value, "item"):
-        return _jsonable(value.item())
+    if isinstance(value, dict):
+        return {k: jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [jsonable(v) for v in value]
+    if hasattr(value, "item"):  # a tensor or a numpy value
+        try:
+            return jsonable(value.item())
+        except (ValueError, RuntimeError):  # more than one element
+            return jsonable(value.tolist())
     return value
 
 
-def _write_text_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+def write_text_atomic(path: Path, text: str) -> None:
+    """Replace `path` with `text` in one step: readers see the old file or the new one, never half of it.
+
+    The temporary file is made by mkstemp in the same folder, so a planted link or another writer's
+    temporary file is never followed or overwritten."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.chmod(tmp, 0o666 & ~_umask())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def write_json(path: str | Path, value: Any) -> Path:
+    """`value` as indented JSON (NaN as null), written atomically; the folder is created."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(path, json.dumps(jsonable(value), indent=2) + "\n")
+    return path
 
 
 class MetricsFile:
@@ -48,14 +83,14 @@ class MetricsFile:
     def reset(self, history: Iterable[dict]) -> None:
         if self.enabled:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            _write_text_atomic(self.path, "".join(json.dumps({k: _jsonable(v) for k, v in row.items()}) + "\n" for row in history))
+            write_text_atomic(self.path, "".join(json.dumps({k: jsonable(v) for k, v in row.items()}) + "\n" for row in history))
 
     def append(self, row: dict) -> None:
         if not self.enabled:
             return
         try:
             with open(self.path, "a") as f:
-                f.write(json.dumps({k: _jsonable(v) for k, v in row.items()}) + "\n")
+                f.write(json.dumps({k: jsonable(v) for k, v in row.items()}) + "\n")
         except OSError as error:  # a full disk must not end the run: the history lives in the checkpoint too
             warnings.warn(f"could not append to {self.path}: {error}; training continues")
 
@@ -63,7 +98,7 @@ class MetricsFile:
 def write_summary(run_dir: Path, summary: dict) -> Path:
     path = Path(run_dir) / SUMMARY_FILE
     try:
-        _write_text_atomic(path, json.dumps({k: _jsonable(v) for k, v in summary.items()}, indent=2) + "\n")
+        write_text_atomic(path, json.dumps({k: jsonable(v) for k, v in summary.items()}, indent=2) + "\n")
     except OSError as error:
         warnings.warn(f"could not write {path}: {error}")
     return path
@@ -231,13 +266,13 @@ class WandbTracker(Tracker):
                           f"of this run, training goes on", TrackerWarning)
 
     def log_epoch(self, row: dict) -> None:
-        row = {k: _jsonable(v) for k, v in row.items() if v is not None}
+        row = {k: jsonable(v) for k, v in row.items() if v is not None}
         if "epoch" in row:
             self._last_epoch = row["epoch"]
         self._call("log", lambda: self.run.log(row))
 
     def log_summary(self, summary: dict) -> None:
-        values = {k: _jsonable(v) for k, v in summary.items() if v is not None}
+        values = {k: jsonable(v) for k, v in summary.items() if v is not None}
         self._call("summary", lambda: self.run.summary.update(values))
 
     def _with_epoch(self, data: dict) -> dict:
@@ -259,53 +294,6 @@ class WandbTracker(Tracker):
         except Exception as error:
             if not self._broken:
                 warnings.warn(f"W&B finish failed ({type(error).__name__}: {error})", TrackerWarning)
-
-
-def prototype_alignment(model, loader, *, device, autocast: Optional[Callable] = None) -> tuple[list[str], list[list]]:
-    """Per-class alignment of the class means to their classifier rows: (columns, rows).
-
-    Rows: class, sample count, cos(mu_c, w_c) (uncentred, as `proto_cos`), ||mu_c - mu_G|| (mu_G the
-    unweighted mean of the class means), for the classes present in `loader` (use one without
-    augmentation: the train-eval loader). Class means come from `collapse.CollapseAccumulator`.
-    """
-    import torch
-
-    from .collapse import CollapseAccumulator
-
-    weight = model.head.weight.detach()
-    num_classes, dim = weight.shape
-    accumulator = CollapseAccumulator(num_classes, dim, device=device)
-    modes = [(m, m.training) for m in model.modules()]
-    model.eval()
-    try:
-        with torch.no_grad():
-            for x, y in loader:
-                with (autocast or nullcontext)():
-                    _, h = model(x.to(device, non_blocking=True), return_features=True)
-                accumulator.update_means(h.float(), torch.as_tensor(y).to(device))
-    finally:
-        for m, flag in modes:
-            m.training = flag
-    means = accumulator.finalize_means()
-    present = (accumulator.counts > 0).nonzero().squeeze(1)
-    centred = means[present] - means[present].mean(dim=0)
-    w = weight.to(means.device, torch.float64)[present]
-    cos = (means[present] * w).sum(1) / (means[present].norm(dim=1) * w.norm(dim=1)).clamp_min(1e-300)
-    rows = [[int(c), int(accumulator.counts[c]), float(cos[i]), float(centred[i].norm())] for i, c in enumerate(present.tolist())]
-    return ["class", "count", "cos(mu_c, w_c)", "||mu_c - mu_G||"], rows
-
-
-def log_prototype_alignment(tracker: Tracker, model, loader, *, device, autocast: Optional[Callable] = None,
-                            key: str = "prototype_alignment") -> None:
-    """Log the `prototype_alignment` table to an active tracker; a failure only warns."""
-    if not tracker.active:
-        return
-    try:
-        columns, rows = prototype_alignment(model, loader, device=device, autocast=autocast)
-    except Exception as error:
-        warnings.warn(f"could not measure the per-class prototype alignment ({type(error).__name__}: {error})", TrackerWarning)
-        return
-    tracker.log_table(key, columns, rows)
 
 
 def create_tracker(cfg, *, run_dir: Path, resolved_config: dict, run_id: Optional[str] = None, enabled: bool = True) -> Tracker:

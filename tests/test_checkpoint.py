@@ -337,9 +337,9 @@ def test_non_finite_training_stops_with_the_last_good_checkpoint(tmp_path, limit
 
 def _nan_criterion(monkeypatch, nan_steps: set[int], factor: float = float("nan")):
     """The training criterion returns NaN (or the loss times `factor`) at the given (1-based) training steps."""
-    import fixedcls.train as train_module
+    import fixedcls.build as build_module
 
-    create = train_module.create_criterion
+    create = build_module.create_criterion
     calls = [0]
 
     def patched(*args, **kwargs):
@@ -355,7 +355,7 @@ def _nan_criterion(monkeypatch, nan_steps: set[int], factor: float = float("nan"
 
         return maybe_nan
 
-    monkeypatch.setattr(train_module, "create_criterion", patched)
+    monkeypatch.setattr(build_module, "create_criterion", patched)
 
 
 def test_a_non_finite_loss_skips_the_step(tmp_path, monkeypatch):
@@ -423,7 +423,7 @@ def test_the_fp16_scaler_path_skips_and_still_stops(tmp_path, monkeypatch):
 # ------------------------------------------------------------------ side failures never lose a run
 
 def test_tracker_disk_and_plot_failures_warn_and_training_goes_on(tmp_path, monkeypatch, caplog):
-    import fixedcls.collapse as collapse_module
+    import fixedcls.collapse.report as collapse_module
     import fixedcls.train as train_module
     from fixedcls import loggers
     from fixedcls.loggers import Tracker

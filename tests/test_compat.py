@@ -16,8 +16,10 @@ import torch
 
 from fixedcls import checkpoint as ckpt
 from fixedcls import polytopes
-from fixedcls.compat import (FeatureDistillation, compatibility, compatibility_criteria, main, prepare_init,
-                             retrieval_scores, run_generations)
+from fixedcls.build import init_from_checkpoint as prepare_init
+from fixedcls.compat import main, run_generations
+from fixedcls.compatibility import compatibility, compatibility_criteria, retrieval_scores
+from fixedcls.heads import FeatureDistillation
 from fixedcls.data import SeededAugmentation, create_data, targets_of
 from fixedcls.errors import FixedclsError
 from fixedcls.model import create_model

@@ -18,7 +18,8 @@ import torch
 from hydra import compose, initialize_config_dir
 
 from fixedcls import distributed as fd
-from fixedcls.collapse import _subset_loader, measure_model
+from fixedcls.collapse import measure_model
+from fixedcls.collapse.measure import _subset_loader
 from fixedcls.data import EpochSampler, create_data, create_loaders
 from utils import CONF_DIR, compose_config
 
@@ -290,8 +291,8 @@ def test_worker_hydra_args_rank_above_zero(clean_env, tmp_path):
 # ---------------------------------------------------------------------------------------------------
 @pytest.mark.skipif(not hasattr(signal, "SIGUSR2"), reason="POSIX signals")
 def test_preemption_signal_is_caught_then_chained_to_the_launcher_handler(tmp_path):
-    from fixedcls.engine import STOP_SIGNALS, StopSignals, TrainingInterrupted
-    from fixedcls.train import _stop_after_interrupt
+    from fixedcls.cli import stop_after_interrupt as _stop_after_interrupt
+    from fixedcls.signals import STOP_SIGNALS, StopSignals, TrainingInterrupted
 
     assert signal.SIGUSR2 in STOP_SIGNALS and signal.SIGUSR1 in STOP_SIGNALS  # submitit >= 1.5 preempts with USR2
     calls = []
@@ -385,7 +386,9 @@ def _rank_main(rank: int, port: int, tmp_path: str, overrides: list, nan_on_rank
     real_set_rng_state = engine.set_rng_state
     engine.set_rng_state = lambda state: (restored.append(state["torch"].clone()), real_set_rng_state(state))[1]
     if nan_on_rank == rank:  # this rank alone sees a non-finite loss from its second step on
-        real_criterion = train_module.create_criterion
+        import fixedcls.build as build_module
+
+        real_criterion = build_module.create_criterion
 
         def create_criterion(*args, **kwargs):
             criterion, calls = real_criterion(*args, **kwargs), [0]
@@ -395,7 +398,7 @@ def _rank_main(rank: int, port: int, tmp_path: str, overrides: list, nan_on_rank
                 loss = criterion(logits, y)
                 return loss * float("nan") if calls[0] >= 2 else loss
             return poisoned
-        train_module.create_criterion = create_criterion
+        build_module.create_criterion = create_criterion
     result: dict = {"rank": rank}
     try:
         train_module.train(compose_config(overrides, tmp_path=Path(tmp_path)), Path(tmp_path) / "run")

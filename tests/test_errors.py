@@ -88,7 +88,7 @@ def test_bad_configuration_is_one_clear_line(tmp_path, args, needles):
 
 
 def test_override_check_leaves_additions_sweeps_and_hydra_keys_to_hydra():
-    from fixedcls.train import check_overrides
+    from fixedcls.cli import check_overrides
 
     fine = ["-m", "--cfg", "job", "hydra.run.dir=x", "hydra/launcher=parallel", "hydra.job.chdir=true", "+trainer.note=1",
             "++seed=3", "~logger", "seed=1,2,3", "trainer.epochs=range(1,3)", "head=simplex,etf", "data=cifar10",

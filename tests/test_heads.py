@@ -132,7 +132,7 @@ def test_unknown_head_and_normalisation():
 
 def test_reserved_prototypes():
     head = create_head("etf", 10, 32, num_prototypes=15, seed=1)
-    assert head.num_classes == 15 and head.num_prototypes == 15 and head.num_active_classes == 10
+    assert head.num_classes == 15 and head.num_prototypes == 15
     assert torch.equal(head.prototypes, polytopes.make("etf", 15, 32, seed=1))
     assert head(features(dim=32)).shape == (6, 15)
     # Natural dimension follows the prototypes, not the current classes.

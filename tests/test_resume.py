@@ -302,7 +302,7 @@ NAME = "synthetic-test_resnet-simplex-s0"  # the default run name of RUN: checkp
 # Stretches each training step of the second epoch by 100 ms (evaluation is untouched, the maths
 # is unchanged) so a signal sent after the first epoch checkpoint lands in the middle of epoch 2.
 SLOW = """
-import time, torch, fixedcls.train as _train
+import time, torch, fixedcls.build as _train
 _create = _train.create_criterion
 def _slow_criterion(*args, **kwargs):
     criterion = _create(*args, **kwargs)
@@ -321,7 +321,7 @@ SLOW = "AFTER = 16\n" + SLOW
 
 # An unexpected exception in the middle of epoch 2 (training step 24 of 32): a bug, an OOM, a lost disk.
 CRASH = """
-import torch, fixedcls.train as _train
+import torch, fixedcls.build as _train
 _create = _train.create_criterion
 def _crashing_criterion(*args, **kwargs):
     criterion = _create(*args, **kwargs)

@@ -15,8 +15,8 @@ wandb = pytest.importorskip("wandb")
 from omegaconf import OmegaConf  # noqa: E402
 from wandb.proto import wandb_internal_pb2 as pb  # noqa: E402
 
-from fixedcls import loggers  # noqa: E402
-from fixedcls.loggers import Tracker, TrackerWarning, WandbTracker, create_tracker, prototype_alignment  # noqa: E402
+from fixedcls.collapse import log_prototype_alignment, prototype_alignment  # noqa: E402
+from fixedcls.loggers import Tracker, TrackerWarning, WandbTracker, create_tracker  # noqa: E402
 from utils import compose_config, train_tiny  # noqa: E402
 
 
@@ -247,4 +247,4 @@ def test_prototype_alignment_matches_the_class_means():
     assert [r[0] for r in rows] == [0, 1, 2] and [r[1] for r in rows] == [7, 7, 6]
     assert [r[2] for r in rows] == pytest.approx(torch.nn.functional.cosine_similarity(means, w).tolist(), abs=1e-6)
     assert [r[3] for r in rows] == pytest.approx((means - means.mean(0)).norm(dim=1).tolist(), abs=1e-5)
-    assert loggers.log_prototype_alignment(Tracker(), model, loader, device="cpu") is None  # inactive: nothing done
+    assert log_prototype_alignment(Tracker(), model, loader, device="cpu") is None  # inactive: nothing done

@@ -21,7 +21,7 @@ Figures and targets:
   step_ratio_fixed_vs_learned   training-step time, fixed simplex head / learned head (same backbone,
                                 same batch)                                              <= 1.03
   loop_overhead_vs_plain        a 4-epoch fixedcls.engine.fit call (collapse off; everything built by
-                                fixedcls.train.train) / a minimal hand-written PyTorch loop doing the
+                                fixedcls.train.build_training) / a minimal hand-written PyTorch loop doing the
                                 same work (same model, loaders, precision, optimizer: train, test
                                 accuracy, one torch.save checkpoint per epoch)           <= 1.05
   collapse_overhead_online      fit epoch with collapse.mode=online every epoch / collapse off  <= 1.05
@@ -196,10 +196,10 @@ def bench_step(*, backbone: str, img_size: int, in_chans: int, num_classes: int,
 
     `batch` (x, y) defaults to a seeded synthetic batch placed on the device.
     """
-    from fixedcls.engine import autocast_for
+    from fixedcls.build import build_optimizer
     from fixedcls.heads import create_criterion
     from fixedcls.model import create_model
-    from fixedcls.train import build_optimizer
+    from fixedcls.runtime import autocast_for
     from omegaconf import OmegaConf
 
     autocast = autocast_for(device, precision)
@@ -267,27 +267,23 @@ def compose(overrides: list[str]):
 
 
 def build_run(overrides: list[str], workdir: Path) -> dict:
-    """Everything `fixedcls.train.train` builds for a config, as the keyword arguments of engine.fit.
+    """Everything `fixedcls.train.train` builds for a config (`build_training`: the very objects of a real run),
+    with the settings the plain loop needs beside them."""
+    import torch
 
-    train() is run with `fit` replaced by a recorder, so the objects are exactly those of a real run.
-    """
-    import fixedcls.train as train_module
+    from fixedcls.distributed import World
+    from fixedcls.runtime import choice, resolve_device
+    from fixedcls.train import build_training
 
     cfg = compose([f"checkpoint.root={workdir / 'checkpoints'}", "trainer.progress=false", *overrides])
-    captured: dict = {}
-
-    def record(model, **kwargs):
-        captured.update(kwargs, model=model)
-        return {}
-
-    real_fit = train_module.fit
-    train_module.fit = record
-    try:
-        train_module.train(cfg, workdir / "run")
-    finally:
-        train_module.fit = real_fit
-    captured["cfg"] = cfg
-    return captured
+    if cfg.trainer.threads:
+        torch.set_num_threads(cfg.trainer.threads)
+    training = build_training(cfg, workdir / "run", World(), resolve_device(cfg.trainer.device))
+    training.checkpoints.close()  # each fit() call below gets a writer of its own
+    return {"training": training, "cfg": cfg, "model": training.model, "optimizer": training.optimizer,
+            "criterion": training.criterion, "train_loader": training.train_loader, "test_loader": training.test_loader,
+            "device": training.device, "precision": choice(cfg.trainer.precision),
+            "channels_last": bool(cfg.trainer.channels_last), "collapse": cfg.collapse}
 
 
 def fit_epochs(run: dict, collapse_every: int, mode: str = "exact", *, epochs: int = 1) -> Callable[[], dict]:
@@ -296,15 +292,19 @@ def fit_epochs(run: dict, collapse_every: int, mode: str = "exact", *, epochs: i
     Several epochs per call, as in a real run: fit()'s once-per-call costs are spread over them, and an
     epoch checkpoint written in the background overlaps the next epoch (fit waits only for the last).
     """
-    from fixedcls.engine import fit
-    from fixedcls.train import build_checkpoints
+    import copy
 
-    kwargs = {k: v for k, v in run.items() if k not in ("model", "cfg")}
-    # train() closed the writer it built; this one is built the same way (background writes as configured)
-    kwargs["checkpoints"] = build_checkpoints(run["cfg"].checkpoint, run["checkpoints"].directory)
-    kwargs.update(epochs=epochs, progress=False, resume_state=None,
-                  collapse=dataclasses.replace(run["collapse"], every=collapse_every, mode=mode, plot=False))
-    return lambda: fit(run["model"], **kwargs)
+    from fixedcls.build import build_checkpoints
+    from fixedcls.engine import fit
+
+    training, cfg = run["training"], run["cfg"]
+    trainer, collapse = copy.deepcopy(cfg.trainer), copy.deepcopy(cfg.collapse)
+    trainer.epochs, trainer.progress = epochs, False
+    collapse.every, collapse.mode, collapse.plot = collapse_every, mode, False
+    # built the same way as train() builds it (background writes as configured)
+    checkpoints = build_checkpoints(cfg.checkpoint, training.checkpoints.directory)
+    return lambda: fit(dataclasses.replace(training, checkpoints=checkpoints, trainer=trainer, collapse=collapse,
+                                           resume_state=None))
 
 
 def plain_epochs(run: dict, checkpoint_path: Path, *, epochs: int = 1) -> Callable[[], None]:

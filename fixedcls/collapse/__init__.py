@@ -1,0 +1,27 @@
+"""Neural-collapse measures (SPEC section 3), split by job:
+
+* :mod:`.stats` -- the mathematics: :func:`nc_metrics`, the exact streaming :class:`CollapseAccumulator`
+  and the one-pass :class:`OnlineCollapse`, all in float64 with O(K d + d^2) memory;
+* :mod:`.measure` -- a model over a loader: :func:`measure_model` (subsets, backbone stages) and
+  :func:`prototype_alignment`;
+* :mod:`.report` -- :func:`collapse_speed`, :func:`plot_collapse`, :func:`format_table`;
+* ``python -m fixedcls.collapse CHECKPOINT`` -- the command (:mod:`.__main__`).
+"""
+from .measure import measure_model, prototype_alignment
+from .report import DEFAULT_THRESHOLDS, collapse_speed, format_table, log_prototype_alignment, plot_collapse
+from .stats import METRIC_KEYS, NC1_KEYS, CollapseAccumulator, OnlineCollapse, nc_metrics
+
+__all__ = [
+    "METRIC_KEYS",
+    "NC1_KEYS",
+    "DEFAULT_THRESHOLDS",
+    "nc_metrics",
+    "CollapseAccumulator",
+    "OnlineCollapse",
+    "measure_model",
+    "prototype_alignment",
+    "collapse_speed",
+    "plot_collapse",
+    "format_table",
+    "log_prototype_alignment",
+]

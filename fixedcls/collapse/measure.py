@@ -1,0 +1,268 @@
+"""Measuring a model over a loader: the two exact passes of :class:`CollapseAccumulator` over a
+``fixedcls`` model's features, on a fixed seeded subset or at backbone stages ("deep collapse"), and the
+per-class alignment of class means with the classifier rows."""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+from typing import Callable, Mapping, Optional, Sequence
+
+import torch
+
+from ..errors import FixedclsError
+from ..runtime import autocast_dtype_of, unwrap
+from .stats import NC1_KEYS, CollapseAccumulator, ReduceFn
+
+
+def _subset_loader(loader, max_samples: int, seed: int):
+    """A new DataLoader over a fixed seeded subset of at most ``max_samples`` samples."""
+    from torch.utils.data import DataLoader, Subset
+    from torch.utils.data.distributed import DistributedSampler
+
+    dataset = loader.dataset
+    try:
+        n = len(dataset)
+    except TypeError as exc:
+        raise FixedclsError("measure_model: max_samples needs a map-style dataset with len(); pass max_samples=None.") from exc
+    if max_samples < 1:
+        raise FixedclsError(f"measure_model: max_samples must be >= 1, got {max_samples}; pass None to measure every sample.")
+    g = torch.Generator().manual_seed(int(seed))
+    idx = torch.randperm(n, generator=g)[: min(int(max_samples), n)].sort().values.tolist()
+    subset = Subset(dataset, idx)
+    batch_size = loader.batch_size or getattr(loader.batch_sampler, "batch_size", None) or 256
+    sampler = None
+    # A sharded loader (DistributedSampler, fixedcls.data.EpochSampler) gets disjoint, unpadded shards of the
+    # subset, so the all-reduced measures count every sample exactly once (DistributedSampler would pad).
+    shard = loader.sampler
+    world_size = getattr(shard, "num_replicas", None) or getattr(shard, "world_size", None) or 1
+    if isinstance(shard, DistributedSampler) or world_size > 1:
+        sampler = list(range(int(shard.rank), len(subset), int(world_size)))
+    kwargs = {}
+    if loader.num_workers > 0:
+        kwargs["prefetch_factor"] = loader.prefetch_factor
+        kwargs["multiprocessing_context"] = loader.multiprocessing_context
+    return DataLoader(
+        subset,
+        batch_size=batch_size,
+        shuffle=False,
+        sampler=sampler,
+        num_workers=loader.num_workers,
+        collate_fn=loader.collate_fn,
+        pin_memory=loader.pin_memory,
+        drop_last=False,
+        worker_init_fn=loader.worker_init_fn,
+        **kwargs,
+    )
+
+
+def _pool(f: torch.Tensor) -> torch.Tensor:
+    """Global average pool an intermediate: [B,C,H,W] -> [B,C]; [B,N,C] (tokens) -> [B,C]."""
+    if f.dim() == 4:
+        return f.mean(dim=(2, 3))
+    if f.dim() == 3:
+        return f.mean(dim=1)
+    if f.dim() == 2:
+        return f
+    raise FixedclsError(f"measure_model: cannot pool an intermediate of shape {tuple(f.shape)}; deep collapse supports [B,C,H,W], [B,N,C] and [B,C].")
+
+
+class _Intermediates:
+    """Pooled backbone stage outputs via timm's ``forward_intermediates``."""
+
+    def __init__(self, backbone: torch.nn.Module, layers):
+        if not callable(getattr(backbone, "forward_intermediates", None)):
+            raise FixedclsError(
+                f"measure_model: backbone {type(backbone).__name__} has no forward_intermediates(); "
+                "deep collapse (layers=...) needs a timm model that supports it, or pass layers=None."
+            )
+        self.backbone = backbone
+        if isinstance(layers, str):
+            if layers != "all":
+                raise FixedclsError(f"measure_model: layers must be a list of stage indices or 'all', got {layers!r}.")
+            self.requested = None
+        else:
+            if isinstance(layers, int):
+                layers = [layers]
+            self.requested = [int(i) for i in layers]
+            if not self.requested:
+                raise FixedclsError("measure_model: layers is empty; pass stage indices, 'all' or None.")
+        self.keys: list[int] | None = None  # absolute stage index of each returned intermediate
+        self._indices = None
+
+    def __call__(self, x: torch.Tensor) -> list[torch.Tensor]:
+        if self.keys is None:  # resolve indices on the first batch
+            probe = self._call(x[:1], None)
+            total = len(probe)
+            if self.requested is None:
+                self.keys = list(range(total))
+            else:
+                absolute = sorted({i + total if i < 0 else i for i in self.requested})
+                bad = [i for i in absolute if not 0 <= i < total]
+                if bad:
+                    raise FixedclsError(
+                        f"measure_model: layers {self.requested} out of range for a backbone with {total} stages (0..{total - 1}); pick stage indices in that range."
+                    )
+                self.keys = absolute
+                self._indices = absolute
+        feats = self._call(x, self._indices)
+        if len(feats) != len(self.keys):
+            raise RuntimeError(f"measure_model: forward_intermediates returned {len(feats)} outputs for stages {self.keys}.")
+        return [_pool(f) for f in feats]
+
+    def _call(self, x, indices):
+        try:
+            return self.backbone.forward_intermediates(x, indices=indices, intermediates_only=True)
+        except TypeError as exc:
+            raise FixedclsError(
+                f"measure_model: {type(self.backbone).__name__}.forward_intermediates does not accept "
+                f"(indices=..., intermediates_only=True) ({exc}); pass layers=None."
+            ) from exc
+
+
+def _split_batch(batch):
+    if isinstance(batch, (list, tuple)) and len(batch) >= 2:
+        return batch[0], batch[1]
+    if isinstance(batch, Mapping):
+        for kx, ky in (("image", "label"), ("input", "target"), ("x", "y")):
+            if kx in batch and ky in batch:
+                return batch[kx], batch[ky]
+    raise FixedclsError("measure_model: the loader must yield (inputs, labels, ...) tuples; wrap the dataset to return them.")
+
+
+def measure_model(
+    model: torch.nn.Module,
+    loader,
+    *,
+    device: torch.device | str,
+    autocast_dtype: torch.dtype | str | None = None,
+    max_samples: int | None = None,
+    seed: int = 0,
+    layers: Sequence[int] | str | None = None,
+    reduce_fn: ReduceFn | None = None,
+    channels_last: bool = False,
+    accumulator: CollapseAccumulator | None = None,
+) -> dict[str, float]:
+    """Exact collapse measures of ``model`` on the data of ``loader`` (two passes).
+
+    Runs the model in eval mode under ``torch.no_grad`` (and autocast when
+    ``autocast_dtype`` is given), using ``model(x, return_features=True) -> (logits, h)``;
+    the classifier rows are ``model.head.weight`` / ``model.head.bias``.  The loader must
+    yield the same samples in both passes: use one without random augmentation or
+    ``drop_last`` (a warning is raised otherwise).
+
+    ``max_samples``: measure on a fixed seeded subset of at most that many samples (a new
+    DataLoader over ``Subset(loader.dataset, indices)``, same batch size / workers /
+    collate_fn; sharded again when the loader uses a DistributedSampler).
+    ``layers``: stage indices (negative allowed) or ``"all"``: adds ``layer{i}/nc1`` and
+    ``layer{i}/nc1_trace`` for the globally average-pooled outputs of
+    ``model.backbone.forward_intermediates``.
+    ``reduce_fn``: in-place SUM all-reduce for DDP (every rank must get >= 1 batch).
+    ``channels_last``: feed the inputs in channels_last memory format (as a channels_last model is trained).
+    ``accumulator``: a :class:`CollapseAccumulator` whose pass 1 was already fed with this model's
+    features of exactly this loader's samples (e.g. during the test evaluation of the training loop):
+    then only pass 2 runs over the loader.  Not with ``max_samples`` or ``layers``.
+    The train/eval state of every submodule is restored afterwards.
+    """
+    device = torch.device(device)
+    amp = autocast_dtype_of(autocast_dtype)
+    core = unwrap(model)
+    head = getattr(core, "head", None)
+    if head is None or getattr(head, "weight", None) is None:
+        raise FixedclsError("measure_model: the model has no head.weight; pass a fixedcls Classifier (model.head.weight [K, d]).")
+    weight = head.weight.detach()
+    bias = getattr(head, "bias", None)
+    bias = bias.detach() if bias is not None else None
+    num_classes, dim = weight.shape
+    inter = None
+    if layers is not None:
+        backbone = getattr(core, "backbone", None)
+        if backbone is None:
+            raise FixedclsError("measure_model: layers=... needs model.backbone (a timm model); pass layers=None.")
+        inter = _Intermediates(backbone, layers)
+    if max_samples is not None:
+        loader = _subset_loader(loader, max_samples, seed)
+    stages = (1, 2)
+    if accumulator is not None:
+        if max_samples is not None or layers is not None:
+            raise FixedclsError("measure_model: accumulator= (pass 1 done elsewhere) cannot be combined with max_samples or layers; pass accumulator=None.")
+        if (accumulator.num_classes, accumulator.dim) != (num_classes, dim):
+            raise FixedclsError(f"measure_model: the accumulator is for {accumulator.num_classes} classes x {accumulator.dim} dims but the head is {num_classes} x {dim}; build it from model.head.weight.shape.")
+        stages = (2,)
+
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    ctx = (lambda: torch.autocast(device_type=device.type, dtype=amp)) if amp is not None else nullcontext
+    acc = accumulator if accumulator is not None else CollapseAccumulator(num_classes, dim, device=device)
+    layer_accs: list[CollapseAccumulator] | None = None
+    try:
+        with torch.no_grad():
+            if acc.phase == "means" and stages == (2,):
+                if int(acc.counts.sum()) == 0 and reduce_fn is None:
+                    raise FixedclsError("measure_model: the accumulator saw no samples in pass 1; feed it the loader's features first.")
+                acc.finalize_means(reduce_fn)
+            for stage in stages:
+                for batch in loader:
+                    x, y = _split_batch(batch)
+                    x = x.to(device, non_blocking=True)
+                    if channels_last and x.dim() == 4:
+                        x = x.contiguous(memory_format=torch.channels_last)
+                    y = torch.as_tensor(y).to(device, non_blocking=True)
+                    with ctx():
+                        logits, h = model(x, return_features=True)
+                        pooled = inter(x) if inter is not None else []
+                    if inter is not None and layer_accs is None:
+                        layer_accs = [CollapseAccumulator(num_classes, f.shape[1], device=device) for f in pooled]
+                    if stage == 1:
+                        acc.update_means(h, y)
+                        for a, f in zip(layer_accs or [], pooled):
+                            a.update_means(f, y)
+                    else:
+                        acc.update_scatter(h, y, logits)
+                        for a, f in zip(layer_accs or [], pooled):
+                            a.update_scatter(f, y)
+                if stage == 1:
+                    if int(acc.counts.sum()) == 0 and reduce_fn is None:
+                        raise FixedclsError("measure_model: the loader yielded no samples; pass a non-empty loader.")
+                    acc.finalize_means(reduce_fn)
+                    for a in layer_accs or []:
+                        a.finalize_means(reduce_fn)
+            out = acc.compute(weight, bias, reduce_fn=reduce_fn)
+            for i, a in zip(inter.keys if inter is not None and inter.keys else [], layer_accs or []):
+                m = a.compute(None, reduce_fn=reduce_fn)
+                for k in NC1_KEYS:
+                    out[f"layer{i}/{k}"] = m[k]
+    finally:
+        model.train(True)  # then restore each module's own flag exactly
+        for m, flag in modes:
+            m.training = flag
+    return out
+
+
+def prototype_alignment(model, loader, *, device, autocast: Optional[Callable] = None) -> tuple[list[str], list[list]]:
+    """Per-class alignment of the class means to their classifier rows: (columns, rows).
+
+    Rows: class, sample count, cos(mu_c, w_c) (uncentred, as `proto_cos`), ||mu_c - mu_G|| (mu_G the
+    unweighted mean of the class means), for the classes present in `loader` (use one without
+    augmentation: the train-eval loader). Class means come from `collapse.CollapseAccumulator`.
+    """
+    weight = model.head.weight.detach()
+    num_classes, dim = weight.shape
+    accumulator = CollapseAccumulator(num_classes, dim, device=device)
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        with torch.no_grad():
+            for x, y in loader:
+                with (autocast or nullcontext)():
+                    _, h = model(x.to(device, non_blocking=True), return_features=True)
+                accumulator.update_means(h.float(), torch.as_tensor(y).to(device))
+    finally:
+        for m, flag in modes:
+            m.training = flag
+    means = accumulator.finalize_means()
+    present = (accumulator.counts > 0).nonzero().squeeze(1)
+    centred = means[present] - means[present].mean(dim=0)
+    w = weight.to(means.device, torch.float64)[present]
+    cos = (means[present] * w).sum(1) / (means[present].norm(dim=1) * w.norm(dim=1)).clamp_min(1e-300)
+    rows = [[int(c), int(accumulator.counts[c]), float(cos[i]), float(centred[i].norm())] for i, c in enumerate(present.tolist())]
+    return ["class", "count", "cos(mu_c, w_c)", "||mu_c - mu_G||"], rows
