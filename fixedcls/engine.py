@@ -283,8 +283,11 @@ def end_of_epoch(run: TrainingRun, loop: LoopState, autocast, snapshot: Callable
     if (due and choice(settings.mode) == "exact" and "test" in settings.splits and settings.max_samples is None
             and not settings.layers and getattr(run.model, "module", run.model) is model):
         test_means = nc.CollapseAccumulator(model.num_classes, model.dim, device=run.device)
+    online_test = online["test"] if online and due else None  # fed by this epoch's evaluation alone
+    if online_test is not None:
+        online_test.reset()
     test = evaluate(run.model, run.test_loader, run.criterion, device=run.device, autocast=autocast, world=world,
-                    channels_last=channels_last, online=online["test"] if online else None, collapse_means=test_means)
+                    channels_last=channels_last, online=online_test, collapse_means=test_means)
     row.update({"test/loss": test["loss"], "test/acc": test["acc"], "lr": run.optimizer.param_groups[0]["lr"]})
     if run.ema is not None:
         test_ema = evaluate(run.ema.module, run.test_loader, run.criterion, device=run.device, autocast=autocast,
