@@ -44,6 +44,7 @@ _TORCH_ACTIVATIONS = (
 #: A float32 forward reproduces W @ mean patch + b to about 1e-6 relative; 1e-3 only catches layers whose
 #: forward does not apply module.weight as stored (timm StdConv2d standardises it).
 _CONSISTENCY_RTOL = 1e-3
+_CHECKED_ROWS = 4
 
 
 # --------------------------------------------------------------------------------------
@@ -337,23 +338,24 @@ class _Tap:
         if self.labels is None:
             return
         with torch.no_grad():
-            patch = _mean_patch(module, args[0].detach()).to(_F64)
-            groups, c_out = self.weight.shape[0], self.weight.shape[0] * self.weight.shape[1]
-            linear = torch.einsum("god,bgd->bgo", self.weight.to(patch.device), patch.reshape(patch.shape[0], groups, -1))
-            self.pending = (patch, linear.reshape(-1, c_out))
+            self.pending = _mean_patch(module, args[0].detach())
 
     def _on_output(self, module, args, output):
         self.calls += 1
         if self.calls > 1:
             raise FixedclsError(f"agop: layer {self.label} runs more than once per forward (shared weights); pick a layer used once.")
         if self.pending is not None:
-            patch, linear = self.pending
+            patch = self.pending
             with torch.no_grad():
-                pooled = _pool(output.detach()).to(_F64)
+                # W phi(x) is the pooled output less the bias; W @ mean patch on a few rows checks that the
+                # forward applies module.weight as stored, so W, the AGOP and the representations agree.
+                linear = _pool(output.detach()).to(_F64)
                 if module.bias is not None:
-                    pooled = pooled - module.bias.detach().to(_F64)
-                scale = pooled.abs().max().clamp_min(1e-12)
-                if float((pooled - linear).abs().max() / scale) > _CONSISTENCY_RTOL:
+                    linear = linear - module.bias.detach().to(_F64)
+                groups, check = self.weight.shape[0], patch[:_CHECKED_ROWS].to(_F64)
+                direct = torch.einsum("god,bgd->bgo", self.weight.to(check.device), check.reshape(check.shape[0], groups, -1))
+                scale = linear[:_CHECKED_ROWS].abs().max().clamp_min(1e-12)
+                if float((linear[:_CHECKED_ROWS] - direct.reshape(check.shape[0], -1)).abs().max() / scale) > _CONSISTENCY_RTOL:
                     raise FixedclsError(
                         f"agop: layer {self.label} ({type(module).__name__}) does not apply module.weight as stored "
                         "(it transforms the weight in forward); pick a plain nn.Conv2d / nn.Linear layer."
@@ -508,16 +510,17 @@ def layer_agop(model: nn.Module, inputs, module: nn.Module, probes="exact", *, s
     return tap.agop()
 
 
-def _spectral_pearson(w: torch.Tensor, wv: torch.Tensor, v_sum: torch.Tensor, lam: torch.Tensor, alpha: float) -> float:
-    """Pearson correlation of the entries of W^T W and V diag(lam^alpha) V^T, from per-group [g, ...] factors.
+def _spectral_pearson(w_sum: torch.Tensor, gram: torch.Tensor, spectrum, alpha: float, dim: int) -> float:
+    """Pearson correlation of the entries of W^T W and V diag(lam^alpha) V^T over g groups of D x D entries.
 
-    w [g, o, D]; wv = W V [g, o, r]; v_sum = V^T 1 [g, r]; lam [g, r] >= 0.  Every sum over the D x D entries
-    is a trace of small matrices, so neither D x D matrix is formed.
+    w_sum = W 1 [g, o]; gram = W W^T [g, o, o]; spectrum = (lam [g, r] >= 0, W V [g, o, r], V^T 1 [g, r]).
+    Every sum over the D x D entries is a trace of small matrices, so neither D x D matrix is formed.
     """
-    entries = w.shape[0] * w.shape[2] ** 2
+    lam, wv, v_sum = spectrum
+    entries = gram.shape[0] * dim**2
     power = lam.clamp_min(0).pow(alpha)
-    gram_sum = w.sum(dim=2).square().sum()  # 1^T W^T W 1
-    gram_sq = (w @ w.transpose(1, 2)).square().sum()  # ||W^T W||_F^2 = ||W W^T||_F^2
+    gram_sum = w_sum.square().sum()  # 1^T W^T W 1
+    gram_sq = gram.square().sum()  # ||W^T W||_F^2 = ||W W^T||_F^2
     power_sum = (power * v_sum.square()).sum()
     power_sq = power.square().sum()
     cross = (power * wv.square().sum(dim=1)).sum()  # <W^T W, V L V^T> = sum_l lam_l ||W v_l||^2
@@ -554,24 +557,22 @@ def nfa_correlation(weight: torch.Tensor, agop: torch.Tensor, alpha: float = 0.5
             raise FixedclsError(f"nfa_correlation: init_weight {tuple(init_weight.shape)} differs from weight {tuple(weight.shape)}; pass the same layer's initial weight.")
         w = w - _weight_blocks(init_weight, groups).to(w.device)
     lam, vec = torch.linalg.eigh(0.5 * (blocks + blocks.transpose(1, 2)))
-    return _spectral_pearson(w, w @ vec, vec.sum(dim=1), lam, alpha)
+    return _spectral_pearson(w.sum(dim=2), w @ w.transpose(1, 2), (lam, w @ vec, vec.sum(dim=1)), alpha, dim)
 
 
-def _factored_nfa(w: torch.Tensor, outer: torch.Tensor, alpha: float) -> float:
-    """nfa_correlation of AGOP = W^T K W per group without the D x D matrix: everything in the C_out space.
+def _factored_spectrum(w: torch.Tensor, gram: torch.Tensor, outer: torch.Tensor):
+    """The spectrum of AGOP = W^T K W per group for _spectral_pearson, without the D x D matrix.
 
     With K = Q S^2 Q^T and B = S Q^T W, AGOP = B^T B; the eigenpairs of B B^T = S Q^T (W W^T) Q S give
     AGOP's nonzero eigenvalues s^2 and eigenvectors V = W^T C, C = Q S U / s, so W V = (W W^T) C.
     """
-    gram = w @ w.transpose(1, 2)  # [g, o, o]
     k_lam, k_vec = torch.linalg.eigh(outer)
     factor = k_vec * k_lam.clamp_min(0).sqrt().unsqueeze(1)  # Q S
     lam, u = torch.linalg.eigh(factor.transpose(1, 2) @ gram @ factor)
     keep = lam > lam.amax(dim=1, keepdim=True).clamp_min(0) * 1e-12  # zero eigenvalues have no defined V
     lam = torch.where(keep, lam, torch.zeros_like(lam))
     coef = factor @ u / torch.where(keep, lam, torch.ones_like(lam)).sqrt().unsqueeze(1)
-    v_sum = (coef * w.sum(dim=2).unsqueeze(2)).sum(dim=1)  # V^T 1 = C^T W 1
-    return _spectral_pearson(w, gram @ coef, v_sum, lam, alpha)
+    return lam, gram @ coef, (coef * w.sum(dim=2).unsqueeze(2)).sum(dim=1)  # V^T 1 = C^T W 1
 
 
 def _shares(tap: _Tap) -> dict[str, float]:
@@ -611,8 +612,10 @@ def measure_agop(model: nn.Module, loader_or_batch, layers, samples: int = 512, 
     taps = _run(model, loader_or_batch, chosen, grads=True, dnc=True, probes=probes, samples=samples, seed=seed, batch_size=batch_size)
     row: dict[str, float] = {}
     for tap in taps:
-        w, outer = tap.weight.to(tap.outer.device), tap.outer_blocks()
-        row[f"agop/{tap.label}/nfa_corr"] = _factored_nfa(w, outer, 1.0)
-        row[f"agop/{tap.label}/nfa_corr_sqrt"] = _factored_nfa(w, outer, 0.5)
+        w = tap.weight.to(tap.outer.device)
+        gram = w @ w.transpose(1, 2)
+        spectrum = _factored_spectrum(w, gram, tap.outer_blocks())
+        row[f"agop/{tap.label}/nfa_corr"] = _spectral_pearson(w.sum(dim=2), gram, spectrum, 1.0, w.shape[2])
+        row[f"agop/{tap.label}/nfa_corr_sqrt"] = _spectral_pearson(w.sum(dim=2), gram, spectrum, 0.5, w.shape[2])
         row[f"agop/{tap.label}/linear_share"] = _shares(tap)["linear_share"]
     return row
