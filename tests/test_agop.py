@@ -94,20 +94,46 @@ def test_balanced_deep_linear_network_agop_is_a_power_of_the_first_gram():
     assert agop.nfa_correlation(first_layer.weight, result, alpha=1 / depth) == pytest.approx(1.0, abs=1e-9)
 
 
-def test_classifier_head_paths_match_brute_force():
+@pytest.mark.parametrize(("head", "dim"), [("dcube", None), ("learned", 12)])
+def test_classifier_head_paths_match_brute_force(head, dim):
     """A fixed head with d < K (factor from the head's Jacobian) and a learned head with K <= d."""
     torch.manual_seed(3)
-    for head, dim in (("dcube", None), ("learned", 12)):
-        model = create_model("test_resnet", head=head, num_classes=5, dim=dim, in_chans=1).double().eval()
-        with torch.no_grad():
-            for module in model.modules():
-                if isinstance(module, nn.BatchNorm2d):  # timm zero-initialises the last BN of each block
-                    module.weight.uniform_(0.5, 1.5)
-        x = torch.randn(3, 1, 16, 16, dtype=torch.float64)
-        features = model.backbone(x)
-        assert isinstance(model.proj, nn.Linear)
-        expected = _brute_agop(lambda v: model.head(model.proj(v)), features)
-        torch.testing.assert_close(agop.layer_agop(model, x, model.proj), expected, rtol=1e-9, atol=1e-12)
+    model = create_model("test_resnet", head=head, num_classes=5, dim=dim, in_chans=1).double().eval()
+    assert isinstance(model.proj, nn.Linear)
+    x = torch.randn(3, 1, 16, 16, dtype=torch.float64)
+    expected = _brute_agop(lambda v: model.head(model.proj(v)), model.backbone(x))
+    torch.testing.assert_close(agop.layer_agop(model, x, model.proj), expected, rtol=1e-9, atol=1e-12)
+
+
+def test_stage_layer_matches_brute_force_through_the_backbone():
+    torch.manual_seed(8)
+    model = create_model("test_resnet", head="simplex", num_classes=4, in_chans=1).double().eval()
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, nn.BatchNorm2d):  # timm zero-initialises the last BN of each block
+                module.weight.uniform_(0.5, 1.5)
+    (conv,) = agop.representative_layers(model, [4]).values()
+    x = torch.randn(2, 1, 16, 16, dtype=torch.float64)
+    seen = {}
+    handle = conv.register_forward_pre_hook(lambda m, args: seen.setdefault("input", args[0]))
+    model(x)
+    handle.remove()
+    patches = F.unfold(seen["input"], conv.kernel_size, padding=conv.padding, stride=conv.stride)
+    side = round(patches.shape[-1] ** 0.5)
+
+    def from_patches(p: torch.Tensor) -> torch.Tensor:  # the conv's output from explicit patches, then the rest
+        z = (conv.weight.reshape(conv.out_channels, -1) @ p).reshape(1, conv.out_channels, side, side)
+        handle = conv.register_forward_hook(lambda m, args, out: z)
+        try:
+            return model(x[index : index + 1])[0]
+        finally:
+            handle.remove()
+
+    total = 0
+    for index in range(x.shape[0]):
+        jac = torch.autograd.functional.jacobian(from_patches, patches[index])
+        total = total + torch.einsum("kdl,kel->de", jac, jac)
+    torch.testing.assert_close(agop.layer_agop(model, x, conv), total / x.shape[0], rtol=1e-9, atol=1e-12)
 
 
 def test_fixed_tight_frame_head_makes_the_projection_nfa_exact():
