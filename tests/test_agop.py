@@ -79,6 +79,33 @@ def test_conv_agop_matches_an_explicitly_unfolded_patch_network(groups):
     torch.testing.assert_close(got.reshape(expected.shape), expected, rtol=1e-10, atol=1e-12)
 
 
+class _ChannelsLastMlp(nn.Module):
+    """A linear layer applied at every position of a [B, H, W, C] map, as in ConvNeXt blocks."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1, self.act, self.fc2 = nn.Linear(3, 5), nn.GELU(), nn.Linear(5, 4)
+
+    def forward(self, x):
+        return self.fc2(self.act(self.fc1(x)).mean(dim=(1, 2)))
+
+
+def test_linear_on_positions_sums_each_position_and_pools_per_channel():
+    torch.manual_seed(9)
+    net = _ChannelsLastMlp().double()
+    x, y = torch.randn(5, 2, 3, 3, dtype=torch.float64), torch.tensor([0, 1, 0, 1, 2])
+    total = 0
+    for image in x:
+        jac = torch.autograd.functional.jacobian(lambda v: net(v.unsqueeze(0))[0], image).reshape(4, -1, 3)
+        total = total + torch.einsum("kpc,kpe->ce", jac, jac)
+    torch.testing.assert_close(agop.layer_agop(net, x, net.fc1), total / x.shape[0], rtol=1e-10, atol=1e-12)
+    result = agop.dnc_decomposition(net, (x, y), net.fc1)
+    with torch.no_grad():
+        pooled_in, pooled_act = x.mean(dim=(1, 2)), net.act(net.fc1(x)).mean(dim=(1, 2))
+    expected = [nc_metrics(f, y, torch.zeros(3, f.shape[1]))["nc1_trace"] for f in (pooled_in, pooled_in @ net.fc1.weight.T, pooled_act)]
+    assert [result["nc1_trace_input"], result["nc1_trace_linear"], result["nc1_trace_output"]] == pytest.approx(expected, rel=1e-9)
+
+
 def test_balanced_deep_linear_network_agop_is_a_power_of_the_first_gram():
     torch.manual_seed(2)
     n, depth = 5, 3

@@ -41,9 +41,10 @@ def _channel_rows(t: torch.Tensor, module: nn.Module) -> torch.Tensor:
     return t.reshape(-1, t.shape[-1])
 
 
-def _pool(t: torch.Tensor) -> torch.Tensor:
-    """One vector per image: a map's channels averaged over positions ([B,C,H,W]: over H,W; [B,N,C]: over N)."""
-    if t.dim() == 4:
+def _pool(t: torch.Tensor, layer: nn.Module) -> torch.Tensor:
+    """One vector per image from a map laid out like ``layer``'s output: channels averaged over positions
+    (a convolution's [B, C, H, W] over H, W; a linear layer's [B, ..., C] over every middle axis)."""
+    if isinstance(layer, nn.Conv2d):
         return t.mean(dim=(2, 3))
     return t.reshape(t.shape[0], -1, t.shape[-1]).mean(dim=1)
 

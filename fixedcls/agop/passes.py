@@ -166,7 +166,7 @@ class _Tap:
             with torch.no_grad():
                 # W phi(x) is the pooled output less the bias; W @ mean patch on a few rows checks that the
                 # forward applies module.weight as stored, so W, the AGOP and the representations agree.
-                linear = _pool(output.detach()).to(_F64)
+                linear = _pool(output.detach(), module).to(_F64)
                 if module.bias is not None:
                     linear = linear - module.bias.detach().to(_F64)
                 groups, check = self.weight.shape[0], patch[:_CHECKED_ROWS].to(_F64)
@@ -190,7 +190,7 @@ class _Tap:
 
     def _on_activation(self, module, args, output) -> None:
         if self.labels is not None and self.pending is not None:
-            self.views["output"].add(_pool(output.detach()), self.labels)
+            self.views["output"].add(_pool(output.detach(), self.layer), self.labels)
             self.pending = None  # an activation module called again later in the block is not this layer's
 
     def add_gradients(self, grad: torch.Tensor) -> None:
