@@ -80,35 +80,18 @@ def _is_activation(module: nn.Module) -> bool:
     return isinstance(module, _TORCH_ACTIVATIONS) or type(module).__module__.startswith("timm.layers.activations")
 
 
-def _following_activation(parent: nn.Module, layer: nn.Module) -> nn.Module | None:
-    """The first activation registered after ``layer`` in its parent block, if no other linear map comes first."""
-    seen = False
-    for module in parent.modules():
-        if module is layer:
-            seen = True
-        elif seen and isinstance(module, (nn.Linear, nn.Conv2d)):
-            return None
-        elif seen and _is_activation(module):
-            return module
-    return None
-
-
-def _parent_of(root: nn.Module, layer: nn.Module) -> tuple[str, nn.Module]:
-    for name, module in root.named_modules():
-        if module is layer:
-            parent_name = name.rpartition(".")[0]
-            return name, root.get_submodule(parent_name)
-    raise FixedclsError(f"agop: the layer {type(layer).__name__} is not a submodule of the model; pass a module of this model.")
-
-
-def _eligible(root: nn.Module) -> list[tuple[str, nn.Module]]:
-    """(path, layer) of every conv / linear in ``root`` that an activation follows in its own block."""
-    found = []
-    for name, module in root.named_modules():
+def following_activations(root: nn.Module) -> dict[nn.Module, nn.Module]:
+    """{layer: activation} for every conv / linear of ``root`` whose next module in registration order,
+    among convs, linears and activations, is an activation: the layer's nonlinearity (its BatchNorm, an
+    eval-mode affine map, may sit in between).  A layer followed by another linear map first has none."""
+    found: dict[nn.Module, nn.Module] = {}
+    pending = None
+    for module in root.modules():
         if isinstance(module, (nn.Linear, nn.Conv2d)):
-            parent = root.get_submodule(name.rpartition(".")[0])
-            if _following_activation(parent, module) is not None:
-                found.append((name, module))
+            pending = module
+        elif pending is not None and _is_activation(module):
+            found[pending] = module
+            pending = None
     return found
 
 
@@ -125,10 +108,11 @@ def representative_layers(model: nn.Module, stages) -> dict[str, nn.Module]:
     ``stages``: indices into ``model.backbone.feature_info`` (negative allowed; the same ``i`` as
     ``collapse``'s ``layer<i>/nc1``, since timm's ``forward_intermediates`` follows feature_info), their
     module names (``"layer1"``, ``"stages.2"``), or ``"all"``.  The rule: among the stage's conv / linear
-    layers that an activation follows inside their own block (so dnc_decomposition has an output after the
-    nonlinearity), the first one of the stage's last block -- in a ResNet the ``conv1`` of the last block,
-    whose input is the stage's representation before that block.  A stage module without such layers
-    (ResNet's stem entry ``act1``) takes the last eligible layer registered before it (the stem conv).
+    layers that an activation follows (:func:`following_activations`, so dnc_decomposition has an output
+    after the nonlinearity), the first one of the stage's last block -- in a ResNet the ``conv1`` of the
+    last block, whose input is the stage's representation before that block.  A stage module without
+    such layers (ResNet's stem entry ``act1``) takes the last such layer registered before it (the stem's
+    last conv).
     """
     core = _unwrap(model)
     backbone = getattr(core, "backbone", core)
@@ -140,8 +124,9 @@ def representative_layers(model: nn.Module, stages) -> dict[str, nn.Module]:
     if not items:
         raise FixedclsError("representative_layers: no stages given; pass stage indices, feature_info module names or 'all'.")
     chosen: dict[str, nn.Module] = {}
-    every = _eligible(backbone)
-    order = [name for name, _ in backbone.named_modules()]
+    activations = following_activations(backbone)
+    every = [(path, m) for path, m in backbone.named_modules() if m in activations]  # registration order
+    position = {path: i for i, (path, _) in enumerate(backbone.named_modules())}
     for item in items:
         if isinstance(item, str) and not item.lstrip("-").isdigit():
             if item not in names:
@@ -157,7 +142,7 @@ def representative_layers(model: nn.Module, stages) -> dict[str, nn.Module]:
             last_block = _block_of(inside[-1][0])
             chosen[f"layer{index}"] = next(m for p, m in inside if _block_of(p) == last_block)
             continue
-        before = [(p, m) for p, m in every if order.index(p) < order.index(stage)]
+        before = [(p, m) for p, m in every if position[p] < position[stage]]
         if not before:
             raise FixedclsError(f"representative_layers: stage {stage!r} has no conv / linear layer followed by an activation; pass {{label: module}} layers.")
         chosen[f"layer{index}"] = before[-1][1]

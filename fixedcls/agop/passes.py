@@ -13,7 +13,7 @@ from torch import nn
 
 from ..collapse import _unwrap
 from ..errors import FixedclsError
-from .layers import _channel_rows, _check_layer, _following_activation, _groups, _mean_patch, _parent_of, _pool, _weight_blocks
+from .layers import _channel_rows, _check_layer, _groups, _mean_patch, _pool, _weight_blocks, following_activations
 
 _F64 = torch.float64
 _NAN = float("nan")
@@ -265,16 +265,18 @@ def _run(model, inputs, layers: Mapping[str, nn.Module], *, grads: bool, dnc: bo
     core = _unwrap(model)
     m = _check_probes(probes)
     taps = []
+    names = {module: name for name, module in core.named_modules()}
+    followers = following_activations(core) if dnc else {}
     for label, layer in layers.items():
         _check_layer(layer, f"agop layer {label}")
-        activation = None
-        if dnc:
-            activation = (activations or {}).get(label)
-            if activation is None:
-                name, parent = _parent_of(core, layer)
-                activation = _following_activation(parent, layer)
-                if activation is None:
-                    raise FixedclsError(f"agop: no activation follows layer {label} ({name}) in its block; pass activation=<module> whose output is the layer's output after the nonlinearity.")
+        if layer not in names:
+            raise FixedclsError(f"agop: layer {label} ({type(layer).__name__}) is not a submodule of the model; pass modules of this model.")
+        activation = ((activations or {}).get(label) or followers.get(layer)) if dnc else None
+        if dnc and activation is None:
+            raise FixedclsError(
+                f"agop: no activation follows layer {label} ({names[layer]}) before the next linear map; "
+                "pass activation=<module> whose output is the layer's output after the nonlinearity."
+            )
         taps.append(_Tap(label, layer, activation, grads=grads))
     gen = torch.Generator().manual_seed(int(seed) + 1)  # independent of the subset's stream
     device = _model_device(core)
