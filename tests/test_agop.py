@@ -132,6 +132,14 @@ def test_classifier_head_paths_match_brute_force(head, dim):
     torch.testing.assert_close(agop.layer_agop(model, x, model.proj), expected, rtol=1e-9, atol=1e-12)
 
 
+def test_a_learned_head_is_measured_from_the_logits():
+    torch.manual_seed(4)
+    model = create_model("test_resnet", head="learned", num_classes=5, in_chans=1).double().eval()
+    x = torch.randn(3, 1, 16, 16, dtype=torch.float64)
+    expected = _brute_agop(model.head, model.forward_features(x))
+    torch.testing.assert_close(agop.layer_agop(model, x, model.head), expected, rtol=1e-9, atol=1e-12)
+
+
 def test_stage_layer_matches_brute_force_through_the_backbone():
     torch.manual_seed(8)
     model = create_model("test_resnet", head="simplex", num_classes=4, in_chans=1).double().eval()
@@ -282,6 +290,10 @@ def test_bad_input_gets_one_line_errors():
         agop.dnc_decomposition(model, x, model[2])
     with pytest.raises(FixedclsError, match="no activation follows"):
         agop.dnc_decomposition(model, (x, torch.arange(4) % 2), model[4])
+    with pytest.raises(FixedclsError, match="did not run after it"):
+        agop.dnc_decomposition(model, (x, torch.arange(4) % 2), model[2], activation=nn.ReLU())
+    with pytest.raises(FixedclsError, match="not a submodule"):
+        agop.layer_agop(model, x, nn.Linear(7, 6).double())
     std = nn.Sequential(StdConv2d(2, 3, 3), nn.ReLU(), nn.Flatten(), nn.Linear(3 * 4 * 4, 2))
     with pytest.raises(FixedclsError, match="does not apply module.weight"):
         agop.measure_agop(std, (torch.randn(4, 2, 6, 6), torch.arange(4) % 2), {"std": std[0]})

@@ -151,6 +151,14 @@ class _Tap:
     def start_batch(self, labels: torch.Tensor | None) -> None:
         self.labels, self.output, self.calls, self.pending = labels, None, 0, None
 
+    def finish_batch(self) -> None:
+        if self.pending is not None:
+            raise FixedclsError(
+                f"agop: the activation {type(self.activation).__name__} given for layer {self.label} did not run after it; "
+                "pass the module applied to the layer's output."
+            )
+        self.output = None
+
     def _on_input(self, module, args) -> None:
         if self.labels is None:
             return
@@ -224,14 +232,15 @@ def _check_probes(probes) -> int | None:
     return int(probes)
 
 
-def _output_factor(core: nn.Module, x: torch.Tensor, probes: int | None, gen: torch.Generator):
+def _output_factor(core: nn.Module, x: torch.Tensor, probes: int | None, gen: torch.Generator, *, through_head: bool):
     """(out, F): the tensor the backward passes start from and F [B, r, dim(out)] with
     sum_l F_l^T F_l = J^T J, J the Jacobian of the logits with respect to ``out`` (exact), or its
     Rademacher sketch V^T J / sqrt(m) (probes=m).  For a Classifier ``out`` is the head's input h and J
-    comes from the tiny head alone, so a d < K head (d-cube) needs only d passes through the backbone.
+    comes from the tiny head alone, so a d < K head (d-cube) needs only d passes through the backbone;
+    ``through_head`` (a measured layer inside the head) starts at the logits instead.
     """
     head = getattr(core, "head", None)
-    if head is not None and callable(getattr(core, "forward_features", None)):
+    if head is not None and callable(getattr(core, "forward_features", None)) and not through_head:
         out = core.forward_features(x)
         h = out.detach().requires_grad_(True)
         logits = head(h)
@@ -263,7 +272,7 @@ def _run(model, inputs, layers: Mapping[str, nn.Module], *, grads: bool, dnc: bo
          probes="exact", samples=None, seed=0, batch_size=256) -> list[_Tap]:  # fmt: skip
     """One pass over the samples feeding every layer's _Tap; the taps come back closed."""
     core = _unwrap(model)
-    m = _check_probes(probes)
+    probe_count = _check_probes(probes)
     taps = []
     names = {module: name for name, module in core.named_modules()}
     followers = following_activations(core) if dnc else {}
@@ -278,6 +287,8 @@ def _run(model, inputs, layers: Mapping[str, nn.Module], *, grads: bool, dnc: bo
                 "pass activation=<module> whose output is the layer's output after the nonlinearity."
             )
         taps.append(_Tap(label, layer, activation, grads=grads))
+    head = getattr(core, "head", None)
+    in_head = isinstance(head, nn.Module) and any(tap.layer is module for tap in taps for module in head.modules())
     gen = torch.Generator().manual_seed(int(seed) + 1)  # independent of the subset's stream
     device = _model_device(core)
     try:
@@ -292,20 +303,25 @@ def _run(model, inputs, layers: Mapping[str, nn.Module], *, grads: bool, dnc: bo
                 if not grads:
                     with torch.no_grad():
                         core(x)
-                    continue
-                with torch.enable_grad():
-                    out, factor = _output_factor(core, x, m, gen)
-                    outputs = [tap.output for tap in taps]
-                    missing = [tap.label for tap, o in zip(taps, outputs, strict=True) if o is None or not o.requires_grad]
-                    if missing:
-                        raise FixedclsError(f"agop: layers {missing} do not run in the model's forward before its output; pick layers of this model.")
-                    for row in range(factor.shape[1]):
-                        grads_at = torch.autograd.grad(out, outputs, grad_outputs=factor[:, row], retain_graph=row + 1 < factor.shape[1])
-                        for tap, g in zip(taps, grads_at, strict=True):
-                            tap.add_gradients(g)
+                else:
+                    _backward_passes(core, x, taps, probe_count, gen, through_head=in_head)
                 for tap in taps:
-                    tap.output = None
+                    tap.finish_batch()
     finally:
         for tap in taps:
             tap.close()
     return taps
+
+
+def _backward_passes(core: nn.Module, x: torch.Tensor, taps: list[_Tap], probes: int | None, gen, *, through_head: bool) -> None:
+    """One forward, then one backward pass per row of the output factor, feeding every tap's gradients."""
+    with torch.enable_grad():
+        out, factor = _output_factor(core, x, probes, gen, through_head=through_head)
+        outputs = [tap.output for tap in taps]
+        missing = [tap.label for tap, o in zip(taps, outputs, strict=True) if o is None]
+        if missing:
+            raise FixedclsError(f"agop: layers {missing} do not run in the model's forward; pick layers the forward uses.")
+        for row in range(factor.shape[1]):
+            grads_at = torch.autograd.grad(out, outputs, grad_outputs=factor[:, row], retain_graph=row + 1 < factor.shape[1])
+            for tap, g in zip(taps, grads_at, strict=True):
+                tap.add_gradients(g)
