@@ -292,6 +292,8 @@ def test_bad_input_gets_one_line_errors():
         agop.dnc_decomposition(model, (x, torch.arange(4) % 2), model[4])
     with pytest.raises(FixedclsError, match="did not run after it"):
         agop.dnc_decomposition(model, (x, torch.arange(4) % 2), model[2], activation=nn.ReLU())
+    with pytest.raises(FixedclsError, match="labels must be class indices"):
+        agop.dnc_decomposition(model, (x, torch.tensor([0, 1, -1, 0])), model[0])
     with pytest.raises(FixedclsError, match="not a submodule"):
         agop.layer_agop(model, x, nn.Linear(7, 6).double())
     std = nn.Sequential(StdConv2d(2, 3, 3), nn.ReLU(), nn.Flatten(), nn.Linear(3 * 4 * 4, 2))

@@ -79,6 +79,8 @@ def measure_agop(model: nn.Module, loader_or_batch, layers, samples: int = 512, 
     ``agop/<layer>/linear_share`` for every layer, from one pass over a fixed seeded subset of ``samples``.
 
     ``layers``: ``{label: module}``, or stages for :func:`representative_layers` (indices, names, "all").
+    ``probes``: ``"exact"`` (min(K, d) backward passes per batch) or m Rademacher probes (m passes; the
+    sketch's noise biases the correlations low) -- docs/agop.md weighs the two against an epoch's cost.
     The model's train/eval flags and the global torch / python / numpy RNG states are left as found.
     """
     chosen = dict(layers) if isinstance(layers, Mapping) else representative_layers(model, layers)

@@ -106,6 +106,8 @@ class _ClassScatter:
 
     def add(self, x: torch.Tensor, y: torch.Tensor) -> None:
         x, y = x.detach().to("cpu", _F64), y.to("cpu", torch.long)
+        if int(y.min()) < 0:
+            raise FixedclsError(f"agop: labels must be class indices >= 0, got {int(y.min())}; pass integer labels 0..K-1.")
         k = max(int(y.max()) + 1, self.counts.numel())
         if self.means.shape != (k, x.shape[1]):
             grow = k - self.counts.numel()
