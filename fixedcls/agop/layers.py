@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..collapse import _unwrap  # the one DDP / torch.compile unwrap of the package
+from ..runtime import unwrap as _unwrap  # the one DDP / torch.compile / EMA unwrap
 from ..errors import FixedclsError
 
 _F64 = torch.float64

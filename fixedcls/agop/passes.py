@@ -11,7 +11,7 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
-from ..collapse import _unwrap
+from ..runtime import unwrap as _unwrap
 from ..errors import FixedclsError
 from .layers import _channel_rows, _check_layer, _groups, _mean_patch, _pool, _weight_blocks, following_activations
 
