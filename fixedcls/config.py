@@ -132,6 +132,16 @@ class CheckpointConfig:
 
 
 @dataclass
+class AgopConfig:
+    """Per-stage AGOP and Neural Feature Ansatz measures during training (docs/agop.md); off while layers is empty."""
+
+    layers: List[str] = field(default_factory=list)  # timm stages: indices (0 = stem, 1..4 for a ResNet), names, or all
+    every: int = 1  # epochs between measurements (the last epoch is always measured)
+    samples: int = 512  # a fixed, seeded subset of the training split
+    probes: Optional[int] = 1  # Rademacher probes per sample; null = exact (min(K, d) backward passes)
+
+
+@dataclass
 class CollapseConfig:
     every: int = 1  # epochs between measurements; 0 turns measurement off
     mode: CollapseMode = CollapseMode.exact
@@ -142,6 +152,7 @@ class CollapseConfig:
         default_factory=lambda: {"nc1": 0.1, "nc2_etf_error": 0.2, "nc3": 0.1, "nc4": 0.01, "proto_cos": 0.9}
     )
     plot: bool = True
+    agop: AgopConfig = field(default_factory=AgopConfig)
 
 
 @dataclass

@@ -296,6 +296,8 @@ def end_of_epoch(run: TrainingRun, loop: LoopState, autocast, snapshot: Callable
     measured = time.perf_counter()
     if due:
         row.update(measure_collapse(run, model, online, test_means))
+    if settings.agop.layers and collapse_due(settings.agop, loop.epoch, epochs) and world.is_main:
+        row.update(measure_agop(run, model))  # no collective inside: rank 0 measures the unwrapped model alone
     collapse_seconds = time.perf_counter() - measured
     loop.history.append(row)
     if run.scheduler is not None:
@@ -334,12 +336,23 @@ def measure_collapse(run: TrainingRun, model: nn.Module, online: Optional[dict],
     return row
 
 
+def measure_agop(run: TrainingRun, model: nn.Module) -> dict:
+    """`agop/<stage>/...` of the epoch on a fixed seeded subset of the training split (docs/agop.md)."""
+    from . import agop
+
+    settings = run.collapse.agop
+    stages = [int(s) if str(s).lstrip("-").isdigit() else str(s) for s in settings.layers]
+    stages = "all" if stages == ["all"] else stages
+    return agop.measure_agop(model, run.train_eval_loader, agop.representative_layers(model, stages),
+                             samples=settings.samples, probes="exact" if settings.probes is None else settings.probes)
+
+
 def finish(run: TrainingRun, loop: LoopState) -> dict:
     """The run's summary, plot and end-of-run tracker tables (rank 0 writes them)."""
     model, history = unwrap(run.model), loop.history
     summary = {**run.run_info, **summarize(history, run.collapse, model, loop.epoch_seconds, run.title)}
     if run.world.is_main:
-        if run.collapse.plot and any(k.startswith("collapse") for row in history for k in row):
+        if run.collapse.plot and any(k.startswith(("collapse", "agop/")) for row in history for k in row):
             plot = _tolerate("plotting collapse", collapse_report.plot_collapse, history, Path(run.run_dir) / "collapse.png",
                              run.title or "collapse")
             if plot is not None:

@@ -299,3 +299,18 @@ def test_bad_input_gets_one_line_errors():
     std = nn.Sequential(StdConv2d(2, 3, 3), nn.ReLU(), nn.Flatten(), nn.Linear(3 * 4 * 4, 2))
     with pytest.raises(FixedclsError, match="does not apply module.weight"):
         agop.measure_agop(std, (torch.randn(4, 2, 6, 6), torch.arange(4) % 2), {"std": std[0]})
+
+
+def test_a_training_run_logs_the_agop_keys_and_plots_them(tmp_path):
+    """collapse.agop.layers set: every epoch row holds agop/<stage>/{nfa_corr, nfa_corr_sqrt, linear_share}."""
+    import json
+    import math
+
+    from utils import train_tiny
+
+    train_tiny(tmp_path, ["collapse.agop.layers=[1,2]", "collapse.agop.samples=32", "collapse.every=0"])
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    keys = {f"agop/layer{i}/{m}" for i in (1, 2) for m in ("nfa_corr", "nfa_corr_sqrt", "linear_share")}
+    assert len(rows) == 2 and all(keys <= set(row) for row in rows)
+    assert all(-1.0 <= rows[-1][k] <= 1.0 for k in keys if "nfa" in k and math.isfinite(rows[-1][k]))
+    assert (tmp_path / "run" / "collapse.png").is_file()  # plotted even with the collapse measures off

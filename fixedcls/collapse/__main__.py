@@ -23,6 +23,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--layers", type=stage_list, default=None, help="backbone stages for deep collapse, e.g. 0,1,2,3 or all")
     parser.add_argument("--device", default="cpu", help="auto, cpu, cuda or cuda:N")
     parser.add_argument("--data-root", default=None, help="where the run's dataset lives on this machine")
+    parser.add_argument("--agop", type=stage_list, nargs="?", const="all", default=None, metavar="STAGES",
+                        help="also the per-stage AGOP measures (docs/agop.md), exact, on the train split: "
+                             "stages such as 1,2,3,4 (default all)")
+    parser.add_argument("--agop-samples", type=positive_int, default=512, help="seeded subset size for --agop")
     parser.add_argument("--json", type=output_file, default=None, help="also write the measures to this JSON file")
     return parser
 
@@ -40,6 +44,12 @@ def measure(args) -> int:
         loader = DataLoader(splits[split], batch_size=cfg.data.eval_batch_size, shuffle=False)
         values = measure_model(model, loader, device=device, max_samples=args.max_samples, layers=args.layers)
         results.update({prefixes[split] + key: value for key, value in values.items()})
+    if args.agop is not None:
+        from .. import agop
+
+        layers = agop.representative_layers(model, args.agop)
+        results.update(agop.measure_agop(model, DataLoader(bundle.train_eval, batch_size=cfg.data.eval_batch_size),
+                                         layers, samples=args.agop_samples, probes="exact"))
     print(f"{args.checkpoint}: {cfg.head.name} head on {cfg.model.backbone}, {cfg.data.name}")
     print(format_table(results))
     if args.json:

@@ -116,6 +116,22 @@ def _series(history: Sequence[Mapping], key: str, complement: bool = False) -> t
 
 
 _LAYER_KEY = re.compile(r"^layer(-?\d+)/nc1$")
+#: Per-stage AGOP measures (docs/agop.md), drawn on a linear scale beside the layer-wise NC1.
+_AGOP_PANELS: tuple[tuple[str, str], ...] = (
+    ("nfa_corr_sqrt", "NFA correlation (AGOP^1/2) per stage"),
+    ("linear_share", "linear share of NC1 reduction per stage"),
+)
+_AGOP_KEY = re.compile(r"^agop/(.+)/([a-z_]+)$")
+
+
+def _linear_series(history: Sequence[Mapping], key: str) -> tuple[list, list]:
+    xs, ys = [], []
+    for i, row in enumerate(history):
+        v = row.get(key)
+        if _finite(v):
+            xs.append(row.get("epoch", i))
+            ys.append(float(v))
+    return xs, ys
 
 
 def plot_collapse(
@@ -159,6 +175,12 @@ def plot_collapse(
                     lines.append((xs, ys, f"stage {stage}"))
             if lines:
                 panels.append((f"deep NC1 per stage ({split})", lines))
+        agop_stages = sorted({m.group(1) for row in history for k in row if (m := _AGOP_KEY.match(k))})
+        for measure, label in _AGOP_PANELS:
+            lines = [(*_linear_series(history, f"agop/{stage}/{measure}"), stage) for stage in agop_stages]
+            lines = [line for line in lines if line[0]]
+            if lines:
+                panels.append((label, lines, "linear"))
         if not panels:
             raise ValueError("no collapse measures in the history")
         ncols = min(4, len(panels))
@@ -170,10 +192,10 @@ def plot_collapse(
         fig.subplots_adjust(left=0.8 / width, right=1 - 0.15 / width, bottom=0.45 / height, top=1 - 0.65 / height,
                             wspace=0.38, hspace=0.55)
         axes = fig.subplots(nrows, ncols, squeeze=False).ravel()
-        for ax, (label, lines) in zip(axes, panels):
+        for ax, (label, lines, *scale) in zip(axes, panels):
             for xs, ys, name in lines:
                 ax.plot(xs, ys, marker="o", markersize=2.5, linestyle="--" if name == "test" else "-", label=name)
-            ax.set_yscale("log")
+            ax.set_yscale(scale[0] if scale else "log")
             ax.set_title(label, fontsize=9)
             ax.set_xlabel("epoch", fontsize=8)
             ax.grid(True, which="both", alpha=0.3)
