@@ -21,7 +21,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from . import checkpoint as ckpt
-from .config import Config, register_configs
+from .config import Config, register_configs, validate_config, value_problem
 from .data import create_data, create_loaders, targets_of
 from .distributed import World, close_world, init_world, worker_hydra_args
 from .engine import CollapseSettings, TrainingInterrupted, autocast_for, fit, resolve_device
@@ -124,6 +124,7 @@ def check_resume_matches(state: dict, meta: dict, path: Path) -> None:
 
 def train(cfg: DictConfig, run_dir: str | Path) -> dict:
     """Build everything `cfg` names and train. Returns the run summary (also written to summary.json)."""
+    validate_config(cfg)
     run_dir = Path(run_dir)
     device = resolve_device(_choice(cfg.trainer.device))
     precision = _choice(cfg.trainer.precision)
@@ -359,6 +360,8 @@ def check_overrides(args: list[str]) -> Optional[str]:
         except Exception as error:
             reason = " ".join(str(error).split("\n")[0].split())
             return f"{arg}: {reason}"
+        if (problem := value_problem(key, OmegaConf.select(schema, key))) is not None:
+            return problem
     return None
 
 
