@@ -24,6 +24,7 @@ Choices made here, for the rules that are not plain ranges:
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import functools
 import math
@@ -116,14 +117,18 @@ def one_of(*choices: str) -> OneOf:
     return OneOf(tuple(choices))
 
 
-def checked(default: Any = MISSING, rule: Any = None, *, factory: Any = MISSING, why: str = "") -> Any:
-    """A dataclass field whose value must satisfy `rule` (None is always allowed for Optional fields)."""
-    return field(default=default, default_factory=factory, metadata={RULE: rule, "why": why})
+def checked(default: Any, rule: Any, *, why: str = "") -> Any:
+    """A dataclass field whose value must satisfy `rule` (None is always allowed for Optional fields);
+    `why` says in a few words what the range protects. A list or dict default is copied for each instance."""
+    metadata = {RULE: rule, "why": why}
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: copy.deepcopy(default), metadata=metadata)
+    return field(default=default, metadata=metadata)
 
 
 # numpy's seed range; torch and random take it too.
 SEED = integer(0, 2**32 - 1)
-PROBABILITY_BELOW_ONE = real(0, below=1)
+FRACTION_BELOW_ONE = real(0, below=1)  # [0, 1): probabilities, decays, momentum
 
 
 class Precision(str, Enum):
@@ -164,7 +169,7 @@ class ModelConfig:
     backbone: str = "resnet18"  # any timm model name (checked by fixedcls.model.check_backbone)
     dim: Optional[int] = checked(None, integer(1))  # feature dimension d; None = natural dimension of the head
     pretrained: bool = False
-    drop_rate: float = checked(0.0, PROBABILITY_BELOW_ONE)
+    drop_rate: float = checked(0.0, FRACTION_BELOW_ONE)
     init_from: Optional[str] = None  # a checkpoint whose model weights are loaded before training (fine-tuning)
 
 
@@ -202,7 +207,7 @@ class OptimConfig:
     name: str = "sgd"  # any timm optimizer name
     lr: float = checked(0.05, real(0))
     weight_decay: float = checked(5e-4, real(0))
-    momentum: float = checked(0.9, PROBABILITY_BELOW_ONE)
+    momentum: float = checked(0.9, FRACTION_BELOW_ONE)
 
 
 @dataclass
@@ -221,11 +226,11 @@ class TrainerConfig:
     precision: Precision = Precision.fp32
     device: Device = Device.auto
     loss: str = "ce"  # ce or dot_regression
-    label_smoothing: float = checked(0.0, PROBABILITY_BELOW_ONE, why="1 would make every target uniform")
+    label_smoothing: float = checked(0.0, FRACTION_BELOW_ONE, why="1 would make every target uniform")
     grad_accum: int = checked(1, integer(1), why="batches whose gradients add up to one optimizer step")
     clip_grad: Optional[float] = checked(None, real(above=0))  # max gradient norm; None: no clipping
     ema: bool = False
-    ema_decay: float = checked(0.998, PROBABILITY_BELOW_ONE)
+    ema_decay: float = checked(0.998, FRACTION_BELOW_ONE)
     channels_last: bool = False
     compile: bool = False
     max_nonfinite: int = checked(5, integer(1), why="skipped non-finite steps in a row before the run stops")
@@ -249,12 +254,11 @@ class CheckpointConfig:
 class CollapseConfig:
     every: int = checked(1, integer(0))  # epochs between measurements; 0 turns measurement off
     mode: CollapseMode = CollapseMode.exact
-    splits: List[str] = checked(rule=Each(one_of("train", "test")), factory=lambda: ["train", "test"])
+    splits: List[str] = checked(["train", "test"], Each(one_of("train", "test")))
     max_samples: Optional[int] = checked(None, integer(1))
     layers: List[int] = field(default_factory=list)  # backbone stages for deep collapse (negative: from the end)
     thresholds: Dict[str, float] = checked(
-        rule=Each(real(), "mapping"),
-        factory=lambda: {"nc1": 0.1, "nc2_etf_error": 0.2, "nc3": 0.1, "nc4": 0.01, "proto_cos": 0.9},
+        {"nc1": 0.1, "nc2_etf_error": 0.2, "nc3": 0.1, "nc4": 0.01, "proto_cos": 0.9}, Each(real(), "mapping")
     )
     plot: bool = True
 
@@ -275,8 +279,7 @@ class LoggerConfig:
 class GenerationsConfig:
     """Model generations trained in sequence by `fixedcls-compat train` (CoReS / CL2R); fixedcls-train ignores it."""
 
-    # the classes each generation adds
-    tasks: List[List[int]] = checked(rule=Each(Each(integer(0))), factory=list)
+    tasks: List[List[int]] = checked([], Each(Each(integer(0))))  # the classes each generation adds
     protocol: str = "cumulative"  # cumulative: from scratch on all classes so far; finetune: from the previous model
     backbones: Optional[List[str]] = None  # one per generation; None = model.backbone for all
     query: str = "test"  # split embedded by the newer model of each pair
@@ -362,7 +365,8 @@ def value_problem(key: str, value: Any) -> Optional[str]:
     if isinstance(rule, Each) and rule.container == "mapping" and isinstance(value, dict):
         # Name the one bad entry: the whole mapping would bury it.
         name, entry = next((k, v) for k, v in value.items() if not rule.rule.allows(v))
-        fix = f"e.g. {key}.{name}={_as_override(default[name])} (the default)" if name in default else f"set one, or drop {key}.{name}"
+        fix = (f"e.g. {key}.{name}={_as_override(default[name])} (the default)" if name in default
+               else f"set one, or drop {key}.{name}")
         return f"{key}.{name}={_as_override(entry)} is out of range: it must be {rule.rule}; {fix}"
     why = f" ({each.metadata['why']})" if each.metadata.get("why") else ""
     if isinstance(rule, Each) and isinstance(value, (list, tuple)):
@@ -380,6 +384,9 @@ def validate_config(cfg) -> None:
     """
     from omegaconf import OmegaConf
 
+    from .data import check_data_config
+    from .model import check_backbone
+
     for key in _checked_fields_of_config():
         try:
             value = OmegaConf.select(cfg, key, throw_on_missing=False)
@@ -388,8 +395,5 @@ def validate_config(cfg) -> None:
         problem = value_problem(key, value)
         if problem is not None:
             raise FixedclsError(problem)
-    from .data import check_data_config
-    from .model import check_backbone
-
     check_data_config(cfg.data)
     check_backbone(cfg.model.backbone)
