@@ -181,7 +181,7 @@ class DataConfig:
     num_classes: Optional[int] = checked(None, integer(2))  # None = what the dataset has
     img_size: int = checked(32, integer(1))
     in_chans: int = checked(3, integer(1))  # image folders: 1 (files read as L) or 3 (RGB)
-    batch_size: int = checked(64, integer(1))
+    batch_size: int = checked(64, integer(2), why="BatchNorm cannot train on a batch of one sample")
     eval_batch_size: int = checked(256, integer(1))
     num_workers: int = checked(0, integer(0))
     augment: bool = True

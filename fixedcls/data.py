@@ -192,6 +192,13 @@ def _digits(cfg) -> DataBundle:
         members = (labels == c).nonzero().flatten()
         members = members[torch.randperm(len(members), generator=generator)]
         n_test = round(len(members) * cfg.test_fraction)
+        if not 0 < n_test < len(members):  # an empty split: evaluation and collapse would measure nothing
+            smallest = min(int((labels == k).sum()) for k in range(10))
+            raise FixedclsError(
+                f"data.test_fraction={cfg.test_fraction} leaves digit {c} ({len(members)} images) with "
+                f"{n_test} test and {len(members) - n_test} training images: set data.test_fraction between "
+                f"{math.ceil(1000 / smallest) / 1000} and {math.floor(1000 * (smallest - 1) / smallest) / 1000}"
+            )
         test_idx.append(members[:n_test])
         train_idx.append(members[n_test:])
     train_idx, test_idx = torch.cat(train_idx).sort().values, torch.cat(test_idx).sort().values

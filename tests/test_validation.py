@@ -38,7 +38,8 @@ def refusal(overrides: list[str]) -> str:
 # (overrides, what the one line must hold); the second item of each key=value is its value as written back.
 OUT_OF_RANGE = [
     # tracebacks before (ZeroDivisionError, DataLoader, torch.set_num_threads, CrossEntropyLoss, SGD, ...)
-    (["data.batch_size=0"], ["data.batch_size=0", ">= 1"]),
+    (["data.batch_size=0"], ["data.batch_size=0", ">= 2"]),
+    (["data.batch_size=1"], ["data.batch_size=1", ">= 2", "BatchNorm"]),
     (["data.eval_batch_size=0"], ["data.eval_batch_size=0", ">= 1"]),
     (["trainer.grad_accum=0"], ["trainer.grad_accum=0", ">= 1", "trainer.grad_accum=1"]),
     (["data.img_size=0"], ["data.img_size=0", ">= 1"]),
@@ -85,7 +86,7 @@ def test_the_command_line_check_refuses_the_same_values_before_hydra_starts(over
 
 def test_values_on_the_edge_of_each_range_are_accepted():
     validate_config(compose_config([
-        "data.batch_size=1", "data.num_workers=0", "trainer.label_smoothing=0.99", "trainer.ema_decay=0",
+        "data.batch_size=2", "data.num_workers=0", "trainer.label_smoothing=0.99", "trainer.ema_decay=0",
         "sched.warmup_epochs=0", "collapse.every=0", "collapse.splits=[test]", "checkpoint.keep=1", "optim.lr=0",
         "trainer.grad_accum=1", "trainer.threads=1", "seed=4294967295", "head=learned", "model.dim=1",
         "data.std=[0.5]", "sched.decay_rate=1e32",
@@ -149,6 +150,14 @@ def test_an_rgb_image_folder_trains_a_one_channel_model(tmp_path):
     cfg = compose_config(IMAGES + QUICK + [f"data.root={root}", "data.in_chans=1"], tiny=False, tmp_path=tmp_path)
     summary = train(cfg, tmp_path / "run")
     assert summary["epochs"] == 1
+
+
+@pytest.mark.parametrize("fraction", ["0.001", "0.999"])
+def test_a_digits_split_that_leaves_a_class_empty_is_refused(fraction):
+    from fixedcls.data import create_data
+
+    with pytest.raises(FixedclsError, match=rf"data.test_fraction={fraction} leaves digit \d .* between 0.006 and 0.994"):
+        create_data(compose_config([f"data.test_fraction={fraction}"], tiny=False).data)
 
 
 # ------------------------------------------------------------------ the checkpoint folder
