@@ -246,7 +246,8 @@ class CheckpointConfig:
     dir: Optional[str] = None  # None: <root>/<run name>
     # per-epoch checkpoints kept besides last.pt and best.pt
     keep: int = checked(2, integer(1), why="last.pt is a link to the newest epoch file, so one is always kept")
-    best_metric: str = "test/acc"
+    best_metric: str = checked("test/acc", one_of("test/acc", "test/loss", "train/acc", "train/loss"),
+                               why="another name would never write best.pt")
     background: bool = True  # write epoch checkpoints in a thread while the next epoch trains (still atomic)
 
 

@@ -66,6 +66,7 @@ OUT_OF_RANGE = [
     (["data.std=[0.5,0]"], ["data.std=[0.5,0]", "> 0"]),
     (["data.classes=[-1]"], ["data.classes=[-1]", ">= 0"]),
     (["head.num_prototypes=1"], ["head.num_prototypes=1", ">= 2"]),
+    (["checkpoint.best_metric=test/accuracy"], ["checkpoint.best_metric=test/accuracy", "test/acc, test/loss"]),
     (["collapse.thresholds.nc1=inf"], ["collapse.thresholds.nc1=inf", "finite", "collapse.thresholds.nc1=0.1"]),
 ]
 
