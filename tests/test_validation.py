@@ -35,7 +35,7 @@ def refusal(overrides: list[str]) -> str:
     return message
 
 
-# (overrides, what the one line must hold); the second item of each key=value is its value as written back.
+# (overrides, what the one line must hold): the key=value as given, the valid range, and a value that works.
 OUT_OF_RANGE = [
     # tracebacks before (ZeroDivisionError, DataLoader, torch.set_num_threads, CrossEntropyLoss, SGD, ...)
     (["data.batch_size=0"], ["data.batch_size=0", ">= 2"]),
