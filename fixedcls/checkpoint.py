@@ -249,7 +249,44 @@ def resolve(root: str | Path, name: str, explicit_dir: Optional[str], resume: Op
     - resume=<file or folder>: load it (a folder: its newest good checkpoint); save next to it.
     - resume=auto: the newest good checkpoint of this run name (or of checkpoint.dir); none -> a fresh run.
     - no resume: a fresh run never overwrites another run's checkpoints; a taken name gets a suffix -2, -3...
+
+    `root` and `explicit_dir` may start with ~. The directory chosen must be writable (see `ensure_writable`).
     """
+    root = Path(root).expanduser()
+    explicit_dir = str(Path(explicit_dir).expanduser()) if explicit_dir else explicit_dir
+    directory, resume_path = _choose(root, name, explicit_dir, resume, warn)
+    ensure_writable(directory)
+    return directory, resume_path
+
+
+def ensure_writable(directory: Path) -> None:
+    """Fail at start-up if checkpoints cannot be written to `directory` (created, probed, left as found).
+
+    A failed checkpoint write only warns, so that a full disk does not kill a long run; a folder that was
+    never writable would otherwise train the whole run and end with no checkpoint at all.
+    """
+    directory = Path(directory)
+    fix = "set checkpoint.dir (or checkpoint.root) to a folder you can write"
+    blocking_file = next((p for p in (directory, *directory.parents) if p.exists() and not p.is_dir()), None)
+    if blocking_file is not None:
+        where = "is a file" if blocking_file == directory else f"is under {blocking_file}, which is a file"
+        raise FixedclsError(f"checkpoint folder {directory} {where}, not a folder: {fix}")
+    created = [p for p in (directory, *directory.parents) if not p.exists()]  # deepest first
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".write-probe.", suffix=".tmp", dir=directory)  # a PARTIAL name
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as error:
+        raise FixedclsError(f"checkpoint folder {directory} is not writable ({error.strerror or error}): {fix}, "
+                            f"or make it writable") from None
+    finally:
+        for folder in created:  # the writer creates it again with its first checkpoint
+            with contextlib.suppress(OSError):
+                folder.rmdir()
+
+
+def _choose(root: Path, name: str, explicit_dir: Optional[str], resume: Optional[str], warn) -> tuple[Path, Optional[Path]]:
     if resume not in (None, "", "auto"):
         path = Path(resume).expanduser()
         if path.is_dir():  # a checkpoint folder: its newest good checkpoint

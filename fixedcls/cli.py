@@ -17,7 +17,7 @@ from typing import Any, Callable, Optional, Sequence
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from .config import Config, conf_dir
+from .config import Config, conf_dir, value_problem
 from .errors import FixedclsError
 from .signals import TrainingInterrupted
 
@@ -171,6 +171,8 @@ def check_overrides(args: list[str]) -> Optional[str]:
         except Exception as error:
             reason = " ".join(str(error).split("\n")[0].split())
             return f"{arg}: {reason}"
+        if (problem := value_problem(key, OmegaConf.select(schema, key))) is not None:
+            return problem
     return None
 
 

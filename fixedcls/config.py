@@ -3,15 +3,133 @@
 The YAML files under ``conf/`` only set values; these dataclasses say which keys exist and
 what type each has, so a mistyped key or a wrong-typed value fails when the run starts,
 not an hour into it.
+
+Each field that has a valid range declares it beside its default (``checked(default, rule)``), and
+`validate_config` checks every one of them, plus the few rules that join several fields, before
+anything is built: a value out of range is one `FixedclsError` line naming the key, the value,
+the valid range and a value that works.  `fixedcls-train` also checks each command-line value
+against its field's range before Hydra starts (`value_problem`).
+
+Choices made here, for the rules that are not plain ranges:
+
+* ``data.in_chans`` of an image folder: files are converted on reading to the configured channels,
+  ``L`` (PIL's luminance) for 1 and ``RGB`` for 3, so an RGB folder trains a 1-channel model and a
+  grey folder a 3-channel one; other counts have no PIL mode and are refused. CIFAR images always
+  have 3 channels.
+* ``data=synthetic`` holds its images in memory (float32): a config whose images would take more than
+  ``fixedcls.data.SYNTHETIC_MAX_GIB`` GiB is refused with the size it would allocate.
+* ``model.backbone``: a timm registry name, ``hf-hub:<repo id>`` or ``local-dir:<folder with config.json>``.
+* ``checkpoint.root`` / ``checkpoint.dir``: ``~`` is expanded, and the folder must be creatable and
+  writable when the run starts (checked with a probe file), or the run would end with no checkpoint.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import copy
+import dataclasses
+import functools
+import math
+import typing
+from dataclasses import MISSING, dataclass, field
 from pathlib import Path
 from enum import Enum
-from typing import Dict, List, Optional
+from typing import Any, Dict, List, Optional
 
 from hydra.core.config_store import ConfigStore
+
+from .errors import FixedclsError
+
+RULE = "fixedcls_rule"  # the key of a field's range in dataclasses.field(metadata=...)
+
+
+def _number(value: float) -> str:
+    return str(int(value)) if float(value).is_integer() and abs(value) < 1e15 else repr(float(value))
+
+
+@dataclass(frozen=True)
+class Range:
+    """Finite numbers between two bounds (None: unbounded); an open bound is excluded."""
+
+    low: Optional[float] = None
+    high: Optional[float] = None
+    low_open: bool = False
+    high_open: bool = False
+    integer: bool = False
+
+    def allows(self, value: Any) -> bool:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            return False
+        if self.integer and not float(value).is_integer():
+            return False
+        if self.low is not None and (value <= self.low if self.low_open else value < self.low):
+            return False
+        return self.high is None or (value < self.high if self.high_open else value <= self.high)
+
+    def __str__(self) -> str:
+        kind = "an integer" if self.integer else "a finite number"
+        if self.low is not None and self.high is not None:
+            return (f"{kind} in {'(' if self.low_open else '['}{_number(self.low)}, "
+                    f"{_number(self.high)}{')' if self.high_open else ']'}")
+        if self.low is not None:
+            return f"{kind} {'>' if self.low_open else '>='} {_number(self.low)}"
+        if self.high is not None:
+            return f"{kind} {'<' if self.high_open else '<='} {_number(self.high)}"
+        return kind
+
+
+@dataclass(frozen=True)
+class OneOf:
+    choices: tuple
+
+    def allows(self, value: Any) -> bool:
+        return value in self.choices
+
+    def __str__(self) -> str:
+        return f"one of {', '.join(map(str, self.choices))}"
+
+
+@dataclass(frozen=True)
+class Each:
+    """Every entry of a list (or every value of a mapping) follows `rule`."""
+
+    rule: Any
+    container: str = "list"  # or "mapping": then the rule is on the values
+
+    def allows(self, value: Any) -> bool:
+        if self.container == "mapping":
+            return isinstance(value, dict) and all(self.rule.allows(entry) for entry in value.values())
+        return isinstance(value, (list, tuple)) and all(self.rule.allows(entry) for entry in value)
+
+    def __str__(self) -> str:
+        return f"a {self.container} whose every {'value' if self.container == 'mapping' else 'entry'} is {self.rule}"
+
+
+def integer(low: Optional[int] = None, high: Optional[int] = None) -> Range:
+    return Range(low, high, integer=True)
+
+
+def real(low: Optional[float] = None, high: Optional[float] = None, *, above: Optional[float] = None,
+         below: Optional[float] = None) -> Range:
+    """[low, high]; `above` / `below` give an open bound instead."""
+    return Range(low if above is None else above, high if below is None else below,
+                 low_open=above is not None, high_open=below is not None)
+
+
+def one_of(*choices: str) -> OneOf:
+    return OneOf(tuple(choices))
+
+
+def checked(default: Any, rule: Any, *, why: str = "") -> Any:
+    """A dataclass field whose value must satisfy `rule` (None is always allowed for Optional fields);
+    `why` says in a few words what the range protects. A list or dict default is copied for each instance."""
+    metadata = {RULE: rule, "why": why}
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: copy.deepcopy(default), metadata=metadata)
+    return field(default=default, metadata=metadata)
+
+
+# numpy's seed range; torch and random take it too.
+SEED = integer(0, 2**32 - 1)
+FRACTION_BELOW_ONE = real(0, below=1)  # [0, 1): probabilities, decays, momentum
 
 
 class Precision(str, Enum):
@@ -40,19 +158,19 @@ class CollapseMode(str, Enum):
 class HeadConfig:
     name: str = "simplex"  # learned, cosine, or a polytope: simplex, dcube, orthoplex, hadamard, etf
     normalize: Normalize = Normalize.none  # feature normalisation before a fixed head
-    scale: Optional[float] = None  # logit scale s; None means 1 (or learned, see learn_scale)
+    scale: Optional[float] = checked(None, real(above=0))  # logit scale s; None means 1 (or learned, see learn_scale)
     learn_scale: bool = False
     bias: Optional[bool] = None  # None: on for the learned head, off for cosine and fixed heads
-    seed: int = 0  # seeds the random orthonormal map of `etf`
-    num_prototypes: Optional[int] = None  # reserve prototypes for classes added later
+    seed: int = checked(0, SEED)  # seeds the random orthonormal map of `etf`
+    num_prototypes: Optional[int] = checked(None, integer(2))  # reserve prototypes for classes added later
 
 
 @dataclass
 class ModelConfig:
-    backbone: str = "resnet18"  # any timm model name
-    dim: Optional[int] = None  # feature dimension d; None = natural dimension of the head
+    backbone: str = "resnet18"  # any timm model name (checked by fixedcls.model.check_backbone)
+    dim: Optional[int] = checked(None, integer(1))  # feature dimension d; None = natural dimension of the head
     pretrained: bool = False
-    drop_rate: float = 0.0
+    drop_rate: float = checked(0.0, FRACTION_BELOW_ONE)
     init_from: Optional[str] = None  # a checkpoint whose model weights are loaded before training (fine-tuning)
 
 
@@ -61,73 +179,75 @@ class DataConfig:
     name: str = "digits"  # digits, synthetic, cifar10, cifar100, imagefolder
     root: Optional[str] = None
     download: bool = False
-    num_classes: Optional[int] = None  # None = what the dataset has
-    img_size: int = 32
-    in_chans: int = 3
-    batch_size: int = 64
-    eval_batch_size: int = 256
-    num_workers: int = 0
+    num_classes: Optional[int] = checked(None, integer(2))  # None = what the dataset has
+    img_size: int = checked(32, integer(1))
+    in_chans: int = checked(3, integer(1))  # image folders: 1 (files read as L) or 3 (RGB)
+    batch_size: int = checked(64, integer(2), why="BatchNorm cannot train on a batch of one sample")
+    eval_batch_size: int = checked(256, integer(1))
+    num_workers: int = checked(0, integer(0))
     augment: bool = True
-    test_fraction: float = 0.2  # digits: held-out share, split with split_seed
-    split_seed: int = 0
+    test_fraction: float = checked(0.2, real(above=0, below=1))  # digits: held-out share, split with split_seed
+    split_seed: int = checked(0, SEED)
     train_split: str = "train"
     test_split: str = "validation"
     # synthetic data
-    train_per_class: int = 64
-    test_per_class: int = 16
-    noise: float = 0.5
-    mean: Optional[List[float]] = None
-    std: Optional[List[float]] = None
+    train_per_class: int = checked(64, integer(1))
+    test_per_class: int = checked(16, integer(1))
+    noise: float = checked(0.5, real(0))
+    mean: Optional[List[float]] = checked(None, Each(real()))  # one per channel, or one for all
+    std: Optional[List[float]] = checked(None, Each(real(above=0)))
     # class-incremental training: label ids are kept, so class c is always head output c
-    classes: Optional[List[int]] = None  # train and test on these classes only; None = all
-    old_classes: Optional[List[int]] = None  # earlier classes: in the test split, and `rehearsal` train samples each
-    rehearsal: int = 0  # training samples kept per old class (a memory drawn with split_seed)
+    classes: Optional[List[int]] = checked(None, Each(integer(0)))  # train and test on these classes only; None = all
+    # earlier classes: in the test split, and `rehearsal` train samples each
+    old_classes: Optional[List[int]] = checked(None, Each(integer(0)))
+    rehearsal: int = checked(0, integer(0))  # training samples kept per old class (a memory drawn with split_seed)
 
 
 @dataclass
 class OptimConfig:
     name: str = "sgd"  # any timm optimizer name
-    lr: float = 0.05
-    weight_decay: float = 5e-4
-    momentum: float = 0.9
+    lr: float = checked(0.05, real(0))
+    weight_decay: float = checked(5e-4, real(0))
+    momentum: float = checked(0.9, FRACTION_BELOW_ONE)
 
 
 @dataclass
 class SchedConfig:
     name: str = "cosine"  # any timm scheduler name (cosine, step, ...), or none
-    warmup_epochs: int = 0
-    warmup_lr: float = 1e-5
-    min_lr: float = 0.0
-    decay_epochs: float = 30.0
-    decay_rate: float = 0.1
+    warmup_epochs: int = checked(0, integer(0))
+    warmup_lr: float = checked(1e-5, real(0))
+    min_lr: float = checked(0.0, real(0))
+    decay_epochs: float = checked(30.0, real(above=0))
+    decay_rate: float = checked(0.1, real(above=0), why="the step factor, or the power of sched=poly")
 
 
 @dataclass
 class TrainerConfig:
-    epochs: int = 30
+    epochs: int = checked(30, integer(1))
     precision: Precision = Precision.fp32
     device: Device = Device.auto
     loss: str = "ce"  # ce or dot_regression
-    label_smoothing: float = 0.0
-    grad_accum: int = 1
-    clip_grad: Optional[float] = None
+    label_smoothing: float = checked(0.0, FRACTION_BELOW_ONE, why="1 would make every target uniform")
+    grad_accum: int = checked(1, integer(1), why="batches whose gradients add up to one optimizer step")
+    clip_grad: Optional[float] = checked(None, real(above=0))  # max gradient norm; None: no clipping
     ema: bool = False
-    ema_decay: float = 0.998
+    ema_decay: float = checked(0.998, FRACTION_BELOW_ONE)
     channels_last: bool = False
     compile: bool = False
-    max_nonfinite: int = 5
+    max_nonfinite: int = checked(5, integer(1), why="skipped non-finite steps in a row before the run stops")
     progress: Optional[bool] = None  # None: a progress bar only on a terminal
-    threads: Optional[int] = None
-    distill_weight: float = 0.0  # feature distillation from the frozen model.init_from model (CL2R)
+    threads: Optional[int] = checked(None, integer(1))  # None: torch's default
+    distill_weight: float = checked(0.0, real(0))  # feature distillation from the frozen model.init_from model (CL2R)
     distill_loss: str = "cosine"  # cosine (1 - cos) or l2 (squared distance) between new and old features
 
 
 @dataclass
 class CheckpointConfig:
-    root: str = "checkpoints"
+    root: str = "checkpoints"  # ~ is expanded
     dir: Optional[str] = None  # None: <root>/<run name>
-    keep: int = 2  # per-epoch checkpoints kept besides last.pt and best.pt
-    best_metric: str = "test/acc"
+    # per-epoch checkpoints kept besides last.pt and best.pt
+    keep: int = checked(2, integer(1), why="last.pt is a link to the newest epoch file, so one is always kept")
+    best_metric: str = "test/acc"  # a key of the epoch rows; checked against what the run records
     background: bool = True  # write epoch checkpoints in a thread while the next epoch trains (still atomic)
 
 
@@ -136,20 +256,21 @@ class AgopConfig:
     """Per-stage AGOP and Neural Feature Ansatz measures during training (docs/agop.md); off while layers is empty."""
 
     layers: List[str] = field(default_factory=list)  # timm stages: indices (0 = stem, 1..4 for a ResNet), names, or all
-    every: int = 1  # epochs between measurements (the last epoch is always measured)
-    samples: int = 512  # a fixed, seeded subset of the training split
-    probes: Optional[int] = 1  # Rademacher probes per sample; null = exact (min(K, d) backward passes)
+    every: int = checked(1, integer(1), why="epochs between measurements (the last epoch is always measured)")
+    samples: int = checked(512, integer(2), why="a fixed, seeded subset of the training split")
+    # Rademacher probes per sample; null = exact (min(K, d) backward passes per batch)
+    probes: Optional[int] = checked(1, integer(1), why="probes per sample, or null for the exact AGOP")
 
 
 @dataclass
 class CollapseConfig:
-    every: int = 1  # epochs between measurements; 0 turns measurement off
+    every: int = checked(1, integer(0))  # epochs between measurements; 0 turns measurement off
     mode: CollapseMode = CollapseMode.exact
-    splits: List[str] = field(default_factory=lambda: ["train", "test"])
-    max_samples: Optional[int] = None
-    layers: List[int] = field(default_factory=list)  # backbone stages for deep collapse
-    thresholds: Dict[str, float] = field(
-        default_factory=lambda: {"nc1": 0.1, "nc2_etf_error": 0.2, "nc3": 0.1, "nc4": 0.01, "proto_cos": 0.9}
+    splits: List[str] = checked(["train", "test"], Each(one_of("train", "test")))
+    max_samples: Optional[int] = checked(None, integer(1))
+    layers: List[int] = field(default_factory=list)  # backbone stages for deep collapse (negative: from the end)
+    thresholds: Dict[str, float] = checked(
+        {"nc1": 0.1, "nc2_etf_error": 0.2, "nc3": 0.1, "nc4": 0.01, "proto_cos": 0.9}, Each(real(), "mapping")
     )
     plot: bool = True
     agop: AgopConfig = field(default_factory=AgopConfig)
@@ -171,7 +292,7 @@ class LoggerConfig:
 class GenerationsConfig:
     """Model generations trained in sequence by `fixedcls-compat train` (CoReS / CL2R); fixedcls-train ignores it."""
 
-    tasks: List[List[int]] = field(default_factory=list)  # the classes each generation adds
+    tasks: List[List[int]] = checked([], Each(Each(integer(0))))  # the classes each generation adds
     protocol: str = "cumulative"  # cumulative: from scratch on all classes so far; finetune: from the previous model
     backbones: Optional[List[str]] = None  # one per generation; None = model.backbone for all
     query: str = "test"  # split embedded by the newer model of each pair
@@ -189,7 +310,7 @@ class Config:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     collapse: CollapseConfig = field(default_factory=CollapseConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
-    seed: int = 0
+    seed: int = checked(0, SEED)
     name: str = "${data.name}-${model.backbone}-${head.name}-s${seed}"
     resume: Optional[str] = None  # a checkpoint path, or auto
     experiment: Optional[str] = None  # set by experiment presets; the W&B group by default
@@ -204,3 +325,93 @@ def register_configs() -> None:
 def conf_dir() -> Path:
     """The folder of the Hydra configs (`conf/` of the repository)."""
     return Path(__file__).resolve().parents[1] / "conf"
+
+
+# ------------------------------------------------------------------ validation
+
+
+def checked_fields(schema: type = Config, prefix: str = "") -> dict[str, dataclasses.Field]:
+    """Every field with a declared range, by dotted key (e.g. "trainer.grad_accum")."""
+    found: dict[str, dataclasses.Field] = {}
+    hints = typing.get_type_hints(schema)
+    for each in dataclasses.fields(schema):
+        key = f"{prefix}{each.name}"
+        if dataclasses.is_dataclass(hints[each.name]):
+            found.update(checked_fields(hints[each.name], key + "."))
+        elif each.metadata.get(RULE) is not None:
+            found[key] = each
+    return found
+
+
+@functools.lru_cache(maxsize=None)
+def _checked_fields_of_config() -> dict[str, dataclasses.Field]:
+    return checked_fields(Config)
+
+
+def _as_override(value: Any) -> str:
+    """A value written as on the command line (lists in brackets, no quotes)."""
+    if isinstance(value, Enum):
+        return str(value.value)
+    if isinstance(value, float):
+        return _number(value) if math.isfinite(value) else str(value)
+    if isinstance(value, (list, tuple)):
+        return "[" + ",".join(_as_override(entry) for entry in value) + "]"
+    if isinstance(value, dict):
+        return "{" + ",".join(f"{k}:{_as_override(v)}" for k, v in value.items()) + "}"
+    return "null" if value is None else str(value)
+
+
+def _default(each: dataclasses.Field) -> Any:
+    return each.default_factory() if each.default_factory is not MISSING else each.default
+
+
+def value_problem(key: str, value: Any) -> Optional[str]:
+    """One line saying why `value` does not fit the declared range of `key`, or None when it fits (or has none)."""
+    from omegaconf import Container, OmegaConf
+
+    each = _checked_fields_of_config().get(key)
+    if each is None:
+        return None
+    if isinstance(value, Container):
+        value = OmegaConf.to_container(value, resolve=True)
+    if value is None:  # null is only accepted for Optional keys, which the schema already enforces
+        return None
+    rule = each.metadata[RULE]
+    if rule.allows(value):
+        return None
+    default = _default(each)
+    if isinstance(rule, Each) and rule.container == "mapping" and isinstance(value, dict):
+        # Name the one bad entry: the whole mapping would bury it.
+        name, entry = next((k, v) for k, v in value.items() if not rule.rule.allows(v))
+        fix = (f"e.g. {key}.{name}={_as_override(default[name])} (the default)" if name in default
+               else f"set one, or drop {key}.{name}")
+        return f"{key}.{name}={_as_override(entry)} is out of range: it must be {rule.rule}; {fix}"
+    why = f" ({each.metadata['why']})" if each.metadata.get("why") else ""
+    if isinstance(rule, Each) and isinstance(value, (list, tuple)):
+        why += f" (not: {', '.join(_as_override(entry) for entry in value if not rule.rule.allows(entry))})"
+    fix = (f"leave it unset (the default) or give {rule}" if default is None
+           else f"e.g. {key}={_as_override(default)} (the default)")
+    verdict = "is out of range" if isinstance(rule, Range) else "is not valid"
+    return f"{key}={_as_override(value)} {verdict}: {key} must be {rule}{why}; {fix}"
+
+
+def validate_config(cfg) -> None:
+    """Refuse a config before anything runs: every declared range, then the rules that join several keys.
+
+    Raises a one-line FixedclsError naming the key, the value, the valid range and the fix.
+    """
+    from omegaconf import OmegaConf
+
+    from .data import check_data_config
+    from .model import check_backbone
+
+    for key in _checked_fields_of_config():
+        try:
+            value = OmegaConf.select(cfg, key, throw_on_missing=False)
+        except Exception:  # an interpolation that does not resolve: Hydra/OmegaConf report it when it is used
+            continue
+        problem = value_problem(key, value)
+        if problem is not None:
+            raise FixedclsError(problem)
+    check_data_config(cfg.data)
+    check_backbone(cfg.model.backbone)

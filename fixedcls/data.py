@@ -19,6 +19,12 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from .errors import FixedclsError
 
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tif", ".tiff")
+# The PIL mode an image file is converted to for each data.in_chans (an RGB folder can train a 1-channel model).
+IMAGE_MODES = {1: "L", 3: "RGB"}
+# Synthetic images live in memory as float32 (and the draw briefly needs about twice that): a larger config is
+# a typo (data.num_classes=200000), not a benchmark, so it is refused before the allocation.
+SYNTHETIC_MAX_GIB = 8
 
 
 @dataclass
@@ -185,6 +191,13 @@ def _digits(cfg) -> DataBundle:
         members = (labels == c).nonzero().flatten()
         members = members[torch.randperm(len(members), generator=generator)]
         n_test = round(len(members) * cfg.test_fraction)
+        if not 0 < n_test < len(members):  # an empty split: evaluation and collapse would measure nothing
+            smallest = min(int((labels == k).sum()) for k in range(10))
+            raise FixedclsError(
+                f"data.test_fraction={cfg.test_fraction} leaves digit {c} ({len(members)} images) with "
+                f"{n_test} test and {len(members) - n_test} training images: set data.test_fraction between "
+                f"{math.ceil(1000 / smallest) / 1000} and {math.floor(1000 * (smallest - 1) / smallest) / 1000}"
+            )
         test_idx.append(members[:n_test])
         train_idx.append(members[n_test:])
     train_idx, test_idx = torch.cat(train_idx).sort().values, torch.cat(test_idx).sort().values
@@ -199,6 +212,38 @@ def _digits(cfg) -> DataBundle:
         num_classes=10, in_chans=cfg.in_chans, img_size=cfg.img_size,
         class_names=[str(c) for c in range(10)],
     )
+
+
+def synthetic_bytes(cfg) -> int:
+    """What the images of `data=synthetic` with this config hold in memory (float32, train + test)."""
+    per_image = 4 * cfg.in_chans * cfg.img_size * cfg.img_size
+    return (cfg.num_classes or 10) * (cfg.train_per_class + cfg.test_per_class) * per_image
+
+
+def check_data_config(cfg) -> None:
+    """The rules of a `data` section that join several keys; no file is read (single-key ranges: config.py)."""
+    if cfg.name == "synthetic" and synthetic_bytes(cfg) > SYNTHETIC_MAX_GIB * 2**30:
+        raise FixedclsError(
+            f"data=synthetic with data.num_classes={cfg.num_classes or 10} x ({cfg.train_per_class} train + "
+            f"{cfg.test_per_class} test) images of {cfg.in_chans}x{cfg.img_size}x{cfg.img_size} would hold "
+            f"{synthetic_bytes(cfg) / 2**30:.1f} GiB of float32 in memory, over the {SYNTHETIC_MAX_GIB} GiB cap: "
+            f"lower data.num_classes, data.train_per_class, data.test_per_class or data.img_size"
+        )
+    if cfg.name == "imagefolder" and cfg.in_chans not in IMAGE_MODES:
+        raise FixedclsError(
+            f"data.in_chans={cfg.in_chans} for an image folder: files are read as "
+            f"{' or '.join(f'{mode} (data.in_chans={n})' for n, mode in IMAGE_MODES.items())}: set one of those"
+        )
+    if cfg.name in ("cifar10", "cifar100") and cfg.in_chans != 3:
+        raise FixedclsError(f"data.in_chans={cfg.in_chans} but {cfg.name} images have 3 channels: set data.in_chans=3")
+    channels = 3 if cfg.name in ("cifar10", "cifar100") else cfg.in_chans
+    for key in ("mean", "std"):
+        values = cfg.get(key)
+        if values is not None and len(values) not in (1, channels):
+            raise FixedclsError(
+                f"data.{key} has {len(values)} values but the images have {channels} channel(s): "
+                f"give one value per channel ({channels}), or one for all"
+            )
 
 
 def _synthetic(cfg) -> DataBundle:
@@ -307,15 +352,15 @@ def _imagefolder(cfg) -> DataBundle:
         )
     if any(mapping[name] != index for name, index in test.reader.class_to_idx.items()):
         test = _timm_dataset(cfg, "", cfg.test_split, eval_tf, root, class_map=mapping)
-    train, train_eval, test = (ImageFiles(d) for d in (train, train_eval, test))
+    train, train_eval, test = (ImageFiles(d, IMAGE_MODES[cfg.in_chans]) for d in (train, train_eval, test))
     return DataBundle(train, train_eval, test, len(classes), cfg.in_chans, cfg.img_size, classes)
 
 
 class ImageFiles(Dataset):
-    """A timm ImageDataset whose unreadable images fail with an error naming the file."""
+    """A timm ImageDataset whose unreadable images fail with an error naming the file, converted to `mode`."""
 
-    def __init__(self, dataset):
-        self.dataset = dataset
+    def __init__(self, dataset, mode: str = "RGB"):
+        self.dataset, self.mode = dataset, mode
         self.targets = [int(target) for _, target in dataset.reader.samples]
 
     def __len__(self) -> int:
@@ -330,7 +375,7 @@ class ImageFiles(Dataset):
         path, target = dataset.reader.samples[index]
         try:
             with Image.open(path) as image:
-                image = image.convert(getattr(dataset, "input_img_mode", None) or "RGB")
+                image = image.convert(self.mode)
         except Exception as error:
             raise FixedclsError(f"cannot read image {path}: {error} (remove or replace the file)".replace("\n", " ")) from error
         if dataset.transform is not None:
@@ -353,6 +398,7 @@ def create_data(cfg) -> DataBundle:
     """Build the datasets named by a `data` config section (see conf/data/)."""
     if cfg.name not in BUILDERS:
         raise FixedclsError(f"unknown dataset data.name='{cfg.name}': choose one of {', '.join(BUILDERS)}")
+    check_data_config(cfg)
     bundle = BUILDERS[cfg.name](cfg)
     if cfg.num_classes is not None and cfg.num_classes != bundle.num_classes and cfg.name != "synthetic":
         raise FixedclsError(

@@ -11,6 +11,7 @@ head's dimension d differs from the backbone width, a learned
 from __future__ import annotations
 
 import difflib
+from pathlib import Path
 from typing import Any
 
 import timm
@@ -21,7 +22,7 @@ from . import polytopes
 from .errors import FixedclsError
 from .heads import HEADS_LEARNED, create_head
 
-__all__ = ["Classifier", "create_model", "format_param_summary", "param_summary"]
+__all__ = ["Classifier", "check_backbone", "create_model", "format_param_summary", "param_summary"]
 
 
 class Classifier(nn.Module):
@@ -60,12 +61,38 @@ def _unknown_backbone_error(name: str) -> FixedclsError:
     return FixedclsError(f"unknown timm backbone {name!r}: {hint} (set model.backbone to a timm model name)")
 
 
+def check_backbone(name: str) -> None:
+    """Refuse a model.backbone that timm cannot build, without building it.
+
+    A registry name must exist; ``local-dir:<folder>`` needs the folder and its config.json. An ``hf-hub:``
+    repo id is left to timm (checking it would need the network).
+    """
+    from timm.models import parse_model_name
+
+    valid = "a timm model name (resnet18), hf-hub:<repo id> or local-dir:<folder with config.json>"
+    try:
+        source, model_id = parse_model_name(name)
+    except ValueError as error:  # an unknown "<source>:" prefix, or a path without one
+        registry_name = name.split(":", 1)[0]
+        hint = f"; did you mean model.backbone={registry_name}?" if timm.is_model(registry_name) else ""
+        raise FixedclsError(f"model.backbone={name!r} is not {valid} ({str(error).rstrip('.')}){hint}") from None
+    if source is None and not timm.is_model(name):
+        raise _unknown_backbone_error(name)
+    if source == "local-dir":
+        folder = Path(model_id).expanduser()
+        if not folder.is_dir():
+            what = "is not a folder" if folder.exists() else "does not exist"
+            raise FixedclsError(f"model.backbone={name}: the folder {folder} {what}: point local-dir: at a folder "
+                                f"holding a timm model's config.json (and its weights)")
+        if not (folder / "config.json").is_file():
+            raise FixedclsError(f"model.backbone={name}: {folder} has no config.json: point local-dir: at a folder "
+                                f"saved by timm (config.json and its weights)")
+
+
 def _create_backbone(
     name: str, *, pretrained: bool, in_chans: int, img_size: int | None, drop_rate: float
 ) -> nn.Module:
-    # hf-hub / local-file names are resolved by timm itself; only check registry names.
-    if ":" not in name and not timm.is_model(name):
-        raise _unknown_backbone_error(name)
+    check_backbone(name)
     kwargs: dict[str, Any] = dict(pretrained=pretrained, num_classes=0, in_chans=in_chans, drop_rate=drop_rate)
     if img_size is None:
         return timm.create_model(name, **kwargs)

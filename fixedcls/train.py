@@ -19,7 +19,7 @@ from omegaconf import DictConfig
 from . import build
 from . import checkpoint as ckpt
 from .cli import exit_if_jobs_failed, refuse_bad_overrides, run_job
-from .config import conf_dir, register_configs
+from .config import conf_dir, register_configs, validate_config
 from .data import create_data, create_loaders, targets_of
 from .distributed import World, close_world, init_world, worker_hydra_args
 from .engine import TrainingRun, fit
@@ -51,6 +51,7 @@ def check_resume_matches(state: dict, meta: dict, path: Path) -> None:
 
 def train(cfg: DictConfig, run_dir: str | Path) -> TrainResult:
     """Build everything `cfg` names and train. Returns the run summary (also written to summary.json)."""
+    validate_config(cfg)
     device = resolve_device(cfg.trainer.device)
     autocast_for(device, cfg.trainer.precision)  # fail now on an impossible precision, not after building the model
     if cfg.trainer.threads:
