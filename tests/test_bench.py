@@ -29,7 +29,7 @@ def bench():
 
 TOY_RUN = [o for o in TINY if not o.startswith(("trainer.epochs", "trainer.progress"))]
 FIGURES = ("step_ratio_fixed_vs_learned", "loop_overhead_vs_plain", "collapse_overhead_online",
-           "collapse_overhead_exact", "nc_metrics_speedup_vs_naive")
+           "collapse_overhead_exact", "agop_overhead", "nc_metrics_speedup_vs_naive")
 
 
 def test_alternate_rotates_and_ratios_are_medians(bench):

@@ -26,6 +26,8 @@ Figures and targets:
                                 accuracy, one torch.save checkpoint per epoch)           <= 1.05
   collapse_overhead_online      fit epoch with collapse.mode=online every epoch / collapse off  <= 1.05
   collapse_overhead_exact       fit epoch with collapse.mode=exact every epoch / collapse off   <= 1.35
+  agop_overhead                 fit epoch with the AGOP of 4 stages every epoch (512 seeded samples,
+                                collapse.agop defaults) / collapse off                          <= 1.25
   nc_metrics_speedup_vs_naive   tools/naive_collapse.naive_nc_metrics / fixedcls.collapse.nc_metrics
                                 at N=50,000, d=512, K=100, values checked equal (1e-6 rel.)     >= 20
   collapse memory               the streaming measurer's float64 state (O(Kd + d^2)) against the
@@ -61,11 +63,13 @@ TARGETS: dict[str, tuple[str, float]] = {
     "loop_overhead_vs_plain": ("<=", 1.05),
     "collapse_overhead_online": ("<=", 1.05),
     "collapse_overhead_exact": ("<=", 1.35),
+    "agop_overhead": ("<=", 1.25),
     "nc_metrics_speedup_vs_naive": (">=", 20.0),
     "memory_ratio_features_over_measurer": (">=", 1.0),
 }
 NC_REL_TOL = 1e-6
 
+AGOP_STAGES = ("1", "2", "3", "4")  # resnet18's four residual stages (docs/agop.md)
 DEFAULT_BACKBONE = "resnet18"  # conf/config.yaml's; --quick runs the same model, fewer rounds (and the naive nc on a subset)
 GPU_STEP = dict(backbone="resnet50", img_size=224, batch_size=64, in_chans=3, num_classes=1000)
 
@@ -286,7 +290,7 @@ def build_run(overrides: list[str], workdir: Path) -> dict:
             "channels_last": bool(cfg.trainer.channels_last), "collapse": cfg.collapse}
 
 
-def fit_epochs(run: dict, collapse_every: int, mode: str = "exact", *, epochs: int = 1) -> Callable[[], dict]:
+def fit_epochs(run: dict, collapse_every: int, mode: str = "exact", *, epochs: int = 1, agop_layers=()) -> Callable[[], dict]:
     """`epochs` epochs of the real training loop (one fit() call), collapse measured every epoch or off.
 
     Several epochs per call, as in a real run: fit()'s once-per-call costs are spread over them, and an
@@ -301,6 +305,7 @@ def fit_epochs(run: dict, collapse_every: int, mode: str = "exact", *, epochs: i
     trainer, collapse = copy.deepcopy(cfg.trainer), copy.deepcopy(cfg.collapse)
     trainer.epochs, trainer.progress = epochs, False
     collapse.every, collapse.mode, collapse.plot = collapse_every, mode, False
+    collapse.agop.layers = list(agop_layers)
     # built the same way as train() builds it (background writes as configured)
     checkpoints = build_checkpoints(cfg.checkpoint, training.checkpoints.directory)
     return lambda: fit(dataclasses.replace(training, checkpoints=checkpoints, trainer=trainer, collapse=collapse,
@@ -351,7 +356,7 @@ def plain_epochs(run: dict, checkpoint_path: Path, *, epochs: int = 1) -> Callab
 
 
 def bench_loop(run: dict, workdir: Path, *, rounds: int = 5, warmup: int = 1, epochs: int = 3, collapse: bool = True,
-               loop: bool = True) -> dict:
+               loop: bool = True, agop: bool = True) -> dict:
     """fit() runs of `epochs` epochs with collapse off / online / exact and the plain loop, alternated round by round."""
     contenders: dict[str, Callable] = {}  # in this order, each ratio's two contenders run back to back or one apart
     if loop:
@@ -360,11 +365,13 @@ def bench_loop(run: dict, workdir: Path, *, rounds: int = 5, warmup: int = 1, ep
     if collapse:
         contenders["fit_online"] = fit_epochs(run, 1, "online", epochs=epochs)
         contenders["fit_exact"] = fit_epochs(run, 1, "exact", epochs=epochs)
+    if agop:
+        contenders["fit_agop"] = fit_epochs(run, 0, epochs=epochs, agop_layers=AGOP_STAGES)
     cpu: dict = {}
     times = alternate(contenders, rounds=rounds, warmup=warmup, sync=_sync(run["device"]), cpu_times=cpu)
     out: dict = {"medians": {f"epoch_s_{k}": v / epochs for k, v in medians(times).items()}, "raw": times, "cpu_ratios": {}}
     for key, num, den in (("loop_overhead_vs_plain", "fit", "plain"), ("collapse_overhead_online", "fit_online", "fit"),
-                          ("collapse_overhead_exact", "fit_exact", "fit")):
+                          ("collapse_overhead_exact", "fit_exact", "fit"), ("agop_overhead", "fit_agop", "fit")):
         if num in times and den in times:
             out[key] = median_ratio(times, num, den)
             out["cpu_ratios"][key] = median_ratio(cpu, num, den)
