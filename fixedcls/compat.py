@@ -23,6 +23,7 @@ import json
 import logging
 import math
 import os
+import re
 import sys
 from pathlib import Path
 from typing import Callable, Optional, Sequence
@@ -31,10 +32,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .config import conf_dir
 from .errors import FixedclsError
 
 log = logging.getLogger("fixedcls")
-CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
+CONF_DIR = conf_dir()
 SPLITS = {"train": "train_eval", "train_eval": "train_eval", "test": "test"}
 PROTOCOLS = ("cumulative", "finetune")
 DISTILL_LOSSES = ("cosine", "l2")
@@ -620,6 +622,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] in (["-sc"], ["--shell-completion"]):
+        # The completion script that `fixedcls-compat train -sc install=bash` installs calls
+        # `fixedcls-compat -sc query=bash` for the line being typed; Hydra completes the words after the
+        # program name, so the `train` word is taken out of that line.
+        line = os.environ.get("COMP_LINE")
+        if line is not None:
+            os.environ["COMP_LINE"] = re.sub(r"^(\s*\S+)\s+train(?=\s|$)", r"\1", line)
+        argv = ["train", *argv]
     if argv and argv[0] == "train" and not Path("train").exists():
         try:  # the same early check of the overrides as fixedcls-train
             from .train import check_overrides

@@ -8,9 +8,21 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from enum import Enum
+from pathlib import Path
 from typing import Dict, List, Optional
 
 from hydra.core.config_store import ConfigStore
+
+
+def conf_dir() -> Path:
+    """The folder of fixedcls's Hydra configs (config.yaml and the groups head/, data/, ...).
+
+    An installed wheel carries them as package data in fixedcls/conf/ (pyproject.toml maps the repository's
+    top-level conf/ there); an editable install or a plain checkout on PYTHONPATH reads the repository's conf/.
+    """
+    package = Path(__file__).resolve().parent
+    packaged = package / "conf"
+    return packaged if (packaged / "config.yaml").is_file() else package.parent / "conf"
 
 
 class Precision(str, Enum):

@@ -21,7 +21,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from . import checkpoint as ckpt
-from .config import Config, register_configs
+from .config import Config, conf_dir, register_configs
 from .data import create_data, create_loaders, targets_of
 from .distributed import World, close_world, init_world, worker_hydra_args
 from .engine import CollapseSettings, TrainingInterrupted, autocast_for, fit, resolve_device
@@ -288,9 +288,9 @@ def exit_if_jobs_failed(prog: str = "fixedcls") -> None:
         sys.exit(1)
 
 
-# An absolute path: "../conf" would be read as the package `conf` when the module is not __main__
-# (the fixedcls-train console script), which fails outside the repository root.
-@hydra.main(version_base="1.3", config_path=str(Path(__file__).resolve().parents[1] / "conf"), config_name="config")
+# An absolute path: a relative one would be read against the module's package (or as a package `conf`),
+# which fails outside the repository root; conf_dir() finds the installed copy as well as the repository's.
+@hydra.main(version_base="1.3", config_path=str(conf_dir()), config_name="config")
 def hydra_main(cfg: DictConfig):
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     return run_job(lambda: train(cfg, run_dir).get("final/test/acc"))
@@ -301,19 +301,30 @@ def check_overrides(args: list[str]) -> Optional[str]:
 
     Plain `key=value` overrides are checked against the schema (fixedcls/config.py): an unknown key gets a
     "did you mean", a value of the wrong type or enum the allowed values, a config group an option that
-    exists in conf/. `+key=`, `++key=`, `~key`, `hydra.*`, packages (`key@pkg=`), flags and anything this check
-    does not understand are left to Hydra, whose own errors still apply.
+    exists in conf/. `+key=`, `++key=`, `~key`, `hydra.*`, packages (`key@pkg=`), Hydra's flags and their
+    arguments (`-sc install=bash`, `--cfg job`), and anything this check does not understand are left to Hydra,
+    whose own errors still apply.
     """
+    import contextlib
     import difflib
+    import io
 
+    from hydra._internal.utils import get_args_parser
     from hydra.core.override_parser.overrides_parser import OverridesParser
     from hydra.core.override_parser.types import OverrideType, ValueType
     from omegaconf import ListConfig
 
-    conf_dir = Path(__file__).resolve().parents[1] / "conf"
-    own_search_path = any(a in ("-cd", "--config-dir", "-cp", "--config-path", "-cn", "--config-name")
-                          or a.startswith(("--config-dir", "--config-path", "--config-name", "hydra.searchpath"))
-                          for a in args)
+    try:  # Hydra's own command-line parser, so that only what Hydra takes as overrides is checked
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+            command = get_args_parser().parse_args(list(args))
+    except SystemExit:
+        return None  # a malformed flag, or --version: Hydra's parser answers when it runs
+    if command.shell_completion:
+        return None  # `-sc install=bash` / `-sc query=bash`: the words after -sc are completion commands
+    args = command.overrides
+    groups_dir = conf_dir()
+    own_search_path = bool(command.config_dir or command.config_path or command.config_name
+                           or any(a.startswith("hydra.searchpath") for a in args))
     parser = OverridesParser.create()
     schema = OmegaConf.structured(Config)
     for arg in args:
@@ -326,8 +337,10 @@ def check_overrides(args: list[str]) -> Optional[str]:
         key = override.key_or_group
         if override.type != OverrideType.CHANGE or override.package is not None or key.startswith("hydra") or "/" in key:
             continue
-        if (conf_dir / key).is_dir() and not own_search_path:  # a config group: head=, data=, optim=, ...
-            options = sorted(p.stem for p in (conf_dir / key).glob("*.yaml"))
+        if (groups_dir / key).is_dir():  # a config group: head=, data=, optim=, ...
+            if own_search_path:
+                continue  # -cd / -cp / -cn can bring options of their own: Hydra checks the choice
+            options = sorted(p.stem for p in (groups_dir / key).glob("*.yaml"))
             if override.value_type in (ValueType.ELEMENT, ValueType.SIMPLE_CHOICE_SWEEP):
                 chosen = override.value() if override.value_type == ValueType.ELEMENT else override.value().list
                 for option in chosen if isinstance(chosen, list) else [chosen]:
