@@ -115,17 +115,29 @@ def check_overrides(args: list[str]) -> Optional[str]:
     """One line naming the first command-line override that cannot work, or None (then Hydra takes over).
 
     Plain `key=value` overrides are checked against the schema (fixedcls/config.py): an unknown key gets a
-    "did you mean", a value of the wrong type or enum the allowed values, a config group an option that
-    exists in conf/. `+key=`, `++key=`, `~key`, `hydra.*`, packages (`key@pkg=`), flags and anything this check
-    does not understand are left to Hydra, whose own errors still apply.
+    "did you mean", a value of the wrong type or enum, or out of its declared range, the allowed values, a
+    config group an option that exists in conf/. `+key=`, `++key=`, `~key`, `hydra.*`, packages
+    (`key@pkg=`), Hydra's flags and their arguments (`-sc install=bash`, `--cfg job`), and anything this
+    check does not understand are left to Hydra, whose own errors still apply.
     """
+    import contextlib
+    import io
+
+    from hydra._internal.utils import get_args_parser
     from hydra.core.override_parser.overrides_parser import OverridesParser
     from hydra.core.override_parser.types import OverrideType, ValueType
 
+    try:  # Hydra's own command-line parser, so that only what Hydra takes as overrides is checked
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+            command = get_args_parser().parse_args(list(args))
+    except SystemExit:
+        return None  # a malformed flag, or --version: Hydra's parser answers when it runs
+    if command.shell_completion:
+        return None  # `-sc install=bash` / `-sc query=bash`: the words after -sc are completion commands
+    args = command.overrides
     conf = conf_dir()
-    own_search_path = any(a in ("-cd", "--config-dir", "-cp", "--config-path", "-cn", "--config-name")
-                          or a.startswith(("--config-dir", "--config-path", "--config-name", "hydra.searchpath"))
-                          for a in args)
+    own_search_path = bool(command.config_dir or command.config_path or command.config_name
+                           or any(a.startswith("hydra.searchpath") for a in args))
     parser = OverridesParser.create()
     schema = OmegaConf.structured(Config)
     for arg in args:
@@ -138,7 +150,9 @@ def check_overrides(args: list[str]) -> Optional[str]:
         key = override.key_or_group
         if override.type != OverrideType.CHANGE or override.package is not None or key.startswith("hydra") or "/" in key:
             continue
-        if (conf / key).is_dir() and not own_search_path:  # a config group: head=, data=, optim=, ...
+        if (conf / key).is_dir():  # a config group: head=, data=, optim=, ...
+            if own_search_path:
+                continue  # the user's own config folder may hold other options
             options = sorted(p.stem for p in (conf / key).glob("*.yaml"))
             if override.value_type in (ValueType.ELEMENT, ValueType.SIMPLE_CHOICE_SWEEP):
                 chosen = override.value() if override.value_type == ValueType.ELEMENT else override.value().list

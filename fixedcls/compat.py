@@ -16,6 +16,7 @@ import copy
 import logging
 import math
 import os
+import re
 import sys
 from pathlib import Path
 from typing import Callable, Optional, Sequence
@@ -269,6 +270,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] in (["-sc"], ["--shell-completion"]):
+        # The completion script that `fixedcls-compat train -sc install=bash` installs calls
+        # `fixedcls-compat -sc query=bash` for the line being typed; Hydra completes the words after the
+        # program name, so the `train` word is taken out of that line.
+        line = os.environ.get("COMP_LINE")
+        if line is not None:
+            os.environ["COMP_LINE"] = re.sub(r"^(\s*\S+)\s+train(?=\s|$)", r"\1", line)
+        argv = ["train", *argv]
     if argv and argv[0] == "train" and not Path("train").exists():
         refuse_bad_overrides(argv[1:], prog="fixedcls-compat")  # the same early check as fixedcls-train
         sys.argv = [sys.argv[0], *argv[1:]]

@@ -32,6 +32,7 @@ import typing
 from dataclasses import MISSING, dataclass, field
 from pathlib import Path
 from enum import Enum
+from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 from hydra.core.config_store import ConfigStore
@@ -130,6 +131,17 @@ def checked(default: Any, rule: Any, *, why: str = "") -> Any:
 # numpy's seed range; torch and random take it too.
 SEED = integer(0, 2**32 - 1)
 FRACTION_BELOW_ONE = real(0, below=1)  # [0, 1): probabilities, decays, momentum
+
+
+def conf_dir() -> Path:
+    """The folder of fixedcls's Hydra configs (config.yaml and the groups head/, data/, ...).
+
+    An installed wheel carries them as package data in fixedcls/conf/ (pyproject.toml maps the repository's
+    top-level conf/ there); an editable install or a plain checkout on PYTHONPATH reads the repository's conf/.
+    """
+    package = Path(__file__).resolve().parent
+    packaged = package / "conf"
+    return packaged if (packaged / "config.yaml").is_file() else package.parent / "conf"
 
 
 class Precision(str, Enum):
@@ -320,11 +332,6 @@ class Config:
 def register_configs() -> None:
     cs = ConfigStore.instance()
     cs.store(name="config_schema", node=Config)
-
-
-def conf_dir() -> Path:
-    """The folder of the Hydra configs (`conf/` of the repository)."""
-    return Path(__file__).resolve().parents[1] / "conf"
 
 
 # ------------------------------------------------------------------ validation

@@ -6,7 +6,9 @@ from pathlib import Path
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 
-CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
+from fixedcls.config import conf_dir
+
+CONF_DIR = str(conf_dir())
 
 # A job small enough for a 2-core CI machine: a tiny timm model, a few samples, one or two epochs.
 TINY = [
