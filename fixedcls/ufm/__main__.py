@@ -53,6 +53,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="outputs/ufm", help="folder for the collapse plots and summary.json")
     p.add_argument("--figure", default=None, help="path of the comparison figure (default: OUT/ufm_heads.png)")
+    p.add_argument("--no-run-plots", action="store_true",
+                   help="skip the per-run collapse plots (most of the run time); the comparison figure is still written")
     return p
 
 
@@ -106,9 +108,10 @@ def run(args: argparse.Namespace) -> list[dict]:
             }
             rows.append(row)
             runs.append((spec, head, sim, optimum))
-            plot_collapse(sim.collapse_history(), os.path.join(args.out, f"{spec.replace(',', '+')}-{head}.png"),
-                          title=f"UFM {spec}, {head} head, {args.loss} (x axis: optimizer step)",
-                          splits=(("collapse/", "simulation"),))
+            if not args.no_run_plots:
+                plot_collapse(sim.collapse_history(), os.path.join(args.out, f"{spec.replace(',', '+')}-{head}.png"),
+                              title=f"UFM {spec}, {head} head, {args.loss} (x axis: optimizer step)",
+                              splits=(("collapse/", "simulation"),))
             if head == "learned":
                 note = _minority_note(counts, args, sim.W)
                 if note:
@@ -133,7 +136,8 @@ def run(args: argparse.Namespace) -> list[dict]:
     if len(runs) > 1:
         figure = plot_heads(runs, args.figure or os.path.join(args.out, "ufm_heads.png"))
         print(f"wrote {figure}")
-    print(f"wrote {len(runs)} collapse plot(s) and summary.json to {args.out}")
+    plots = "" if args.no_run_plots else f"{len(runs)} collapse plot(s) and "
+    print(f"wrote {plots}summary.json to {args.out}")
     return rows
 
 

@@ -26,6 +26,9 @@ _F64 = torch.float64
 #: Defaults per optimizer: (steps, lr, every).  L-BFGS needs no tuning; gradient descent is
 #: preconditioned per sample (see ``simulate``) so that one lr suits W and H alike.
 _DEFAULTS = {"lbfgs": (3000, 1.0, 1), "gd": (20000, 0.5, 500)}
+_EPS = torch.finfo(torch.float64).eps
+#: L-BFGS stops after this many iterations without a decrease of the objective.
+_STALL = 50
 
 
 def ufm_objective(
@@ -163,7 +166,9 @@ def simulate(
 
     ``optimizer="lbfgs"`` (default): ``torch.optim.LBFGS`` with a strong-Wolfe line search, one
     step per iteration, stopped when the gradient's largest entry falls below ``tol`` (1e-9 is
-    about the float64 floor for K <= 10; it leaves the objective within ~1e-14 of the optimum).
+    about the float64 floor for K <= 10; it leaves the objective within ~1e-14 of the optimum;
+    ``converged`` says whether it got there) or when the objective has not decreased for 50
+    iterations.
     ``optimizer="gd"``: plain full-batch gradient descent with step ``lr`` on W and ``lr * N``
     on H, because each h_i sees only its own 1/N share of the loss.  Defaults
     (steps, lr, every): lbfgs (3000, 1, 1), gd (20000, 0.5, 500).  The history is measured at
@@ -224,13 +229,18 @@ def simulate(
             value.backward()
             return value
 
+        best, stalled_since = history[0]["objective"], 0
         while done < steps:
             opt.param_groups[0]["max_iter"] = min(every, steps - done)
-            opt.step(closure)
+            start_value = float(opt.step(closure).detach())  # the objective before this call's iterations
             n_iter = opt.state[opt._params[0]]["n_iter"]
             advanced, done = n_iter - done, n_iter
             converged = max(float(p.grad.abs().max()) for p in params) <= tol
-            if advanced == 0 or converged or done >= steps:
+            # Some problems reach the float64 floor of the objective with the gradient still above
+            # tol; once the objective has not fallen for _STALL iterations, more would only spin.
+            if start_value < best - 4 * _EPS * abs(best):
+                best, stalled_since = start_value, done
+            if advanced == 0 or converged or done >= steps or done - stalled_since >= _STALL:
                 break
             history.append(measure(done))
     else:
