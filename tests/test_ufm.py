@@ -29,7 +29,7 @@ def minimise(objective, shapes, seeds=(0, 1, 2)):
         opt = torch.optim.LBFGS(params, lr=1, max_iter=4000, max_eval=20000, tolerance_grad=1e-10,
                                 tolerance_change=0, history_size=50, line_search_fn="strong_wolfe")
 
-        def closure():
+        def closure(opt=opt, params=params):  # bound now: the loop rebinds both
             opt.zero_grad()
             value = objective(*params)
             value.backward()
@@ -107,7 +107,8 @@ def test_mse_closed_form_is_the_numerical_minimum(bias, side):
 
     def f(W, H, b):
         logits = H @ W.T + (b if bias else 0)
-        return 0.5 * (logits - target).pow(2).sum(1).mean() + lambda_w / 2 * W.pow(2).sum() + lambda_h / 2 * H.pow(2).sum()
+        regulariser = lambda_w / 2 * W.pow(2).sum() + lambda_h / 2 * H.pow(2).sum()
+        return 0.5 * (logits - target).pow(2).sum(1).mean() + regulariser
 
     values, (W, H, b) = minimise(f, [(K, K), (K * n, K), (K,)])
     assert best["trivial"] is (side > 1)
@@ -140,7 +141,7 @@ def test_convex_oracle_is_the_nonconvex_minimum_on_imbalanced_counts():
     assert oracle["gap"] <= 1e-12
     assert max(rel(v, oracle["objective"]) for v in values) < 1e-6
     # W and H are unique up to a rotation of R^d: compare what a rotation keeps.
-    class_features = H[[counts[:k].__len__() and sum(counts[:k]) for k in range(K)]]
+    class_features = H[[sum(counts[:k]) for k in range(K)]]  # the first sample of each class
     assert torch.allclose(class_features @ W.T, torch.from_numpy(oracle["logits"]), atol=1e-5)
     assert torch.allclose(W @ W.T, torch.from_numpy(oracle["W"] @ oracle["W"].T), atol=1e-5)
     recovered = float(f(torch.from_numpy(oracle["W"]), torch.from_numpy(oracle["features"])[y]))

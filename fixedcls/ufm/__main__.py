@@ -15,7 +15,7 @@ import math
 import os
 import sys
 import time
-from typing import Sequence
+from collections.abc import Sequence
 
 from .. import polytopes
 from ..collapse import plot_collapse
@@ -64,7 +64,8 @@ def _minority_note(counts: tuple[int, ...], args, W) -> str | None:
     if len(sizes) != 2 or counts.count(sizes[0]) < 2:
         return None
     n_minor, n_major = sizes
-    ratio = minority_collapse_threshold(counts.count(n_major), counts.count(n_minor), n_minor, args.lambda_w, args.lambda_h)
+    ratio = minority_collapse_threshold(counts.count(n_major), counts.count(n_minor), n_minor,
+                                        args.lambda_w, args.lambda_h)
     predicted = n_major / n_minor >= ratio
     return (f"minority collapse: ratio {n_major / n_minor:g}, threshold {ratio:.4g} -> "
             f"{'collapsed' if predicted else 'not collapsed'} in theory; simulated minority row spread "

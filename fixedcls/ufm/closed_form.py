@@ -18,7 +18,7 @@ import math
 
 from ._checks import nonnegative, positive_int
 
-__all__ = ["ce_optimum", "mse_optimum", "minority_collapse_threshold"]
+__all__ = ["ce_optimum", "minority_collapse_threshold", "mse_optimum"]
 
 
 def _balanced_args(num_classes, n_per_class, lambda_w, lambda_h) -> tuple[int, int, float, float]:

@@ -11,7 +11,7 @@ machine precision in milliseconds.  ``docs/ufm.md`` derives the reduction.
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 

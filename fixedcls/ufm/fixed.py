@@ -8,8 +8,7 @@ direction enters the loss and the answer is the best unit direction.
 
 from __future__ import annotations
 
-import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import torch

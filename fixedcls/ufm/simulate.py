@@ -8,8 +8,8 @@ measure that misbehaves on a deep network can be checked here against the exact 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -17,7 +17,14 @@ import torch.nn.functional as F
 from .. import polytopes
 from ..collapse import nc_metrics
 from ..errors import FixedclsError
-from ._checks import LOSSES, NORMALIZATIONS, choice, class_counts, nonnegative, positive_int
+from ._checks import (
+    LOSSES,
+    NORMALIZATIONS,
+    choice,
+    class_counts,
+    nonnegative,
+    positive_int,
+)
 
 __all__ = ["OPTIMIZERS", "Simulation", "simulate", "ufm_objective"]
 
@@ -117,6 +124,13 @@ class Simulation:
         ]
 
 
+def _gradient_max(closure, params: list[torch.Tensor]) -> float:
+    """Largest gradient entry at the current point (evaluated afresh: after a line search the
+    stored gradients may belong to a trial point)."""
+    closure()
+    return max(float(p.grad.abs().max()) for p in params)
+
+
 def _labels(counts: Sequence[int]) -> torch.Tensor:
     return torch.repeat_interleave(torch.arange(len(counts)), torch.tensor(counts))
 
@@ -214,14 +228,15 @@ def simulate(
         with torch.no_grad():
             value = float(objective())
             applied = scale * W.detach()
-            return {"step": step, "objective": value, **nc_metrics(H.detach(), labels, applied, None if b is None else b.detach())}
+            measures = nc_metrics(H.detach(), labels, applied, None if b is None else b.detach())
+            return {"step": step, "objective": value, **measures}
 
     history = [measure(0)]
     done, converged = 0, False
     if optimizer == "lbfgs":
         # max_eval: room for every line search, so that a call runs its `every` iterations in full.
-        opt = torch.optim.LBFGS(params, lr=lr, max_iter=every, max_eval=50 * every, history_size=100, line_search_fn="strong_wolfe",
-                                tolerance_grad=tol, tolerance_change=0.0)
+        opt = torch.optim.LBFGS(params, lr=lr, max_iter=every, max_eval=50 * every, history_size=100,
+                                line_search_fn="strong_wolfe", tolerance_grad=tol, tolerance_change=0.0)
 
         def closure() -> torch.Tensor:
             opt.zero_grad()
@@ -235,7 +250,7 @@ def simulate(
             start_value = float(opt.step(closure).detach())  # the objective before this call's iterations
             n_iter = opt.state[opt._params[0]]["n_iter"]
             advanced, done = n_iter - done, n_iter
-            converged = max(float(p.grad.abs().max()) for p in params) <= tol
+            converged = _gradient_max(closure, params) <= tol
             # Some problems reach the float64 floor of the objective with the gradient still above
             # tol; once the objective has not fallen for _STALL iterations, more would only spin.
             if start_value < best - 4 * _EPS * abs(best):
@@ -244,17 +259,23 @@ def simulate(
                 break
             history.append(measure(done))
     else:
-        opt = torch.optim.SGD([{"params": [p for p in (W, b) if p is not None and p.requires_grad], "lr": lr},
-                               {"params": [H], "lr": lr * N}])
+        classifier = [p for p in (W, b) if p is not None and p.requires_grad]
+        groups = [{"params": [H], "lr": lr * N}] + ([{"params": classifier, "lr": lr}] if classifier else [])
+        opt = torch.optim.SGD(groups)
         for done in range(1, steps + 1):
             opt.zero_grad()
             objective().backward()
             opt.step()
             if done % every == 0 and done < steps:
                 history.append(measure(done))
-        opt.zero_grad()
-        objective().backward()
-        converged = max(float(p.grad.abs().max()) for p in params) <= tol
+
+        def closure() -> torch.Tensor:
+            opt.zero_grad()
+            value = objective()
+            value.backward()
+            return value
+
+        converged = _gradient_max(closure, params) <= tol
     history.append(measure(done))
     return Simulation(
         W=W.detach(), H=H.detach(), labels=labels, bias=None if b is None else b.detach(), history=history,

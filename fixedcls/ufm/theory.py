@@ -8,8 +8,8 @@ compared entry by entry and measured by the same :func:`fixedcls.collapse.nc_met
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import numpy as np
 import torch
@@ -17,7 +17,14 @@ import torch
 from .. import polytopes
 from ..collapse import nc_metrics
 from ..errors import FixedclsError
-from ._checks import LOSSES, NORMALIZATIONS, choice, class_counts, nonnegative, positive_int
+from ._checks import (
+    LOSSES,
+    NORMALIZATIONS,
+    choice,
+    class_counts,
+    nonnegative,
+    positive_int,
+)
 from .closed_form import ce_optimum, mse_optimum
 from .convex import ce_convex_oracle
 from .fixed import fixed_head_optimum
