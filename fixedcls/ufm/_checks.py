@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
+from .. import polytopes
 from ..errors import FixedclsError
 
 LOSSES = ("ce", "mse", "dot_regression")
@@ -61,3 +62,21 @@ def parse_counts(text: str) -> tuple[int, ...]:
                 "e.g. 5x50,5x2"
             ) from None
     return class_counts(counts)
+
+
+def polytope_dim(head: str, num_classes: int, dim: int | None) -> int:
+    """``dim`` (the natural one when None) checked against the polytope's capacity.
+
+    Checked here rather than left to ``polytopes.make``, whose message names the training key
+    ``model.dim``.
+    """
+    if dim is None:
+        return polytopes.natural_dim(head, num_classes)
+    dim = positive_int("dim", dim)
+    needed = polytopes.min_dim(head, num_classes)
+    if dim < needed:
+        raise FixedclsError(
+            f"head {head!r} cannot hold K={num_classes} classes in dim={dim}: needs dim >= {needed} "
+            f"(set dim={needed} or larger)"
+        )
+    return dim

@@ -23,6 +23,7 @@ from ._checks import (
     choice,
     class_counts,
     nonnegative,
+    polytope_dim,
     positive_int,
 )
 
@@ -135,8 +136,10 @@ def _labels(counts: Sequence[int]) -> torch.Tensor:
     return torch.repeat_interleave(torch.arange(len(counts)), torch.tensor(counts))
 
 
-def _check_well_posed(head: str, loss: str, normalize: str, lambda_w: float, lambda_h: float) -> None:
+def _check_well_posed(head: str, loss: str, normalize: str, lambda_w: float, lambda_h: float, scale: float) -> None:
     learned = head == "learned"
+    if learned and scale != 1.0:
+        raise FixedclsError(f"scale={scale} applies to fixed heads only (a learned W absorbs it): leave scale=1")
     if learned and normalize != "none":
         raise FixedclsError("normalize='l2' applies to fixed heads only; the learned head is a plain linear layer")
     if loss == "dot_regression" and learned:
@@ -199,7 +202,7 @@ def simulate(
     lambda_w = nonnegative("lambda_w", lambda_w)
     lambda_h = nonnegative("lambda_h", lambda_h)
     scale = nonnegative("scale", scale, strict=True)
-    _check_well_posed(head, loss, normalize, lambda_w, lambda_h)
+    _check_well_posed(head, loss, normalize, lambda_w, lambda_h, scale)
     if bias and head != "learned":
         raise FixedclsError("bias=True applies to the learned head only (fixed heads have no bias here)")
     default_steps, default_lr, default_every = _DEFAULTS[optimizer]
@@ -215,7 +218,7 @@ def simulate(
     if learned:
         W = (torch.randn(K, dim, generator=generator, dtype=_F64) / dim**0.5).requires_grad_()
     else:
-        W = polytopes.make(head, K, dim).to(_F64)
+        W = polytopes.make(head, K, polytope_dim(head, K, dim)).to(_F64)
     H = (torch.randn(N, dim, generator=generator, dtype=_F64) / dim**0.5).requires_grad_()
     b = torch.zeros(K, dtype=_F64, requires_grad=True) if bias else None
     params = [p for p in (W, H, b) if p is not None and p.requires_grad]

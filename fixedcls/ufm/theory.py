@@ -23,6 +23,7 @@ from ._checks import (
     choice,
     class_counts,
     nonnegative,
+    polytope_dim,
     positive_int,
 )
 from .closed_form import ce_optimum, mse_optimum
@@ -154,12 +155,12 @@ def global_optimum(
     head = choice("head", head, ("learned", *polytopes.available()))
     if head == "learned":
         dim = K if dim is None else positive_int("dim", dim)
-        if normalize != "none":
-            raise FixedclsError("normalize='l2' applies to fixed heads only; the learned head is a plain linear layer")
+        if normalize != "none" or scale != 1.0:
+            raise FixedclsError("scale and normalize='l2' apply to fixed heads only; the learned head is a plain linear layer")
         return _learned(counts, dim, nonnegative("lambda_w", lambda_w), nonnegative("lambda_h", lambda_h), loss, bias)
     if bias:
         raise FixedclsError("bias=True applies to the learned head only (fixed heads have no bias here)")
-    W = polytopes.make(head, K, dim).to(_F64)
+    W = polytopes.make(head, K, polytope_dim(head, K, dim)).to(_F64)
     best = fixed_head_optimum(W, lambda_h, scale=scale, normalize=normalize, loss=loss, counts=counts)
     return Optimum(W, best["features"], None, counts, best["objective"], "fixed_head_optimum", scale)
 
