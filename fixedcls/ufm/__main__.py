@@ -113,7 +113,7 @@ def run(args: argparse.Namespace) -> list[dict]:
                 plot_collapse(sim.collapse_history(), os.path.join(args.out, f"{spec.replace(',', '+')}-{head}.png"),
                               title=f"UFM {spec}, {head} head, {args.loss} (x axis: optimizer step)",
                               splits=(("collapse/", "simulation"),))
-            if head == "learned":
+            if head == "learned" and not args.bias:  # the threshold is derived without a bias
                 note = _minority_note(counts, args, sim.W)
                 if note:
                     notes.append(f"{spec}, learned: {note}")
