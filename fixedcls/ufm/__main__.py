@@ -19,6 +19,7 @@ from collections.abc import Sequence
 
 from .. import polytopes
 from ..collapse import plot_collapse
+from ..cli import run_command
 from ..errors import FixedclsError
 from ._checks import LOSSES, NORMALIZATIONS, parse_counts
 from .closed_form import minority_collapse_threshold
@@ -144,12 +145,7 @@ def run(args: argparse.Namespace) -> list[dict]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    try:
-        run(args)
-    except FixedclsError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    return 0
+    return run_command(lambda: run(args) and 0, prog="python -m fixedcls.ufm")
 
 
 if __name__ == "__main__":
