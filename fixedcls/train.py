@@ -40,7 +40,7 @@ class TrainResult(dict):
 
 def check_resume_matches(state: dict, meta: dict, path: Path) -> None:
     """A checkpoint from another head, polytope or class count cannot continue this run."""
-    saved = state.get("meta", {})
+    saved = ckpt.meta_of(state)
     for key in ("head", "num_classes", "dim", "backbone", "head_seed"):
         if key in saved and saved[key] != meta[key]:
             raise FixedclsError(
@@ -107,6 +107,7 @@ def build_training(cfg: DictConfig, run_dir: Path, world: World, device: torch.d
     resume_state = None
     if resume_path is not None:
         resume_state = ckpt.load(resume_path)
+        ckpt.check_resumable(resume_state, resume_path)
         check_resume_matches(resume_state, meta, resume_path)
         if world.is_main:
             log.info(f"resuming from {resume_path}")
@@ -119,6 +120,8 @@ def build_training(cfg: DictConfig, run_dir: Path, world: World, device: torch.d
         pin_memory=device.type == "cuda",
     )
     optimizer = build.build_optimizer(cfg.optim, model)
+    if resume_state is not None:
+        build.check_resume_fits(resume_state, resume_path, model, optimizer)
     scheduler = build.build_scheduler(cfg.sched, optimizer, cfg.trainer.epochs)
     criterion = build.build_criterion(cfg, model)
     ema = build.build_ema(cfg, model)
@@ -133,7 +136,7 @@ def build_training(cfg: DictConfig, run_dir: Path, world: World, device: torch.d
         trained = torch.compile(trained)
 
     resolved = build.plain_config(cfg)
-    run_id = (resume_state or {}).get("meta", {}).get("tracker_run_id")
+    run_id = ckpt.meta_of(resume_state or {}).get("tracker_run_id")
     tracker = create_tracker(cfg.logger, run_dir=run_dir, resolved_config=resolved, run_id=run_id, enabled=world.is_main)
     meta["tracker_run_id"] = tracker.run_id
     if world.is_main:
