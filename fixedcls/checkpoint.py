@@ -54,7 +54,7 @@ def atomic_save(state: dict, path: Path) -> None:
             try:
                 torch.save(state, f)
             except RuntimeError as error:  # torch's writer turns ENOSPC/EIO into RuntimeError
-                raise _write_error(error, tmp) from error
+                raise _write_error(error, path) from error
             f.flush()
             os.fsync(f.fileno())
         os.chmod(tmp, file_mode())
@@ -69,9 +69,11 @@ def _writer() -> str:
     return f"{_HOST}.{os.getpid()}"  # read at each write: a forked process is another writer
 
 
-def _write_error(error: RuntimeError, tmp: str) -> OSError:
-    full = "No space left" in str(error) or "file write failed" in str(error)
-    return OSError(errno.ENOSPC if full else errno.EIO, f"torch.save failed ({_first_line(error)})", tmp)
+def _write_error(error: RuntimeError, path: Path) -> OSError:
+    text = re.sub(r"^\[enforce fail at [^\]]*\]\s*\.?\s*", "", " ".join(str(error).split()))
+    if "No space left" in text:
+        return OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+    return OSError(errno.EIO, f"{os.strerror(errno.EIO)} (torch.save: {text[:200]})", str(path))
 
 
 def _fsync_dir(directory: Path) -> None:
@@ -154,6 +156,8 @@ def load(path: str | Path, map_location: Any = "cpu") -> dict:
         with zipfile.ZipFile(path) as archive:
             _refuse_inflation(archive, path)
             damaged = archive.testzip()
+    except FixedclsError:
+        raise
     except zipfile.BadZipFile:
         is_zip = False  # truncated (no central directory), garbage, or a legacy checkpoint: torch.load tells
     except (OSError, ValueError, EOFError, RuntimeError) as error:
