@@ -168,6 +168,32 @@ def test_compare_reads_run_configs_as_data_and_quotes_formulas(tmp_path, capsys)
     assert compare.csv_cell("-inf") == "-inf" and compare.csv_cell("+x") == "'+x" and compare.csv_cell(-0.5) == -0.5
 
 
+def test_compare_reads_a_wandb_run_config_as_data(tmp_path, monkeypatch):
+    wandb = pytest.importorskip("wandb")
+
+    class FakeRun:
+        def __init__(self, i, config):
+            self.id, self.name, self.state, self.config = f"r{i}", f"run{i}", "finished", config
+            self.summary = {"final/test/acc": 0.5}
+
+        def scan_history(self):
+            return [{"epoch": 1, "test/acc": 0.5}]
+
+    class FakeApi:
+        def __init__(self, timeout=None):
+            pass
+
+        def runs(self, path, filters=None):  # the first run does not override head: its config value is shown
+            return [FakeRun(0, {"seed": 0, "head": {"name": TEMPLATE}, "hydra_overrides": ["seed=0"]}),
+                    FakeRun(1, {"seed": 0, "head": {"name": "simplex"}, "hydra_overrides": ["head=simplex", "seed=0"]})]
+
+    monkeypatch.setenv("WANDB_MODE", "online")
+    monkeypatch.setattr(wandb, "Api", FakeApi)
+    compare.main(["--wandb", "team/project", "--out", str(tmp_path), "--no-plots"])
+    text = (tmp_path / "comparison.csv").read_text()
+    assert SECRET not in text and TEMPLATE in text
+
+
 def test_compare_refuses_an_output_folder_that_is_a_file(tmp_path, capsys):
     _run(tmp_path / "run", [], {"seed": 0})
     (tmp_path / "taken").write_text("a file")
