@@ -137,6 +137,8 @@ def load(path: str | Path, map_location: Any = "cpu") -> dict:
       pickled object is refused before anything in it is built, so no code from it runs.
     * The CRC32 of every record of the zip archive is checked first, so a truncated file, or one whose
       tensor bytes were damaged on disk or in transfer, is reported instead of loaded with wrong numbers.
+    * Before that, a file with compressed records or records larger than itself is refused
+      (`_refuse_inflation`): checking or loading it would inflate it first.
     """
     path = Path(path)
     if not path.is_file():
@@ -229,7 +231,7 @@ def _is_rng(value: Any) -> bool:
         and isinstance(value.get("numpy"), (list, tuple)) and len(value["numpy"]) == 5
 
 
-# What a resumable checkpoint holds: entry -> (what it must be, the test).  Optional entries may also be None.
+# What a resumable checkpoint holds: entry -> (what it must be, its test, required). An optional entry may be None.
 _RESUMABLE: dict[str, tuple[str, Callable[[Any], bool], bool]] = {
     "model": ("a dict of tensors", lambda v: isinstance(v, dict) and all(torch.is_tensor(t) for t in v.values()), True),
     "optimizer": ("an optimizer state dict (state, param_groups)",
