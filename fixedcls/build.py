@@ -6,6 +6,7 @@ objects of a real run.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 from pathlib import Path
@@ -13,7 +14,7 @@ from typing import Callable, Optional
 
 import torch
 from omegaconf import DictConfig, OmegaConf
-from omegaconf.errors import OmegaConfBaseException
+from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 from torch import nn
 
 from . import checkpoint as ckpt
@@ -22,6 +23,7 @@ from .errors import FixedclsError
 from .heads import FeatureDistillation, create_criterion
 from .model import Classifier, create_model
 from .runtime import choice
+from .stored import literal
 
 log = logging.getLogger("fixedcls")
 DISTILL_LOSSES = ("cosine", "l2")
@@ -33,13 +35,24 @@ def plain_config(cfg: DictConfig) -> dict:
 
 
 def stored_config(state: dict, path: Path) -> DictConfig:
-    """The resolved config stored in a checkpoint, on the current schema (keys it lacks take their defaults)."""
+    """The resolved config stored in a checkpoint, on the current schema (keys it lacks take their defaults).
+
+    It is data: a ``${...}`` in a stored value stays text (`stored.literal`), and `data.download` is off, so
+    a checkpoint can neither read the environment nor start a download (a user's own override may turn
+    it back on)."""
     if not isinstance(state.get("config"), dict):
         raise FixedclsError(f"checkpoint {path} holds no config: it was not written by fixedcls-train")
     try:
-        return OmegaConf.merge(OmegaConf.structured(Config), state["config"])
+        cfg = OmegaConf.merge(OmegaConf.structured(Config), literal(state["config"]))
+        cfg.data.download = False
+        return cfg
+    except ConfigKeyError as error:
+        key = error.full_key or str(error.key)
+        raise FixedclsError(f"checkpoint {path} has the config key '{key}', which this fixedcls does not know: it was "
+                            f"written by a newer fixedcls; upgrade fixedcls to read it") from None
     except OmegaConfBaseException as error:
-        raise FixedclsError(f"checkpoint {path} has a config this fixedcls cannot read ({str(error).splitlines()[0]})") from None
+        raise FixedclsError(f"checkpoint {path} has a config this fixedcls cannot read ({str(error).splitlines()[0]}): "
+                            f"it was written by another fixedcls version; read it with that version") from None
 
 
 def in_chans_of(cfg) -> int:
@@ -69,6 +82,22 @@ def _mismatch(model: nn.Module, saved: dict) -> str:
     return ", ".join(parts) or "the weights do not load"
 
 
+def check_resume_fits(state: dict, path: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    """One line, before training starts, when a checkpoint's weights or optimizer state cannot be loaded into
+    this run's model and optimizer (another model, another optimizer's parameter groups)."""
+    own = model.state_dict()
+    saved = state["model"]
+    if set(own) != set(saved) or any(tuple(own[k].shape) != tuple(saved[k].shape) for k in own):
+        raise FixedclsError(f"checkpoint {path} holds weights of another model ({_mismatch(model, saved)}): resume it "
+                            f"with the model.backbone, head and model.dim it was trained with, or start a new run")
+    groups = state["optimizer"]["param_groups"]
+    sizes, own_sizes = [len(g["params"]) for g in groups], [len(g["params"]) for g in optimizer.param_groups]
+    if sizes != own_sizes:
+        raise FixedclsError(f"checkpoint {path} holds an optimizer state for parameter groups of {sizes} tensors, this "
+                            f"run's optimizer has {own_sizes}: resume with the optim settings it was trained with "
+                            f"(optim.name, optim.weight_decay), or start a new run")
+
+
 def load_checkpoint(path: str | Path) -> tuple[Path, dict]:
     """(the file, its state): a folder means its newest good checkpoint."""
     path = ckpt.checkpoint_file(path, warn=log.warning)
@@ -80,17 +109,50 @@ def model_from_checkpoint(path: str | Path) -> tuple[Classifier, DictConfig, dic
     head from the stored config, never downloading pretrained weights."""
     path, state = load_checkpoint(path)
     cfg = stored_config(state, path)
-    outputs = state.get("meta", {}).get("num_classes")
-    if outputs is None:
+    outputs = ckpt.meta_of(state).get("num_classes")
+    if not isinstance(outputs, int) or isinstance(outputs, bool):
         head_rows = [v for k, v in state["model"].items() if k in ("head.prototypes", "head.weight", "head.raw_weight")]
         outputs = int(head_rows[0].shape[0]) if head_rows else cfg.data.num_classes
-    model = build_model(cfg, num_classes=int(outputs), in_chans=in_chans_of(cfg), img_size=cfg.data.img_size, pretrained=False)
+    with hub_offline():
+        try:
+            model = build_model(cfg, num_classes=int(outputs), in_chans=in_chans_of(cfg), img_size=cfg.data.img_size,
+                                pretrained=False)
+        except FixedclsError:
+            raise
+        except Exception as error:
+            if not _from_hub(cfg.model.backbone):
+                raise
+            raise FixedclsError(
+                f"checkpoint {path} names the backbone {cfg.model.backbone}, whose config is not in the local Hugging "
+                f"Face cache ({type(error).__name__}); a stored config never downloads: fetch it once on purpose "
+                f"(python -c \"import timm; timm.create_model('{cfg.model.backbone}')\"), then run this again"
+            ) from None
     try:
         model.load_state_dict(state["model"])
     except RuntimeError:
         raise FixedclsError(f"checkpoint {path} does not match the model its config describes "
                             f"({_mismatch(model, state['model'])}): it was written by another fixedcls version") from None
     return model.eval(), cfg, state, path
+
+
+def _from_hub(backbone: str) -> bool:
+    return str(backbone).split(":", 1)[0].lower() in ("hf-hub", "hf_hub") and ":" in str(backbone)
+
+
+@contextlib.contextmanager
+def hub_offline():
+    """A block in which the Hugging Face Hub client makes no network request (its local cache still answers):
+    timm fetches an `hf-hub:` backbone's config from the Hub even with pretrained=False."""
+    try:
+        from huggingface_hub import constants
+    except ImportError:  # no Hub client: nothing can reach the Hub
+        yield
+        return
+    previous, constants.HF_HUB_OFFLINE = constants.HF_HUB_OFFLINE, True
+    try:
+        yield
+    finally:
+        constants.HF_HUB_OFFLINE = previous
 
 
 def load_trained(path: str | Path, *, data_overrides: Optional[dict] = None):
@@ -170,7 +232,7 @@ def init_from_checkpoint(cfg, model: nn.Module, device: torch.device) -> Optiona
     try:
         model.load_state_dict(state["model"], strict=True)
     except RuntimeError:
-        saved = state.get("meta", {})
+        saved = ckpt.meta_of(state)
         raise FixedclsError(
             f"model.init_from={path} does not fit this model (it holds {saved.get('backbone', '?')} with head "
             f"{saved.get('head', '?')}, {saved.get('num_classes', '?')} outputs, d={saved.get('dim', '?')}; "

@@ -12,11 +12,14 @@ Layout of a checkpoint directory::
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import os
 import pickle
 import re
+import socket
 import tempfile
+import time
 import warnings
 import zipfile
 from pathlib import Path
@@ -25,27 +28,52 @@ from typing import Any, Callable, Optional
 import torch
 
 from .errors import FixedclsError
+from .loggers import file_mode
 
 log = logging.getLogger("fixedcls")
 LAST, BEST = "last.pt", "best.pt"
 EPOCH_FILE = re.compile(r"^epoch_(\d+)\.pt$")
 
+# A write in progress is `.<target>.<host>.<pid>.<random>.fixedcls.tmp` (see `remove_partial_writes`).
+TEMP_SUFFIX = ".fixedcls.tmp"
+_HOST = re.sub(r"[^A-Za-z0-9-]", "-", socket.gethostname()) or "host"
+PARTIAL = re.compile(r"^\.(?P<target>.+)\.(?P<host>[A-Za-z0-9-]+)\.(?P<pid>\d+)\.[A-Za-z0-9_]+\.fixedcls\.tmp$")
+STALE_SECONDS = 600  # a temporary file unchanged this long belongs to a dead or stuck write, wherever it ran
+
 
 def atomic_save(state: dict, path: Path) -> None:
-    """Write `state` to `path` so that `path` is either the old file or the complete new one."""
+    """Write `state` to `path` so that `path` is either the old file or the complete new one.
+
+    The new file gets the mode any file of this process gets (0666 less the umask), as `torch.save(path)`
+    would give it; a failed write (torch reports a full disk as RuntimeError) is an OSError."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{_writer()}.", suffix=TEMP_SUFFIX, dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
-            torch.save(state, f)
+            try:
+                torch.save(state, f)
+            except RuntimeError as error:  # torch's writer turns ENOSPC/EIO into RuntimeError
+                raise _write_error(error, path) from error
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, file_mode())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
     _fsync_dir(path.parent)
+
+
+def _writer() -> str:
+    return f"{_HOST}.{os.getpid()}"  # read at each write: a forked process is another writer
+
+
+def _write_error(error: RuntimeError, path: Path) -> OSError:
+    text = re.sub(r"^\[enforce fail at [^\]]*\]\s*\.?\s*", "", " ".join(str(error).split()))
+    if "No space left" in text:
+        return OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+    return OSError(errno.EIO, f"{os.strerror(errno.EIO)} (torch.save: {text[:200]})", str(path))
 
 
 def _fsync_dir(directory: Path) -> None:
@@ -63,15 +91,19 @@ def _fsync_dir(directory: Path) -> None:
 
 def _link_or_copy(src: Path, dst: Path) -> None:
     """Point `dst` at the bytes of `src` atomically (a hard link costs no space)."""
-    tmp = dst.with_name(f".{dst.name}.{os.getpid()}.tmp")
+    tmp = dst.with_name(f".{dst.name}.{_writer()}.link{TEMP_SUFFIX}")
     tmp.unlink(missing_ok=True)
     try:
-        os.link(src, tmp)
-    except OSError:
-        import shutil
+        try:
+            os.link(src, tmp)
+        except OSError:
+            import shutil
 
-        shutil.copyfile(src, tmp)
-    os.replace(tmp, dst)
+            shutil.copyfile(src, tmp)
+        os.replace(tmp, dst)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     _fsync_dir(dst.parent)
 
 
@@ -105,6 +137,8 @@ def load(path: str | Path, map_location: Any = "cpu") -> dict:
       pickled object is refused before anything in it is built, so no code from it runs.
     * The CRC32 of every record of the zip archive is checked first, so a truncated file, or one whose
       tensor bytes were damaged on disk or in transfer, is reported instead of loaded with wrong numbers.
+    * Before that, a file with compressed records or records larger than itself is refused
+      (`_refuse_inflation`): checking or loading it would inflate it first.
     """
     path = Path(path)
     if not path.is_file():
@@ -122,7 +156,10 @@ def load(path: str | Path, map_location: Any = "cpu") -> dict:
     is_zip, damaged = True, None
     try:
         with zipfile.ZipFile(path) as archive:
+            _refuse_inflation(archive, path)
             damaged = archive.testzip()
+    except FixedclsError:
+        raise
     except zipfile.BadZipFile:
         is_zip = False  # truncated (no central directory), garbage, or a legacy checkpoint: torch.load tells
     except (OSError, ValueError, EOFError, RuntimeError) as error:
@@ -156,9 +193,85 @@ def load(path: str | Path, map_location: Any = "cpu") -> dict:
     return state
 
 
+def _refuse_inflation(archive: zipfile.ZipFile, path: Path) -> None:
+    """torch.save stores its records uncompressed, so a compressed record, or records larger than the file,
+    come from somewhere else: refused before anything is inflated (a 262 KB file could inflate to 256 MiB)."""
+    records = archive.infolist()
+    compressed = [r.filename for r in records if r.compress_type != zipfile.ZIP_STORED]
+    if compressed:
+        raise FixedclsError(f"checkpoint {path} holds compressed records (e.g. {compressed[0]}), which torch.save never "
+                            f"writes: refused to inflate it; only load files written by fixedcls-train")
+    claimed, size = sum(r.file_size for r in records), path.stat().st_size
+    if claimed > size:
+        raise FixedclsError(f"checkpoint {path} claims {claimed} bytes of records in a file of {size}: refused to "
+                            f"read it; only load files written by fixedcls-train")
+
+
 def _progress(state: dict) -> tuple[int, int]:
-    """How far a checkpoint got: (finished epochs, steps into the next one)."""
-    return int(state.get("epoch", 0)), int(state.get("step_in_epoch", 0))
+    """How far a checkpoint got: (finished epochs, steps into the next one); (-1, -1) for counts that are
+    not whole numbers, so a malformed file never wins (`check_resumable` names what is wrong with it)."""
+    epoch, step = state.get("epoch", 0), state.get("step_in_epoch", 0)
+    if not all(isinstance(v, int) and not isinstance(v, bool) for v in (epoch, step)):
+        return -1, -1
+    return epoch, step
+
+
+def meta_of(state: dict) -> dict:
+    """A checkpoint's `meta` entry (head, num_classes, dim, ...), or {} when it has none or a malformed one."""
+    meta = state.get("meta")
+    return meta if isinstance(meta, dict) else {}
+
+
+def _is_count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _is_rng(value: Any) -> bool:
+    return isinstance(value, dict) and torch.is_tensor(value.get("torch")) and isinstance(value.get("python"), (list, tuple)) \
+        and isinstance(value.get("numpy"), (list, tuple)) and len(value["numpy"]) == 5
+
+
+# What a resumable checkpoint holds: entry -> (what it must be, its test, required). An optional entry may be None.
+_RESUMABLE: dict[str, tuple[str, Callable[[Any], bool], bool]] = {
+    "model": ("a dict of tensors", lambda v: isinstance(v, dict) and all(torch.is_tensor(t) for t in v.values()), True),
+    "optimizer": ("an optimizer state dict (state, param_groups)",
+                  lambda v: isinstance(v, dict) and isinstance(v.get("state"), dict)
+                  and isinstance(v.get("param_groups"), list)
+                  and all(isinstance(g, dict) and isinstance(g.get("params"), list) for g in v["param_groups"]), True),
+    "epoch": ("a whole number >= 0", _is_count, True),
+    "step_in_epoch": ("a whole number >= 0", _is_count, True),
+    "global_step": ("a whole number >= 0", _is_count, True),
+    "history": ("a list of dicts", lambda v: isinstance(v, list) and all(isinstance(r, dict) for r in v), True),
+    "running": ("a tensor of 3 numbers", lambda v: torch.is_tensor(v) and v.numel() == 3, True),
+    "rng": ("a random-state dict (torch, python, numpy)", _is_rng, True),
+    "meta": ("a dict", lambda v: isinstance(v, dict), False),
+    "config": ("a dict", lambda v: isinstance(v, dict), False),
+    "scheduler": ("a dict", lambda v: isinstance(v, dict), False),
+    "scaler": ("a dict", lambda v: isinstance(v, dict), False),
+    "ema": ("a dict", lambda v: isinstance(v, dict), False),
+    "online_train": ("a dict", lambda v: isinstance(v, dict), False),
+    "online_test": ("a dict", lambda v: isinstance(v, dict), False),
+    "rng_ranks": ("a list of random-state dicts", lambda v: isinstance(v, list) and all(_is_rng(r) for r in v), False),
+    "nonfinite_in_a_row": ("a whole number >= 0", _is_count, False),
+    "best_value": ("a number", lambda v: isinstance(v, (int, float)) and not isinstance(v, bool), False),
+}
+
+
+def check_resumable(state: dict, path: Path) -> None:
+    """Refuse, in one line, a checkpoint that cannot continue a run: a .pt that torch.save wrote with other
+    entries (a model-only file, another program's), or one whose entries have the wrong type."""
+    for key, (kind, valid, required) in _RESUMABLE.items():
+        if key not in state or state[key] is None:
+            if required:
+                raise FixedclsError(
+                    f"checkpoint {path} cannot be resumed: it has no '{key}' entry (it holds "
+                    f"{', '.join(map(str, list(state)[:6]))}), so it was not written by fixedcls-train: resume from a "
+                    f"last.pt or epoch_NNNN.pt, or start a new run from its weights with model.init_from={path}")
+            continue
+        if not valid(state[key]):
+            raise FixedclsError(f"checkpoint {path} cannot be resumed: its '{key}' entry is "
+                                f"{type(state[key]).__name__}, not {kind}: resume from another checkpoint "
+                                f"(epoch_NNNN.pt in the same folder), or start a new run without resume")
 
 
 def epoch_files(directory: Path) -> list[Path]:
@@ -431,16 +544,36 @@ def snapshot(obj: Any) -> Any:
     return obj
 
 
-PARTIAL = re.compile(r"^\..+\.tmp$")  # what atomic_save and _link_or_copy write before the rename
-
-
 def remove_partial_writes(directory: Path) -> None:
-    """Delete the temporary files of writes that a killed run never finished (never a real checkpoint)."""
+    """Delete the temporary files of checkpoint writes that were never finished, and nothing else.
+
+    Only names this module writes (`.<target>.<host>.<pid>.<random>.fixedcls.tmp`) are touched, and only
+    stale ones: written on this machine by a process that is no longer running, or unchanged for
+    `STALE_SECONDS` (a writer on another node of a shared file system, whose pid means nothing here).
+    So a user's own `.something.tmp` and another live run's write in flight are left alone."""
     if not Path(directory).is_dir():
         return
+    now = time.time()
     for path in Path(directory).iterdir():
-        if PARTIAL.match(path.name) and path.is_file():
-            path.unlink(missing_ok=True)
+        found = PARTIAL.match(path.name)
+        if found is None or path.is_symlink() or not path.is_file():
+            continue
+        with contextlib.suppress(OSError):
+            dead_here = found.group("host") == _HOST and not _process_alive(int(found.group("pid")))
+            if dead_here or now - path.stat().st_mtime > STALE_SECONDS:
+                path.unlink()
+
+
+def _process_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
 
 
 def _warn(message: str) -> None:

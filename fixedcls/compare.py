@@ -29,6 +29,7 @@ from typing import Any, Iterable, Optional, Sequence
 
 from .cli import output_folder, run_command
 from .errors import FixedclsError
+from .stored import literal, load_yaml
 
 #: Final-epoch measures of the table: (summary key without "final/", column title, format).
 FINAL_MEASURES: tuple[tuple[str, str, str], ...] = (
@@ -125,7 +126,7 @@ def _config_value(config, key: str) -> Optional[str]:
 
     if config is None:
         return None
-    node = OmegaConf.create(config) if isinstance(config, dict) else config
+    node = OmegaConf.create(literal(config)) if isinstance(config, dict) else config
     for candidate in (key, f"{key}.name"):
         try:
             value = OmegaConf.select(node, candidate, default=None, throw_on_resolution_failure=False)
@@ -149,15 +150,25 @@ def load_job(path: Path) -> Job | str:
         summary = json.loads(summary_path.read_text())
     except (OSError, ValueError) as error:
         return f"unreadable summary.json ({error})"
+    if not isinstance(summary, dict):
+        return f"summary.json holds a JSON {type(summary).__name__}, not an object: not written by fixedcls-train"
     history: list[dict] = []
     metrics_path = path / "metrics.jsonl"
     if metrics_path.is_file():
-        for line in metrics_path.read_text().splitlines():
+        try:
+            lines = metrics_path.read_text().splitlines()
+        except (OSError, ValueError) as error:
+            return f"unreadable metrics.jsonl ({error})"
+        for number, line in enumerate(lines, 1):
             try:
-                if line.strip():
-                    history.append(json.loads(line))
+                row = json.loads(line) if line.strip() else None
             except ValueError:
-                pass  # a line cut by a crash: the summary says the job finished, keep what is readable
+                continue  # a line cut by a crash: the summary says the job finished, keep what is readable
+            if row is None:
+                continue
+            if not isinstance(row, dict):
+                return f"metrics.jsonl line {number} holds a JSON {type(row).__name__}, not an object: not written by fixedcls-train"
+            history.append(row)
     config = None
     hydra_dir = path / ".hydra"
     settings: dict[str, str] = {}
@@ -165,7 +176,7 @@ def load_job(path: Path) -> Job | str:
         from omegaconf import OmegaConf
 
         try:
-            config = OmegaConf.load(hydra_dir / "config.yaml")
+            config = load_yaml(hydra_dir / "config.yaml")  # data: a ${oc.env:...} in it stays text
             overrides = OmegaConf.to_container(OmegaConf.load(hydra_dir / "overrides.yaml")) \
                 if (hydra_dir / "overrides.yaml").is_file() else []
         except Exception as error:
@@ -397,15 +408,28 @@ def markdown_table(rows: Sequence[dict], keys: Sequence[str]) -> str:
     return "\n".join(lines)
 
 
+def csv_cell(value: Any) -> Any:
+    """A cell a spreadsheet shows as text: text starting with = + - @ would run as a formula (CSV injection
+    from a run's settings), so it gets a leading '; numbers, and text that reads as one (-0.5), stay as they are."""
+    if isinstance(value, float) and math.isnan(value):
+        return ""
+    if isinstance(value, str) and value[:1] in ("=", "+", "-", "@"):
+        try:
+            float(value)
+        except ValueError:
+            return "'" + value
+    return value
+
+
 def write_csv(path: Path, rows: Sequence[dict]) -> None:
     columns: list[str] = []
     for row in rows:
         columns.extend(k for k in row if k not in columns)
     buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=columns)
-    writer.writeheader()
+    writer = csv.writer(buffer)
+    writer.writerow([csv_cell(column) for column in columns])
     for row in rows:
-        writer.writerow({k: ("" if isinstance(v, float) and math.isnan(v) else v) for k, v in row.items()})
+        writer.writerow([csv_cell(row.get(column, "")) for column in columns])
     path.write_text(buffer.getvalue())
 
 

@@ -297,7 +297,8 @@ def _measure(args) -> int:
         from omegaconf import OmegaConf
 
         path, state = load_checkpoint(args.checkpoints[0])
-        logger_cfg = OmegaConf.merge(stored_config(state, path).logger, {"name": args.logger})
+        # The project and tags come from the checkpoint (as text); files go only where this command writes.
+        logger_cfg = OmegaConf.merge(stored_config(state, path).logger, {"name": args.logger, "dir": None})
         log_to_tracker(result, logger_cfg, (args.json or png).parent, png, state["config"])
     return 0
 

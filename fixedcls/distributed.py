@@ -27,10 +27,12 @@ import re
 import shutil
 import tempfile
 from dataclasses import dataclass
-from typing import Any, Iterator, Optional, Sequence, Union
+from typing import Any, Callable, Iterator, Optional, Sequence, Union
 
 import torch
 import torch.distributed as dist
+
+from .errors import FixedclsError
 
 
 @dataclass
@@ -96,6 +98,65 @@ class World:
     def barrier(self) -> None:
         if self.distributed:
             dist.barrier()
+
+    def check_same_config(self, config: dict[str, str]) -> None:
+        """Stop every rank with the same line when the ranks were started with different configs (flat
+        key -> text); otherwise they would build different models or loaders and wait on each other forever."""
+        if not self.distributed:
+            return
+        configs = self.all_gather_object(config)
+        for rank, other in enumerate(configs[1:], 1):
+            differing = sorted(k for k in set(other) | set(configs[0]) if other.get(k) != configs[0].get(k))
+            if differing:
+                shown = ", ".join(f"{k}={other.get(k, '<unset>')} (rank 0: {configs[0].get(k, '<unset>')})"
+                                  for k in differing[:3])
+                more = f" and {len(differing) - 3} more" if len(differing) > 3 else ""
+                raise FixedclsError(f"rank {rank} was started with another config than rank 0: {shown}{more}: start "
+                                    f"every rank with the same command line and overrides")
+
+    @contextlib.contextmanager
+    def fail_together(self) -> Iterator[None]:
+        """A block that every rank leaves together: when it raises on any rank, every rank raises one
+        FixedclsError with the same line (naming the rank), instead of the others waiting in the next
+        collective until a gloo/NCCL timeout.  Inside the block there must be no collective."""
+        if not self.distributed:
+            yield
+            return
+        failure, original = None, None
+        try:
+            yield
+        except FixedclsError as error:
+            failure = str(error)
+        except Exception as error:  # a bug or a system error: this rank keeps its traceback, the others get one line
+            failure, original = f"{type(error).__name__}: {error}", error
+        self._raise_any(failure, original)
+
+    def on_main(self, task: Callable[[], Any]) -> Any:
+        """Rank 0's `task()` result on every rank; when it raises, every rank raises the same line."""
+        if not self.distributed:
+            return task()
+        outcome: tuple = (None, None)
+        if self.is_main:
+            try:
+                outcome = (task(), None)
+            except FixedclsError as error:
+                outcome = (None, str(error))
+            except Exception as error:
+                outcome = (None, f"{type(error).__name__}: {error}")
+        value, failure = self.broadcast_object(outcome)
+        if failure is not None:
+            raise FixedclsError(f"rank 0: {failure}")
+        return value
+
+    def _raise_any(self, failure: Optional[str], original: Optional[BaseException]) -> None:
+        failures = self.all_gather_object(failure)
+        failed = [(rank, text) for rank, text in enumerate(failures) if text is not None]
+        if not failed:
+            return
+        if original is not None:
+            raise original
+        rank, text = failed[0]
+        raise FixedclsError(f"rank {rank}: {text}")
 
 
 @dataclass

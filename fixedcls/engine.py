@@ -238,9 +238,11 @@ def _optimizer_step(run: TrainingRun, loop: LoopState, scaler, base: nn.Module) 
             loop, run.trainer.max_nonfinite, f"the gradient norm was non-finite ({float(grad_norm)})",
             run.checkpoints.directory, "lower optim.lr, or train in fp32")
     run.optimizer.zero_grad(set_to_none=True)
-    if run.ema is not None and grads_finite:
-        run.ema.update(base, step=loop.global_step)
     loop.global_step += 1
+    if run.ema is not None and grads_finite:
+        # timm's step counts the updates made, this one included (as in timm's train.py): its first update
+        # copies the weights, and each later one averages; the count before this update would copy twice.
+        run.ema.update(base, step=loop.global_step)
     return grads_finite
 
 

@@ -51,7 +51,7 @@ def write_text_atomic(path: Path, text: str) -> None:
     try:
         with os.fdopen(fd, "w") as f:
             f.write(text)
-        os.chmod(tmp, 0o666 & ~_umask())
+        os.chmod(tmp, file_mode())
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):
@@ -59,10 +59,17 @@ def write_text_atomic(path: Path, text: str) -> None:
         raise
 
 
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
+def file_mode() -> int:
+    """The mode a new file of this process gets (0666 less the umask); mkstemp's own 0600 is for the temporary
+    file only.  The umask is read from /proc where it can be, since setting it to read it back is not
+    thread-safe (checkpoints are written in a background thread)."""
+    try:
+        with open("/proc/self/status") as f:
+            mask = next(int(line.split()[1], 8) for line in f if line.startswith("Umask:"))
+    except (OSError, StopIteration, ValueError, IndexError):
+        mask = os.umask(0o022)
+        os.umask(mask)
+    return 0o666 & ~mask
 
 
 def write_json(path: str | Path, value: Any) -> Path:
@@ -88,11 +95,15 @@ class MetricsFile:
     def append(self, row: dict) -> None:
         if not self.enabled:
             return
+        # O_NOFOLLOW: a symbolic link planted as metrics.jsonl would send the rows into the file it names.
+        flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0)
         try:
-            with open(self.path, "a") as f:
+            fd = os.open(self.path, flags, 0o666)
+            with os.fdopen(fd, "a") as f:
                 f.write(json.dumps({k: jsonable(v) for k, v in row.items()}) + "\n")
         except OSError as error:  # a full disk must not end the run: the history lives in the checkpoint too
-            warnings.warn(f"could not append to {self.path}: {error}; training continues")
+            reason = "it is a symbolic link, not followed" if self.path.is_symlink() else error
+            warnings.warn(f"could not append to {self.path}: {reason}; training continues")
 
 
 def write_summary(run_dir: Path, summary: dict) -> Path:

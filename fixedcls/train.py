@@ -6,6 +6,7 @@ objects it built (`result.run`), so tests and benchmarks use them without patchi
 """
 from __future__ import annotations
 
+import json
 import logging
 import sys
 from pathlib import Path
@@ -40,7 +41,7 @@ class TrainResult(dict):
 
 def check_resume_matches(state: dict, meta: dict, path: Path) -> None:
     """A checkpoint from another head, polytope or class count cannot continue this run."""
-    saved = state.get("meta", {})
+    saved = ckpt.meta_of(state)
     for key in ("head", "num_classes", "dim", "backbone", "head_seed"):
         if key in saved and saved[key] != meta[key]:
             raise FixedclsError(
@@ -77,23 +78,49 @@ def train(cfg: DictConfig, run_dir: str | Path) -> TrainResult:
         close_world(world)
 
 
+# Keys that may differ between ranks: per-node paths and resources, and what only rank 0 uses (it checkpoints,
+# logs, and decides what to resume).
+PER_RANK_KEYS = ("data.root", "data.num_workers", "trainer.threads", "trainer.progress", "logger.", "checkpoint.",
+                 "resume")
+
+
+def shared_config(cfg: DictConfig) -> dict[str, str]:
+    """The config every rank of a distributed run must share, flat (key -> JSON text)."""
+    flat: dict[str, str] = {}
+
+    def walk(node, prefix: str) -> None:
+        if isinstance(node, dict):
+            for key, value in node.items():
+                walk(value, f"{prefix}{key}.")
+        elif not (prefix[:-1] in PER_RANK_KEYS or prefix.startswith(PER_RANK_KEYS)):
+            flat[prefix[:-1]] = json.dumps(node)
+
+    walk(build.plain_config(cfg), "")
+    return flat
+
+
 def build_training(cfg: DictConfig, run_dir: Path, world: World, device: torch.device) -> TrainingRun:
-    """Every object of a run, in the order a failure should be found: data, model, resume, loop parts, files."""
-    if world.distributed:  # every rank works with rank 0's run directory (ranks > 0 ran Hydra in a scratch dir)
-        run_dir = Path(world.broadcast_object(str(run_dir)))
-    seed_everything(cfg.seed)
-    bundle = create_data(cfg.data)
-    model = build.build_model(cfg, num_classes=bundle.num_classes, in_chans=bundle.in_chans, img_size=bundle.img_size)
-    labels = targets_of(bundle.train)
-    if labels and (min(labels) < 0 or max(labels) >= model.num_classes):
-        raise FixedclsError(
-            f"labels run from {min(labels)} to {max(labels)} but the head has {model.num_classes} outputs: "
-            f"set data.num_classes (or head.num_prototypes) to at least {max(labels) + 1}"
-        )
-    extra_loss = build.init_from_checkpoint(cfg, model, device)  # fine-tuning / feature distillation (CL2R)
-    model.to(device)
-    if cfg.trainer.channels_last:
-        model.to(memory_format=torch.channels_last)
+    """Every object of a run, in the order a failure should be found: data, model, resume, loop parts, files.
+
+    Distributed: the ranks first check that they share one config; a failure on any rank stops every rank
+    with the same line (World.fail_together, World.on_main) before the next collective could wait forever."""
+    if world.distributed:
+        world.check_same_config(shared_config(cfg))
+        run_dir = Path(world.broadcast_object(str(run_dir)))  # ranks > 0 ran Hydra in a scratch dir
+    with world.fail_together():
+        seed_everything(cfg.seed)
+        bundle = create_data(cfg.data)
+        model = build.build_model(cfg, num_classes=bundle.num_classes, in_chans=bundle.in_chans, img_size=bundle.img_size)
+        labels = targets_of(bundle.train)
+        if labels and (min(labels) < 0 or max(labels) >= model.num_classes):
+            raise FixedclsError(
+                f"labels run from {min(labels)} to {max(labels)} but the head has {model.num_classes} outputs: "
+                f"set data.num_classes (or head.num_prototypes) to at least {max(labels) + 1}"
+            )
+        extra_loss = build.init_from_checkpoint(cfg, model, device)  # fine-tuning / feature distillation (CL2R)
+        model.to(device)
+        if cfg.trainer.channels_last:
+            model.to(memory_format=torch.channels_last)
     meta = {"head": cfg.head.name, "num_classes": model.num_classes, "dim": model.dim,
             "backbone": cfg.model.backbone, "head_seed": cfg.head.seed}
     if world.is_main:
@@ -101,28 +128,29 @@ def build_training(cfg: DictConfig, run_dir: Path, world: World, device: torch.d
                  f"d={model.dim}, {device} {choice(cfg.trainer.precision)}")
         log.info(format_param_summary(model))
 
-    directory, resume_path = world.broadcast_object(
-        ckpt.resolve(cfg.checkpoint.root, cfg.name, cfg.checkpoint.dir, cfg.resume, warn=log.warning)
-        if world.is_main else None
-    )
-    resume_state = None
-    if resume_path is not None:
-        resume_state = ckpt.load(resume_path)
-        check_resume_matches(resume_state, meta, resume_path)
-        if world.is_main:
-            log.info(f"resuming from {resume_path}")
-    elif cfg.resume == "auto" and world.is_main:
-        log.info(f"resume=auto: no checkpoint of {cfg.name} yet, starting a new run")
-
-    train_loader, train_eval_loader, test_loader = create_loaders(
-        bundle, batch_size=cfg.data.batch_size, eval_batch_size=cfg.data.eval_batch_size,
-        num_workers=cfg.data.num_workers, seed=cfg.seed, rank=world.rank, world_size=world.world_size,
-        pin_memory=device.type == "cuda",
-    )
-    optimizer = build.build_optimizer(cfg.optim, model)
-    scheduler = build.build_scheduler(cfg.sched, optimizer, cfg.trainer.epochs)
-    criterion = build.build_criterion(cfg, model)
-    ema = build.build_ema(cfg, model)
+    directory, resume_path = world.on_main(
+        lambda: ckpt.resolve(cfg.checkpoint.root, cfg.name, cfg.checkpoint.dir, cfg.resume, warn=log.warning))
+    with world.fail_together():
+        resume_state = None
+        if resume_path is not None:
+            resume_state = ckpt.load(resume_path)
+            ckpt.check_resumable(resume_state, resume_path)
+            check_resume_matches(resume_state, meta, resume_path)
+            if world.is_main:
+                log.info(f"resuming from {resume_path}")
+        elif cfg.resume == "auto" and world.is_main:
+            log.info(f"resume=auto: no checkpoint of {cfg.name} yet, starting a new run")
+        train_loader, train_eval_loader, test_loader = create_loaders(
+            bundle, batch_size=cfg.data.batch_size, eval_batch_size=cfg.data.eval_batch_size,
+            num_workers=cfg.data.num_workers, seed=cfg.seed, rank=world.rank, world_size=world.world_size,
+            pin_memory=device.type == "cuda",
+        )
+        optimizer = build.build_optimizer(cfg.optim, model)
+        if resume_state is not None:
+            build.check_resume_fits(resume_state, resume_path, model, optimizer)
+        scheduler = build.build_scheduler(cfg.sched, optimizer, cfg.trainer.epochs)
+        criterion = build.build_criterion(cfg, model)
+        ema = build.build_ema(cfg, model)
     trained = model
     if world.distributed:
         from torch.nn.parallel import DistributedDataParallel
@@ -134,11 +162,13 @@ def build_training(cfg: DictConfig, run_dir: Path, world: World, device: torch.d
         trained = torch.compile(trained)
 
     resolved = build.plain_config(cfg)
-    run_id = (resume_state or {}).get("meta", {}).get("tracker_run_id")
-    tracker = create_tracker(cfg.logger, run_dir=run_dir, resolved_config=resolved, run_id=run_id, enabled=world.is_main)
+    run_id = ckpt.meta_of(resume_state or {}).get("tracker_run_id")
+    with world.fail_together():  # only rank 0 starts a tracker and makes the run directory
+        tracker = create_tracker(cfg.logger, run_dir=run_dir, resolved_config=resolved, run_id=run_id, enabled=world.is_main)
+        if world.is_main:
+            run_dir.mkdir(parents=True, exist_ok=True)
     meta["tracker_run_id"] = tracker.run_id
     if world.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
         log.info(f"run directory {run_dir}, checkpoints in {directory}")
     kind = "learned" if not model.head.is_fixed else "fixed"
     return TrainingRun(
