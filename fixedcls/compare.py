@@ -547,7 +547,7 @@ def compare(jobs: Sequence[Job], skipped: Sequence[tuple[str, str]], out: Path, 
     out.mkdir(parents=True, exist_ok=True)
     files = [out / "comparison.csv", out / "comparison.md"]
     write_csv(files[0], rows)
-    text = [f"# fixedcls comparison", "", f"Sources: {', '.join(map(str, sources)) or '-'}; {len(jobs)} finished job(s), "
+    text = ["# fixedcls comparison", "", f"Sources: {', '.join(map(str, sources)) or '-'}; {len(jobs)} finished job(s), "
             f"grouped by {', '.join(keys) or 'nothing (one group)'}; mean ± std over seeds (sample std); "
             f"'epochs to X': first epoch at the collapse threshold, averaged over the seeds that reached it "
             f"((k/n) when only k of n did).", "", table, ""]

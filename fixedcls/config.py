@@ -32,7 +32,6 @@ import typing
 from dataclasses import MISSING, dataclass, field
 from pathlib import Path
 from enum import Enum
-from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 from hydra.core.config_store import ConfigStore
