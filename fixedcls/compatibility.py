@@ -73,24 +73,31 @@ def compatibility_criteria(M: Sequence[Sequence[Optional[float]]]) -> dict:
 
 @torch.no_grad()
 def retrieval_scores(query: torch.Tensor, query_labels: torch.Tensor, gallery: torch.Tensor,
-                     gallery_labels: torch.Tensor) -> tuple[float, float]:
+                     gallery_labels: torch.Tensor, *, same_set: bool = False) -> tuple[float, float]:
     """(top-1 nearest-neighbour accuracy, mAP) of cosine retrieval; features are L2-normalised here.
 
     A query whose class has no gallery sample counts as a top-1 miss and is left out of the mAP.
+    same_set: query n and gallery n are one sample (query and gallery are one split), so each query is
+    left out of its own gallery; otherwise a model would always find the query itself first.
     """
     if query.shape[1] != gallery.shape[1]:
         return math.nan, math.nan
+    if same_set and len(query) != len(gallery):
+        raise FixedclsError(f"same_set retrieval needs query and gallery of one split, got {len(query)} and {len(gallery)} samples")
     q, g = F.normalize(query.float(), dim=1), F.normalize(gallery.float(), dim=1)
     qy, gy = query_labels.long(), gallery_labels.long()
-    G = len(g)
+    G = len(g) - int(same_set)
     chunk = max(1, 4_000_000 // max(G, 1))
     ranks = torch.arange(1, G + 1, dtype=torch.float32)
     hits, ap_sum, ap_count = 0, 0.0, 0
     for start in range(0, len(q), chunk):
         sims = q[start:start + chunk] @ g.T
-        order = sims.argsort(dim=1, descending=True)
+        if same_set:  # the sample itself sorts last and is cut off
+            rows = torch.arange(len(sims))
+            sims[rows, rows + start] = -math.inf
+        order = sims.argsort(dim=1, descending=True)[:, :G]
         relevant = gy[order] == qy[start:start + chunk, None]
-        hits += int(relevant[:, 0].sum())
+        hits += int(relevant[:, 0].sum()) if G else 0
         n_relevant = relevant.sum(1)
         precision = relevant.cumsum(1).float() / ranks
         ap = (precision * relevant).sum(1) / n_relevant.clamp_min(1)
@@ -289,12 +296,13 @@ def compatibility(checkpoints: Sequence[str | Path], *, query: str = "test", gal
         g_feats.append(embed(model, g_set, device=dev, batch_size=batch))
         model.cpu()
     T = len(models)
+    same_set = SPLITS[query] == SPLITS[gallery]
     M: list[list[Optional[float]]] = [[None] * T for _ in range(T)]
     M_map: list[list[Optional[float]]] = [[None] * T for _ in range(T)]
     for t in range(T):
         for i in range(t + 1):
             (qf, qy), (gf, gy) = q_feats[t], g_feats[i]
-            top1, mean_ap = retrieval_scores(qf, qy, gf, gy)
+            top1, mean_ap = retrieval_scores(qf, qy, gf, gy, same_set=same_set)
             M[t][i], M_map[t][i] = top1, mean_ap
             if math.isnan(top1):
                 log.warning(f"warning: models {t + 1} and {i + 1} have feature widths {qf.shape[1]} and {gf.shape[1]}: "
@@ -310,7 +318,7 @@ def compatibility(checkpoints: Sequence[str | Path], *, query: str = "test", gal
     }
     if metric == "verification":
         query_index, gallery_index, same = verification_pairs(
-            q_feats[0][1], g_feats[0][1], num_pairs=pairs, seed=pair_seed, same_set=SPLITS[query] == SPLITS[gallery])
+            q_feats[0][1], g_feats[0][1], num_pairs=pairs, seed=pair_seed, same_set=same_set)
         M_ver: list[list[Optional[float]]] = [[None] * T for _ in range(T)]
         for t in range(T):
             for i in range(t + 1):

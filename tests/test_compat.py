@@ -100,6 +100,14 @@ def test_retrieval_top1_and_map_by_hand():
     assert math.isnan(retrieval_scores(query, query_labels, torch.ones(4, 3), gallery_labels)[0])  # widths differ
 
 
+def test_retrieval_within_one_split_leaves_each_query_out_of_its_gallery():
+    features, labels = torch.tensor([[1.0, 0.0], [0.9, 0.1], [0.0, 1.0]]), torch.tensor([0, 1, 1])
+    assert retrieval_scores(features, labels, features, labels)[0] == 1.0  # each query finds itself
+    top1, mean_ap = retrieval_scores(features, labels, features, labels, same_set=True)
+    # query 0 has no other sample of its class (a miss, no AP); query 1 ranks 0(-), 2(+); query 2 ranks 1(+), 0(-)
+    assert top1 == pytest.approx(1 / 3) and mean_ap == pytest.approx((1 / 2 + 1) / 2)
+
+
 def _class_features(labels: torch.Tensor, dim: int = 8) -> torch.Tensor:
     return torch.eye(dim)[labels]  # one direction per class: same-class distance 0, other classes 2
 
@@ -305,3 +313,15 @@ def test_generations_reserve_prototypes_and_chain_checkpoints(tmp_path):
     assert len(result["M"]) == 2 and result["M"][1][0] is not None
     with pytest.raises(FixedclsError, match="tasks"):
         run_generations(compose_config(DATA, tmp_path=tmp_path), tmp_path / "run2")
+
+
+def test_generations_from_num_tasks_measure_best_checkpoints_with_verification(tmp_path):
+    cfg = compose_config(DATA + ["trainer.epochs=2", "generations.num_tasks=2", "generations.checkpoint=best",
+                                 "generations.metric=verification", "generations.pairs=300", "generations.folds=5",
+                                 "generations.gallery=test"], tmp_path=tmp_path)
+    result = run_generations(cfg, tmp_path / "run")
+    assert [Path(m["checkpoint"]).name for m in result["models"]] == ["best.pt", "best.pt"]
+    assert [m["classes"] for m in result["models"]] == [[0, 1, 2], [0, 1, 2, 3, 4, 5]]
+    assert result["verification"]["pairs"] == 300 and len(result["M_verification"]) == 2
+    saved = json.loads((tmp_path / "run" / "compat.json").read_text())
+    assert saved["M_verification"] == result["M_verification"] and "AC_ties_verification" in saved
