@@ -138,7 +138,7 @@ def verification_pairs(query_labels: torch.Tensor, gallery_labels: torch.Tensor,
         i = torch.randint(len(qy), (draws,), generator=generator)
         j = torch.randint(len(gy), (draws,), generator=generator)
         same = qy[i] == gy[j]
-        usable = i != j if same_set else torch.ones_like(same)
+        usable = (i != j) if same_set else torch.ones_like(same)
         for flag in (True, False):
             chosen = (usable & (same == flag)).nonzero().squeeze(1)[:need[flag]]
             kept.append((i[chosen], j[chosen], flag))
