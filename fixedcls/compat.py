@@ -3,9 +3,11 @@
     # train T generations (class-incremental), then measure them
     fixedcls-compat train experiment=cores_digits [hydra overrides]        # CoReS: cumulative, from scratch
     fixedcls-compat train experiment=cores_digits_finetune                 # CL2R: fine-tune + rehearsal + distillation
+    fixedcls-compat train experiment=cores_cifar100 data.root=/data/cifar  # CoReS main protocol: CIFAR-100, 10 tasks
 
     # measure any checkpoints (files or run folders), oldest first
     fixedcls-compat CKPT_1 ... CKPT_T [--json PATH] [--png PATH] [--query SPLIT] [--gallery SPLIT] [--data NAME|KEY=VALUE ...]
+        [--metric retrieval|verification] [--pairs N] [--folds K]
 
 The measures live in `fixedcls.compatibility`; this module reports them and runs the generations.
 """
@@ -24,13 +26,14 @@ from typing import Callable, Optional, Sequence
 from . import checkpoint as ckpt
 from .build import plain_config, stored_config
 from .cli import exit_if_jobs_failed, output_file, positive_int, refuse_bad_overrides, run_command, run_job
-from .compatibility import compatibility, load_checkpoint
+from .compatibility import METRICS, compatibility, evaluation_data_config, load_checkpoint, split_classes
 from .config import conf_dir
 from .errors import FixedclsError
 from .loggers import jsonable, write_json
 
 log = logging.getLogger("fixedcls")
 PROTOCOLS = ("cumulative", "finetune")
+GENERATION_CHECKPOINTS = ("last", "best")
 
 
 def _fmt(value: Optional[float], signed: bool = False) -> str:
@@ -52,28 +55,48 @@ def format_matrix(M: Sequence[Sequence[Optional[float]]], title: str) -> str:
     return "\n".join(lines)
 
 
+# (matrix key, suffix of its criteria, title, short name); the verification matrix only with --metric verification
+MATRICES = (("M", "", "top-1 NN accuracy (%)", "top-1"), ("M_map", "_map", "mAP (%)", "mAP"),
+            ("M_verification", "_verification", "pair-verification accuracy (%)", "verification"))
+
+
+def matrices_of(result: dict) -> list[tuple[str, str, str, str]]:
+    return [entry for entry in MATRICES if entry[0] in result]
+
+
+def format_criteria(result: dict, suffix: str = "") -> str:
+    """One line: AC (strict, SPEC 4), AC_ties (a tie is compatible: the CoReS / CL2R code), AM, BC, FC."""
+    return (f"AC {_fmt(result['AC' + suffix])}  AC_ties {_fmt(result['AC_ties' + suffix])}  AM {_fmt(result['AM' + suffix])}  "
+            f"BC {_fmt(result['BC' + suffix], True)}  FC {_fmt(result['FC' + suffix], True)}")
+
+
 def format_report(result: dict) -> str:
     parts = [f"compatibility of {len(result['M'])} models: query {result['query']} ({result['num_query']}), "
              f"gallery {result['gallery']} ({result['num_gallery']}), {result['data']}"]
-    for key, title, suffix in (("M", "top-1 NN accuracy (%)", ""), ("M_map", "mAP (%)", "_map")):
+    if "verification" in result:
+        v = result["verification"]
+        parts.append(f"verification: {v['pairs']} pairs ({v['same_class']} of one class), {v['folds']} folds, seed {v['seed']}")
+    for key, suffix, title, _ in matrices_of(result):
         parts.append(format_matrix(result[key], title))
-        parts.append(f"AC {_fmt(result['AC' + suffix])}  AM {_fmt(result['AM' + suffix])}  "
-                     f"BC {_fmt(result['BC' + suffix], True)}  FC {_fmt(result['FC' + suffix], True)}")
+        parts.append(format_criteria(result, suffix))
+    parts.append("AC: share of pairs t > i with M[t][i] > M[i][i] (strict); "
+                 "AC_ties: share without M[t][i] < M[i][i] (a tie passes, as in the CoReS / CL2R code)")
     return "\n".join(parts)
 
 
 def plot_matrix(result: dict, path: str | Path, title: Optional[str] = None) -> Path:
-    """Heatmaps of M (top-1) and M_map: the lower triangle, values in %, criteria in the panel titles."""
+    """Heatmaps of M (top-1), M_map (and M_verification): the lower triangle, values in %, criteria in the titles."""
     import numpy as np
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
     T = len(result["M"])
-    figure = Figure(figsize=(4.2 * 2 + 1, 3.6 + 0.25 * T))
+    panels = matrices_of(result)
+    figure = Figure(figsize=(4.2 * len(panels) + 1, 3.6 + 0.25 * T))
     FigureCanvasAgg(figure)
     labels = [f"phi_{t + 1}" for t in range(T)]
-    for column, (key, name, suffix) in enumerate((("M", "top-1", ""), ("M_map", "mAP", "_map"))):
-        ax = figure.add_subplot(1, 2, column + 1)
+    for column, (key, suffix, _, name) in enumerate(panels):
+        ax = figure.add_subplot(1, len(panels), column + 1)
         values = np.array([[np.nan if i > t or result[key][t][i] is None else 100 * result[key][t][i]
                             for i in range(T)] for t in range(T)], dtype=float)
         image = ax.imshow(np.ma.masked_invalid(values), cmap="viridis", vmin=0, vmax=100)
@@ -86,7 +109,8 @@ def plot_matrix(result: dict, path: str | Path, title: Optional[str] = None) -> 
         ax.set_yticks(range(T), labels)
         ax.set_xlabel("gallery model i")
         ax.set_ylabel("query model t")
-        ax.set_title(f"{name}: AC {_fmt(result['AC' + suffix])}, AM {_fmt(result['AM' + suffix])}", fontsize=10)
+        ax.set_title(f"{name}: AC {_fmt(result['AC' + suffix])}, AC_ties {_fmt(result['AC_ties' + suffix])}, "
+                     f"AM {_fmt(result['AM' + suffix])}", fontsize=9)
         figure.colorbar(image, ax=ax, fraction=0.046, pad=0.04)
     if title:
         figure.suptitle(title, fontsize=11)
@@ -106,13 +130,13 @@ def log_to_tracker(result: dict, logger_cfg, run_dir: Path, png: Optional[Path],
     from .loggers import create_tracker
 
     logger_cfg = OmegaConf.merge(logger_cfg, {"job_type": "compat"})
-    config = {**resolved_config, "compat": {k: v for k, v in jsonable(result).items() if k not in ("M", "M_map")}}
+    config = {**resolved_config, "compat": {k: v for k, v in jsonable(result).items() if not k.startswith("M")}}
     try:
         tracker = create_tracker(logger_cfg, run_dir=Path(run_dir), resolved_config=config)
     except ImportError as error:
         raise FixedclsError(f"logger {logger_cfg.name} is not available here ({error}): use --logger none") from None
     T = len(result["M"])
-    for key in ("M", "M_map"):
+    for key, *_ in matrices_of(result):
         rows = [[f"phi_{t + 1}"] + [result[key][t][i] if i <= t else None for i in range(T)] for t in range(T)]
         tracker.log_table(f"compat/{key}", ["query"] + [f"phi_{i + 1}" for i in range(T)], rows)
     tracker.log_summary({f"compat/{k}": v for k, v in jsonable(result).items()
@@ -144,13 +168,47 @@ def _generations_dir(cfg) -> Path:
                               holds_run=holds_generations)
 
 
-def generation_configs(cfg) -> list:
-    """One fixedcls-train config per generation of cfg.generations (checkpoint dirs set by the caller)."""
+def _num_classes(cfg) -> int:
+    """K of the data config: data.num_classes, else what the dataset holds (loaded once to count)."""
+    if cfg.data.num_classes is not None:
+        return int(cfg.data.num_classes)
+    from .data import create_data
+
+    return create_data(cfg.data).num_classes
+
+
+def generation_tasks(cfg) -> list[list[int]]:
+    """The classes each generation adds: generations.tasks, or generations.num_tasks equal tasks of the K classes."""
     g = cfg.generations
+    if g.num_tasks is not None:
+        if g.tasks:
+            raise FixedclsError("generations.tasks and generations.num_tasks are both set: keep one "
+                                "(generations.tasks=[] to split the classes into num_tasks tasks)")
+        return split_classes(_num_classes(cfg), int(g.num_tasks), g.class_order_seed)
     tasks = [sorted({int(c) for c in task}) for task in (g.tasks or [])]
     if not tasks or any(not task for task in tasks):
         raise FixedclsError("generations.tasks is empty: list the classes each generation adds, "
-                            "e.g. generations.tasks=[[0,1,2,3],[4,5,6],[7,8,9]] (or experiment=cores_digits)")
+                            "e.g. generations.tasks=[[0,1,2,3],[4,5,6],[7,8,9]], or set generations.num_tasks=T "
+                            "(or experiment=cores_digits)")
+    return tasks
+
+
+def generation_configs(cfg) -> list:
+    """One fixedcls-train config per generation of cfg.generations (checkpoint dirs set by the caller)."""
+    g = cfg.generations
+    tasks = generation_tasks(cfg)
+    if len(tasks) < 2:
+        raise FixedclsError(f"compatibility needs two models but generations plans {len(tasks)}: "
+                            "give generations.tasks two or more lists, or generations.num_tasks >= 2")
+    if g.checkpoint not in GENERATION_CHECKPOINTS:
+        raise FixedclsError(f"unknown generations.checkpoint={g.checkpoint!r}: choose last (the final epoch) or "
+                            "best (the epoch with the best checkpoint.best_metric)")
+    if g.metric not in METRICS:
+        raise FixedclsError(f"unknown generations.metric={g.metric!r}: choose {' or '.join(METRICS)}")
+    if g.metric == "verification" and not 2 <= g.folds <= g.pairs:
+        raise FixedclsError(f"generations.pairs={g.pairs}, generations.folds={g.folds}: give at least 2 pairs and "
+                            f"2 to {max(g.pairs, 2)} folds (the authors use 6000 pairs in 10 folds)")
+    evaluation_data_config(cfg.data, g.eval_data)  # a bad item fails now, not after hours of training
     flat = [c for task in tasks for c in task]
     if len(flat) != len(set(flat)):
         raise FixedclsError(f"generations.tasks={tasks} repeat a class: each class belongs to one generation")
@@ -193,12 +251,14 @@ def run_generations(cfg, run_dir: str | Path) -> dict:
 
     Writes <run_dir>/gen<t>/ (each generation's run), <run_dir>/generations.json, compat.json and compat.png;
     checkpoints go to <checkpoint dir>/gen<t>/. Generation t runs with seed + t - 1 (models trained apart).
+    generations.checkpoint picks the file measured and fine-tuned from: last.pt, or best.pt (checkpoint.best_metric).
     With resume=auto finished generations are not trained again.
     """
     from .train import train
 
     run_dir = Path(run_dir)
     configs = generation_configs(cfg)
+    chosen = ckpt.BEST if cfg.generations.checkpoint == "best" else ckpt.LAST
     base = _generations_dir(cfg)
     log.info(f"{len(configs)} generations ({cfg.generations.protocol}), {cfg.head.name} head; checkpoints in {base}/gen<t>")
     paths, rows = [], []
@@ -210,7 +270,10 @@ def run_generations(cfg, run_dir: str | Path) -> dict:
                  + (f" + memory of {c.data.rehearsal} per old class" if c.data.rehearsal else "")
                  + (f", from {c.model.init_from}" if c.model.init_from else ", from scratch"))
         summary = train(c, run_dir / f"gen{t}")
-        paths.append(Path(c.checkpoint.dir) / "last.pt")
+        paths.append(Path(c.checkpoint.dir) / chosen)
+        if not paths[-1].is_file():
+            raise FixedclsError(f"generation {t} wrote no {chosen}: checkpoint.best_metric={c.checkpoint.best_metric} "
+                                "was never measured; name a logged metric (e.g. test/acc) or set generations.checkpoint=last")
         rows.append({"generation": t, "classes": list(c.data.classes),
                      "old_classes": list(c.data.old_classes) if c.data.old_classes is not None else None,
                      "backbone": c.model.backbone, "seed": int(c.seed), "checkpoint": str(paths[-1]),
@@ -219,7 +282,9 @@ def run_generations(cfg, run_dir: str | Path) -> dict:
         return {"generations": rows}
     write_json(run_dir / "generations.json",
                {"protocol": cfg.generations.protocol, "head": cfg.head.name, "generations": rows})
-    result = compatibility(paths, query=cfg.generations.query, gallery=cfg.generations.gallery,
+    g = cfg.generations
+    result = compatibility(paths, query=g.query, gallery=g.gallery, data=list(g.eval_data), metric=g.metric,
+                           pairs=int(g.pairs), folds=int(g.folds), pair_seed=int(cfg.seed),
                            device=cfg.trainer.device.value if hasattr(cfg.trainer.device, "value") else str(cfg.trainer.device))
     result["protocol"] = cfg.generations.protocol
     result["test_acc"] = [row["test_acc"] for row in rows]
@@ -250,7 +315,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="fixedcls-compat",
         description="Compatibility matrix (SPEC 4, CoReS) of model generations: queries embedded by model t, gallery by "
-                    "model i <= t, cosine retrieval top-1 and mAP; AC, AM, BC, FC. "
+                    "model i <= t, cosine retrieval top-1 and mAP (and, with --metric verification, pair verification); "
+                    "AC (strict), AC_ties (the CoReS / CL2R code's rule), AM, BC, FC. "
                     "`fixedcls-compat train [hydra overrides]` trains the generations first (see experiment=cores_digits).",
     )
     parser.add_argument("checkpoints", nargs="+", metavar="CKPT", help="checkpoints (or checkpoint directories), oldest first")
@@ -262,6 +328,13 @@ def build_parser() -> argparse.ArgumentParser:
                         help="evaluation data instead of the first model's: a conf/data preset and/or data keys "
                              "(e.g. --data cifar10 root=/data/cifar)")
     parser.add_argument("--classes", type=int, nargs="+", help="only these classes in query and gallery (default: all)")
+    parser.add_argument("--metric", default="retrieval", choices=METRICS,
+                        help="retrieval: M is top-1 and mAP; verification: also the k-fold pair-verification accuracy "
+                             "of the CoReS / CL2R code (docs/compatibility.md)")
+    parser.add_argument("--pairs", type=positive_int, default=6000,
+                        help="verification pairs, half of them of one class (default 6000, as the authors)")
+    parser.add_argument("--folds", type=positive_int, default=10, help="verification folds (default 10)")
+    parser.add_argument("--pair-seed", type=int, default=0, help="seed of the verification pairs (default 0)")
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     parser.add_argument("--batch-size", type=positive_int, help="embedding batch size (default data.eval_batch_size)")
     parser.add_argument("--logger", default="none", help="wandb: also log to the W&B project of the first model's config")
@@ -290,7 +363,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 def _measure(args) -> int:
     result = compatibility(args.checkpoints, query=args.query, gallery=args.gallery, data=args.data,
-                           classes=args.classes, device=args.device, batch_size=args.batch_size)
+                           classes=args.classes, device=args.device, batch_size=args.batch_size, metric=args.metric,
+                           pairs=args.pairs, folds=args.folds, pair_seed=args.pair_seed)
     png = args.png or (args.json.with_suffix(".png") if args.json else Path("compat.png"))
     report(result, json_path=args.json, png_path=png)
     if args.logger != "none":

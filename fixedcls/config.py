@@ -308,6 +308,13 @@ class GenerationsConfig:
     backbones: Optional[List[str]] = None  # one per generation; None = model.backbone for all
     query: str = "test"  # split embedded by the newer model of each pair
     gallery: str = "train"  # split embedded by the older model
+    num_tasks: Optional[int] = None  # instead of tasks: the K classes in this many equal tasks (CoReS), the last takes the rest
+    class_order_seed: Optional[int] = None  # num_tasks: None keeps classes 0..K-1 in order (the authors' code); a seed shuffles them
+    checkpoint: str = "last"  # the checkpoint of each generation that is measured (and fine-tuned from): last or best
+    metric: str = "retrieval"  # retrieval (top-1, mAP) or verification (also the CoReS / CL2R pair verification)
+    pairs: int = 6000  # verification pairs, half of the same class
+    folds: int = 10  # verification folds
+    eval_data: List[str] = field(default_factory=list)  # evaluation data: conf/data preset and/or key=value items
 
 
 @dataclass
