@@ -308,12 +308,14 @@ class GenerationsConfig:
     backbones: Optional[List[str]] = None  # one per generation; None = model.backbone for all
     query: str = "test"  # split embedded by the newer model of each pair
     gallery: str = "train"  # split embedded by the older model
-    num_tasks: Optional[int] = None  # instead of tasks: the K classes in this many equal tasks (CoReS), the last takes the rest
-    class_order_seed: Optional[int] = None  # num_tasks: None keeps classes 0..K-1 in order (the authors' code); a seed shuffles them
+    # instead of tasks: the K classes in this many equal tasks (CoReS), the last takes the rest
+    num_tasks: Optional[int] = checked(None, integer(2), why="compatibility needs two models")
+    # num_tasks: None keeps classes 0..K-1 in order (the authors' code); a seed shuffles them
+    class_order_seed: Optional[int] = checked(None, integer(0, 2**32 - 1))
     checkpoint: str = "last"  # the checkpoint of each generation that is measured (and fine-tuned from): last or best
     metric: str = "retrieval"  # retrieval (top-1, mAP) or verification (also the CoReS / CL2R pair verification)
-    pairs: int = 6000  # verification pairs, half of the same class
-    folds: int = 10  # verification folds
+    pairs: int = checked(6000, integer(2), why="verification pairs, half of the same class")
+    folds: int = checked(10, integer(2), why="verification folds: a threshold chosen on all but one")
     eval_data: List[str] = field(default_factory=list)  # evaluation data: conf/data preset and/or key=value items
 
 
