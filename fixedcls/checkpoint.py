@@ -8,34 +8,51 @@ Layout of a checkpoint directory::
     epoch_0007.pt   one per finished epoch, the newest `keep` kept
     last.pt         the newest state (a finished epoch, or a mid-epoch stop)
     best.pt         the finished epoch with the best `best_metric`
+    run.json        the folder's claim: run identity, name, host, pid, branched_from
+
+One run, one folder: a new run claims `<root>/<safe name>-<identity[:8]>` (or `-2`, `-3`, ... when taken)
+with an atomic `os.mkdir`, so two jobs started at once never share one; `resume=auto` finds the folder of
+the same identity again (a SLURM requeue), and never one a later branch abandoned.
 """
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
+import math
 import os
 import pickle
 import re
+import socket
 import tempfile
+import time
 import warnings
 import zipfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional
 
 import torch
 
 from .errors import FixedclsError
+from .identity import safe_name
 
 log = logging.getLogger("fixedcls")
-LAST, BEST = "last.pt", "best.pt"
+LAST, BEST, RUN_FILE = "last.pt", "best.pt", "run.json"
 EPOCH_FILE = re.compile(r"^epoch_(\d+)\.pt$")
+# Temporary files carry host and pid, so a starting run deletes only those of writers that are dead.
+_HOST = re.sub(r"[^A-Za-z0-9-]", "_", socket.gethostname()) or "host"
+
+
+def _writer_tag() -> str:
+    return f"{_HOST}-{os.getpid()}"
 
 
 def atomic_save(state: dict, path: Path) -> None:
     """Write `state` to `path` so that `path` is either the old file or the complete new one."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{_writer_tag()}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
             torch.save(state, f)
@@ -63,7 +80,7 @@ def _fsync_dir(directory: Path) -> None:
 
 def _link_or_copy(src: Path, dst: Path) -> None:
     """Point `dst` at the bytes of `src` atomically (a hard link costs no space)."""
-    tmp = dst.with_name(f".{dst.name}.{os.getpid()}.tmp")
+    tmp = dst.with_name(f".{dst.name}.{_writer_tag()}.tmp")
     tmp.unlink(missing_ok=True)
     try:
         os.link(src, tmp)
@@ -206,6 +223,7 @@ def load_newest_good(directory: Path, warn=print) -> tuple[Optional[Path], Optio
 
 def run_directories(root: Path, name: str) -> list[Path]:
     """`<root>/<name>` and its numbered siblings `<name>-2`, `<name>-3`, ... that exist."""
+    name = safe_name(name)
     pattern = re.compile(rf"^{re.escape(name)}(-\d+)?$")
     return [p for p in root.iterdir() if p.is_dir() and pattern.match(p.name)] if root.is_dir() else []
 
@@ -214,7 +232,7 @@ def run_directory(root: str | Path, name: str, *, resume: bool, holds_run: Calla
     """The folder of run `name` under `root`: with `resume`, the newest folder of that name that holds a run;
     otherwise the first of `<name>`, `<name>-2`, `<name>-3`, ... that holds none, so a new run never writes
     over another.  `holds_run(folder)` says whether a folder holds a run (default: it has checkpoints)."""
-    root, holds_run = Path(root), holds_run or (lambda d: bool(candidates(d)))
+    root, holds_run, name = Path(root), holds_run or (lambda d: bool(candidates(d))), safe_name(name)
     taken = [d for d in run_directories(root, name) if holds_run(d)]
     if resume and taken:
         return max(taken, key=_newest_mtime)
@@ -243,36 +261,166 @@ def checkpoint_file(path: str | Path, warn=print) -> Path:
     return path
 
 
-def resolve(root: str | Path, name: str, explicit_dir: Optional[str], resume: Optional[str], warn=print) -> tuple[Path, Optional[Path]]:
-    """Decide where this run saves and what it resumes from: (checkpoint directory, checkpoint to load).
+@dataclass
+class RunPlan:
+    """Where a run saves and what it resumes: `directory` None means "claim a new folder" (`claim`), done
+    only after the resumed checkpoint passed its checks, so a refused resume leaves no empty folder."""
 
-    - resume=<file or folder>: load it (a folder: its newest good checkpoint); save next to it.
-    - resume=auto: the newest good checkpoint of this run name (or of checkpoint.dir); none -> a fresh run.
-    - no resume: a fresh run never overwrites another run's checkpoints; a taken name gets a suffix -2, -3...
+    directory: Optional[Path]
+    resume_path: Optional[Path]
+    parent: Path  # where a new folder is claimed
+    base: str  # its name: <safe run name>-<identity[:8]>
+    branch_of: Optional[Path] = None  # resume_path is older than its folder's newest state: a new branch
+
+    def claim(self, record: dict) -> Path:
+        if self.directory is None:
+            self.directory = claim_directory(self.parent, self.base, record)
+        else:
+            write_run_record(self.directory, record, replace=False)
+        return self.directory
+
+
+def run_base(name: str, identity: str) -> str:
+    """The folder name of a run before any -2, -3 suffix: `<safe name>-<identity[:8]>`."""
+    return f"{safe_name(name)}-{identity[:8]}"
+
+
+def claim_directory(parent: Path, base: str, record: dict) -> Path:
+    """Create the first free folder of `<base>`, `<base>-2`, ... under `parent` and write its run.json.
+    `os.mkdir` either creates a folder or fails, so of two jobs racing for one name exactly one gets it."""
+    parent = Path(parent)
+    parent.mkdir(parents=True, exist_ok=True)
+    number = 1
+    while True:
+        directory = parent / (base if number == 1 else f"{base}-{number}")
+        try:
+            os.mkdir(directory)
+        except FileExistsError:
+            number += 1
+            continue
+        write_run_record(directory, record)
+        return directory
+
+
+def write_run_record(directory: Path, record: dict, *, replace: bool = True) -> None:
+    path = Path(directory) / RUN_FILE
+    if path.exists() and not replace:
+        return
+    Path(directory).mkdir(parents=True, exist_ok=True)
+    data = {**record, "host": socket.gethostname(), "pid": os.getpid(), "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    tmp = path.with_name(f".{RUN_FILE}.{_writer_tag()}.tmp")
+    tmp.write_text(json.dumps(data, indent=1, default=str) + "\n")
+    os.replace(tmp, path)
+
+
+def read_run_record(directory: Path) -> dict:
+    """The run.json of a checkpoint folder ({} when it has none or it is unreadable)."""
+    try:
+        data = json.loads((Path(directory) / RUN_FILE).read_text())
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def find_run(root: Path, base: str, identity: str) -> Optional[Path]:
+    """The folder under `root` that resume=auto continues: named `<base>` or `<base>-N`, of this identity,
+    holding checkpoints, not abandoned by a branch (a folder whose run a later run branched away from);
+    the most recently written of them when there are several."""
+    root = Path(root)
+    pattern = re.compile(rf"^{re.escape(base)}(-\d+)?$")
+    folders = [p for p in root.iterdir() if p.is_dir() and pattern.match(p.name)] if root.is_dir() else []
+    records = {p: read_run_record(p) for p in folders}
+    same = [p for p in folders if records[p].get("identity") == identity]
+    abandoned = {Path(records[p]["branched_from"]).parent.resolve() for p in same if records[p].get("branched_from")}
+    live = [p for p in same if p.resolve() not in abandoned and candidates(p)]
+    return max(live, key=_newest_mtime) if live else None
+
+
+def resolve(root: str | Path, name: str, explicit_dir: Optional[str], resume: Optional[str], identity: str,
+            warn=print) -> RunPlan:
+    """Decide where this run saves and what it resumes from.
+
+    - resume=<folder>: its newest good checkpoint, saving in that folder (or checkpoint.dir).
+    - resume=<file>: that file, saving next to it, unless its folder holds a newer state: then the run is a
+      new branch in a new folder beside it, and the abandoned branch's files stay as they are.
+    - resume=auto: the newest good checkpoint of the folder of this name and identity (`find_run`), or of
+      checkpoint.dir; none -> a fresh run.
+    - no resume: a fresh run in a folder of its own (`claim_directory`), or checkpoint.dir if it is empty.
     """
+    root, base = Path(root).expanduser(), run_base(name, identity)
+    explicit = Path(explicit_dir).expanduser() if explicit_dir else None
+
+    def fresh(resume_path=None, branch_of=None, parent=root) -> RunPlan:
+        if explicit is not None and candidates(explicit):
+            raise FixedclsError(
+                f"checkpoint.dir={explicit} already holds checkpoints of another run: "
+                f"pass resume=auto to continue it, or choose an empty checkpoint.dir"
+            )
+        return RunPlan(explicit, resume_path, parent, base, branch_of)
+
     if resume not in (None, "", "auto"):
         path = Path(resume).expanduser()
         if path.is_dir():  # a checkpoint folder: its newest good checkpoint
             found = _newest_loadable(path, warn)
             if found is None:
                 raise FixedclsError(f"resume={resume}: the folder holds no loadable checkpoint (last.pt, epoch_NNNN.pt)")
-            return (Path(explicit_dir) if explicit_dir else path), found
+            return RunPlan(explicit or path, found, root, base)
         if not path.is_file():
             raise FixedclsError(f"resume={resume}: no such checkpoint file (pass a .pt path, a checkpoint folder, "
                                 f"or resume=auto)")
-        return (Path(explicit_dir) if explicit_dir else path.parent), path
-    if explicit_dir:
-        directory = Path(explicit_dir)
+        if _older_than_its_folder(path, warn):
+            return fresh(path, branch_of=path.parent, parent=path.parent.parent)
+        return RunPlan(explicit or path.parent, path, root, base)
+    if explicit is not None:
         if resume == "auto":
-            return directory, _newest_loadable(directory, warn)
-        if candidates(directory):
-            raise FixedclsError(
-                f"checkpoint.dir={directory} already holds checkpoints of another run: "
-                f"pass resume=auto to continue it, or choose an empty checkpoint.dir"
-            )
-        return directory, None
-    directory = run_directory(root, name, resume=resume == "auto")
-    return directory, (_newest_loadable(directory, warn) if resume == "auto" else None)
+            return RunPlan(explicit, _newest_loadable(explicit, warn), root, base)
+        return fresh()
+    if resume == "auto":
+        found = find_run(root, base, identity)
+        if found is not None:
+            return RunPlan(found, _newest_loadable(found, warn), root, base)
+    return fresh()
+
+
+def _older_than_its_folder(path: Path, warn) -> bool:
+    """Whether the folder of checkpoint `path` holds a state that got further (resuming `path` then branches)."""
+    if path.name == LAST:
+        return False
+    number = EPOCH_FILE.match(path.name)
+    if number and any(int(EPOCH_FILE.match(p.name).group(1)) > int(number.group(1)) for p in epoch_files(path.parent)):
+        return True
+    newest, newest_state = load_newest_good(path.parent, warn)
+    if newest is None or _same_file(newest, path):
+        return False
+    mine = load(path)
+    _verified.clear()
+    _verified[_state_key(path)] = mine  # train's load of the same file gets it without reading it again
+    return _progress(newest_state) > _progress(mine)
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
+def start_branch(directory: Path, source: Path, state: dict, best_metric: str) -> None:
+    """Give a new branch folder the history it shares with its source: the resumed file as last.pt (and as its
+    epoch file), and as best.pt the best epoch's file when that epoch is at or before the branch point."""
+    directory = Path(directory)
+    epoch = int(state.get("epoch", 0))
+    _link_or_copy(source, directory / LAST)
+    if int(state.get("step_in_epoch", 0)) == 0 and epoch > 0:
+        _link_or_copy(source, directory / f"epoch_{epoch:04d}.pt")
+    best = state.get("best_value")
+    if best is None:
+        return
+    rows = [row for row in state.get("history", []) if row.get(best_metric) == best]
+    if rows:
+        best_file = source if rows[-1]["epoch"] == epoch else source.parent / f"epoch_{int(rows[-1]['epoch']):04d}.pt"
+        if best_file.is_file():
+            _link_or_copy(best_file, directory / BEST)
 
 
 def _newest_loadable(directory: Path, warn) -> Optional[Path]:
@@ -300,9 +448,10 @@ class CheckpointWriter:
     actually written, itself included, so a resumed run compares against the right best.
     """
 
-    def __init__(self, directory: Path, *, keep: int = 2, best_metric: str = "test/acc", enabled: bool = True,
-                 background: bool = False):
+    def __init__(self, directory: Path, *, keep: int = 2, best_metric: str = "test/acc", best_mode: str = "auto",
+                 enabled: bool = True, background: bool = False):
         self.directory, self.keep, self.best_metric, self.enabled = Path(directory), keep, best_metric, enabled
+        self.best_mode = metric_direction(best_metric, best_mode)
         self.best_value: Optional[float] = None
         self._executor = None
         self._pending = None
@@ -326,7 +475,7 @@ class CheckpointWriter:
         return epoch_path
 
     def _write_epoch(self, state: dict, value: Optional[float], epoch_path: Path) -> Optional[Path]:
-        is_best = value is not None and (self.best_value is None or self._better(value, self.best_value))
+        is_best = self._better(value, self.best_value)
         state["best_value"] = value if is_best else self.best_value
         try:
             atomic_save(state, epoch_path)
@@ -362,8 +511,14 @@ class CheckpointWriter:
             self._executor.shutdown(wait=True)
             self._executor = None
 
-    def _better(self, value: float, than: float) -> bool:
-        return value < than if "loss" in self.best_metric else value > than
+    def _better(self, value: Optional[float], than: Optional[float]) -> bool:
+        """Whether `value` displaces the best `than`: a missing or non-finite value never does (a NaN would
+        otherwise freeze the best, as every comparison with it is false), and anything finite beats none."""
+        if value is None or not math.isfinite(value):
+            return False
+        if than is None or not math.isfinite(than):
+            return True
+        return value < than if self.best_mode == "min" else value > than
 
     def save_interrupted(self, state: dict) -> Optional[Path]:
         """A mid-epoch state (after a stop signal); it becomes last.pt, the epoch files stay untouched."""
@@ -395,15 +550,66 @@ def snapshot(obj: Any) -> Any:
 
 
 PARTIAL = re.compile(r"^\..+\.tmp$")  # what atomic_save and _link_or_copy write before the rename
+# `.<file>.<host>-<pid>[.<random>].tmp`: the writer of a partial file.
+PARTIAL_WRITER = re.compile(r"^\..+\.(?P<host>[A-Za-z0-9_-]+)-(?P<pid>\d+)(\.[A-Za-z0-9_]+)?\.tmp$")
+FOREIGN_PARTIAL_AGE_S = 3600.0  # a write of another host (or an old version) idle this long is dead
 
 
 def remove_partial_writes(directory: Path) -> None:
-    """Delete the temporary files of writes that a killed run never finished (never a real checkpoint)."""
+    """Delete the temporary files of writes that a killed run never finished (never a real checkpoint).
+
+    Only files of dead writers go: this host's with a pid that no longer runs; another host's (or
+    untagged ones) once untouched for an hour. A live writer's file, in a folder shared by mistake, stays."""
     if not Path(directory).is_dir():
         return
+    now = time.time()
     for path in Path(directory).iterdir():
-        if PARTIAL.match(path.name) and path.is_file():
+        if not (PARTIAL.match(path.name) and path.is_file()):
+            continue
+        writer = PARTIAL_WRITER.match(path.name)
+        if writer and writer.group("host") == _HOST:
+            dead = int(writer.group("pid")) != os.getpid() and not _pid_alive(int(writer.group("pid")))
+        else:
+            try:
+                dead = now - path.stat().st_mtime > FOREIGN_PARTIAL_AGE_S
+            except OSError:
+                continue
+        if dead:
             path.unlink(missing_ok=True)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # EPERM: it runs, under another user
+        return True
+    return True
+
+
+#: checkpoint.best_mode=auto: these measures shrink towards collapse or a better model; accuracies and the
+#: cosines (proto_cos, sample_cos) grow. The measure is the last part of the key (collapse_test/nc1 -> nc1).
+SHRINKING = ("loss", "nc1", "nc1_trace", "cdnv", "nc2_equinorm", "nc2_equinorm_w", "nc2_equiangle", "nc2_maxangle",
+             "nc2_etf_error", "nc3", "nc4")
+GROWING = ("acc", "proto_cos", "sample_cos")
+BEST_MODES = ("auto", "max", "min")
+
+
+def metric_direction(metric: str, mode: str = "auto") -> str:
+    """"max" or "min": whether a larger or a smaller `metric` is better (checkpoint.best_mode)."""
+    mode = str(getattr(mode, "value", mode))
+    if mode not in BEST_MODES:
+        raise FixedclsError(f"checkpoint.best_mode={mode}: choose one of {', '.join(BEST_MODES)}")
+    if mode != "auto":
+        return mode
+    measure = metric.rsplit("/", 1)[-1]
+    if measure.startswith("loss") or measure in SHRINKING:
+        return "min"
+    if measure.startswith("acc") or measure in GROWING:
+        return "max"
+    raise FixedclsError(f"checkpoint.best_metric={metric}: best_mode=auto cannot tell whether it should grow or shrink: "
+                        f"set checkpoint.best_mode=max or checkpoint.best_mode=min")
 
 
 def _warn(message: str) -> None:

@@ -72,6 +72,8 @@ class DataConfig:
     split_seed: int = 0
     train_split: str = "train"
     test_split: str = "validation"
+    val_fraction: float = 0.0  # validation share carved out of the training split (stratified, split_seed); 0: none
+    val_split: Optional[str] = None  # image folders: the folder of the validation split (e.g. val); None: none
     # synthetic data
     train_per_class: int = 64
     test_per_class: int = 16
@@ -127,7 +129,8 @@ class CheckpointConfig:
     root: str = "checkpoints"
     dir: Optional[str] = None  # None: <root>/<run name>
     keep: int = 2  # per-epoch checkpoints kept besides last.pt and best.pt
-    best_metric: str = "test/acc"
+    best_metric: str = "auto"  # a metrics.jsonl key; auto: val/acc with a validation split, else test/acc
+    best_mode: str = "auto"  # max, min, or auto (losses and NC measures shrink, accuracies and cosines grow)
     background: bool = True  # write epoch checkpoints in a thread while the next epoch trains (still atomic)
 
 

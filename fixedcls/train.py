@@ -20,10 +20,11 @@ from . import build
 from . import checkpoint as ckpt
 from .cli import exit_if_jobs_failed, refuse_bad_overrides, run_job
 from .config import conf_dir, register_configs
-from .data import create_data, create_loaders, targets_of
+from .data import create_data, create_eval_loader, create_loaders, targets_of
 from .distributed import World, close_world, init_world, worker_hydra_args
-from .engine import TrainingRun, fit
+from .engine import TrainingRun, fit, recorded_keys
 from .errors import FixedclsError
+from .identity import describe_differences, differences, run_identity
 from .loggers import MetricsFile, create_tracker
 from .model import format_param_summary
 from .runtime import autocast_for, choice, resolve_device, seed_everything
@@ -36,6 +37,19 @@ class TrainResult(dict):
     """The run summary (a dict, as written to summary.json), with `.run`: the TrainingRun that produced it."""
 
     run: Optional[TrainingRun] = None
+
+
+def check_same_experiment(state: dict, resolved: dict, identity: str, path: Path, how: str) -> None:
+    """A checkpoint continues only the experiment it belongs to: the same identity, or (a checkpoint written
+    before identities, or by a version with other keys) no covered key of its stored config differs."""
+    if state.get("meta", {}).get("identity") == identity:
+        return
+    found = differences(build.plain_config(build.stored_config(state, path)), resolved)
+    if found:
+        raise FixedclsError(
+            f"{how}: this config differs from the checkpoint's ({describe_differences(found)}): to continue that run, "
+            f"use its values; to start a new run from its weights, pass model.init_from={path} without resume"
+        )
 
 
 def check_resume_matches(state: dict, meta: dict, path: Path) -> None:
@@ -81,7 +95,11 @@ def build_training(cfg: DictConfig, run_dir: Path, world: World, device: torch.d
     if world.distributed:  # every rank works with rank 0's run directory (ranks > 0 ran Hydra in a scratch dir)
         run_dir = Path(world.broadcast_object(str(run_dir)))
     seed_everything(cfg.seed)
+    resolved = build.plain_config(cfg)
+    identity, identity_keys = run_identity(resolved)
     bundle = create_data(cfg.data)
+    best = build.best_selection(cfg.checkpoint, recorded_keys(validation=bundle.val is not None, ema=cfg.trainer.ema,
+                                                              collapse=cfg.collapse))
     model = build.build_model(cfg, num_classes=bundle.num_classes, in_chans=bundle.in_chans, img_size=bundle.img_size)
     labels = targets_of(bundle.train)
     if labels and (min(labels) < 0 or max(labels) >= model.num_classes):
@@ -94,30 +112,50 @@ def build_training(cfg: DictConfig, run_dir: Path, world: World, device: torch.d
     if cfg.trainer.channels_last:
         model.to(memory_format=torch.channels_last)
     meta = {"head": cfg.head.name, "num_classes": model.num_classes, "dim": model.dim,
-            "backbone": cfg.model.backbone, "head_seed": cfg.head.seed}
+            "backbone": cfg.model.backbone, "head_seed": cfg.head.seed, "identity": identity,
+            "identity_keys": identity_keys}
     if world.is_main:
         log.info(f"{cfg.head.name} head on {cfg.model.backbone}, {cfg.data.name} ({bundle.num_classes} classes), "
                  f"d={model.dim}, {device} {choice(cfg.trainer.precision)}")
         log.info(format_param_summary(model))
+        log.info(f"splits: train {len(bundle.train)}, "
+                 + (f"validation {len(bundle.val)} ({bundle.val_source}), " if bundle.val is not None else "no validation, ")
+                 + f"test {len(bundle.test)}; best.pt by {best[0]} ({best[1]})")
 
-    directory, resume_path = world.broadcast_object(
-        ckpt.resolve(cfg.checkpoint.root, cfg.name, cfg.checkpoint.dir, cfg.resume, warn=log.warning)
+    plan = world.broadcast_object(
+        ckpt.resolve(cfg.checkpoint.root, cfg.name, cfg.checkpoint.dir, cfg.resume, identity, warn=log.warning)
         if world.is_main else None
     )
-    resume_state = None
+    resume_state, resume_path = None, plan.resume_path
     if resume_path is not None:
         resume_state = ckpt.load(resume_path)
         check_resume_matches(resume_state, meta, resume_path)
-        if world.is_main:
+        how = f"resume={cfg.resume}" if cfg.resume != "auto" else f"resume=auto in checkpoint.dir={plan.directory}"
+        check_same_experiment(resume_state, resolved, identity, resume_path, how)
+    branched_from = str(resume_path) if plan.branch_of is not None else (
+        (resume_state or {}).get("meta", {}).get("branched_from"))
+    meta["branched_from"] = branched_from
+    directory = None
+    if world.is_main:
+        directory = plan.claim({"identity": identity, "name": str(cfg.name), "branched_from": branched_from})
+        if plan.branch_of is not None:
+            ckpt.start_branch(directory, resume_path, resume_state, best[0])
+            log.info(f"resuming from {resume_path}, older than the newest state of {plan.branch_of}: a new branch in "
+                     f"{directory} (the files of {plan.branch_of} stay as they are)")
+        elif resume_path is not None:
             log.info(f"resuming from {resume_path}")
-    elif cfg.resume == "auto" and world.is_main:
-        log.info(f"resume=auto: no checkpoint of {cfg.name} yet, starting a new run")
+        elif cfg.resume == "auto":
+            log.info(f"resume=auto: no run of {cfg.name} with identity {identity[:8]} yet, starting a new run")
+    directory = Path(world.broadcast_object(str(directory)))
 
     train_loader, train_eval_loader, test_loader = create_loaders(
         bundle, batch_size=cfg.data.batch_size, eval_batch_size=cfg.data.eval_batch_size,
         num_workers=cfg.data.num_workers, seed=cfg.seed, rank=world.rank, world_size=world.world_size,
         pin_memory=device.type == "cuda",
     )
+    val_loader = None if bundle.val is None else create_eval_loader(
+        bundle.val, eval_batch_size=cfg.data.eval_batch_size, num_workers=cfg.data.num_workers, seed=cfg.seed,
+        rank=world.rank, world_size=world.world_size, pin_memory=device.type == "cuda")
     optimizer = build.build_optimizer(cfg.optim, model)
     scheduler = build.build_scheduler(cfg.sched, optimizer, cfg.trainer.epochs)
     criterion = build.build_criterion(cfg, model)
@@ -132,8 +170,8 @@ def build_training(cfg: DictConfig, run_dir: Path, world: World, device: torch.d
     if cfg.trainer.compile:
         trained = torch.compile(trained)
 
-    resolved = build.plain_config(cfg)
-    run_id = (resume_state or {}).get("meta", {}).get("tracker_run_id")
+    # A branch is a run of its own for the tracker too; a continued run keeps its tracker run.
+    run_id = None if plan.branch_of is not None else (resume_state or {}).get("meta", {}).get("tracker_run_id")
     tracker = create_tracker(cfg.logger, run_dir=run_dir, resolved_config=resolved, run_id=run_id, enabled=world.is_main)
     meta["tracker_run_id"] = tracker.run_id
     if world.is_main:
@@ -143,13 +181,15 @@ def build_training(cfg: DictConfig, run_dir: Path, world: World, device: torch.d
     return TrainingRun(
         model=trained, train_loader=train_loader, train_eval_loader=train_eval_loader, test_loader=test_loader,
         optimizer=optimizer, scheduler=scheduler, criterion=criterion,
-        checkpoints=build.build_checkpoints(cfg.checkpoint, directory, enabled=world.is_main),
+        checkpoints=build.build_checkpoints(cfg.checkpoint, directory, enabled=world.is_main, best=best),
         metrics=MetricsFile(run_dir, enabled=world.is_main), trainer=cfg.trainer, collapse=cfg.collapse,
         device=device, run_dir=run_dir, world=world, tracker=tracker, ema=ema, extra_loss=extra_loss,
         resume_state=resume_state, checkpoint_meta={"config": resolved, "meta": meta},
         title=f"{cfg.head.name} ({kind} head), {cfg.model.backbone}, {cfg.data.name}, seed {cfg.seed}",
         run_info={"run_dir": str(run_dir), "checkpoint_dir": str(directory), "head": cfg.head.name,
-                  "head_kind": kind, "backbone": cfg.model.backbone, "data": cfg.data.name, "seed": cfg.seed},
+                  "head_kind": kind, "backbone": cfg.model.backbone, "data": cfg.data.name, "seed": cfg.seed,
+                  "identity": identity, "identity_keys": identity_keys, "branched_from": branched_from},
+        val_loader=val_loader,
     )
 
 
