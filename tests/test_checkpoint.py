@@ -29,7 +29,9 @@ from test_resume import LAUNCH_KEYS, LAUNCH_PREFIXES, load_state, run_cli  # noq
 from fixedcls import checkpoint as ckpt  # noqa: E402
 from fixedcls.errors import FixedclsError  # noqa: E402
 
-NAME = "synthetic-test_resnet-simplex-s0"
+from utils import checkpoint_folder  # noqa: E402
+
+NAME = checkpoint_folder(TINY, tiny=False)  # the folder of a fresh run of TINY (more epochs or keep: the same)
 
 
 @pytest.fixture(autouse=True)
@@ -145,8 +147,9 @@ def test_the_newest_good_checkpoint_is_chosen(tmp_path):
     assert path.name == "epoch_0001.pt" and state["marker"] == 1.0
     assert any("last.pt" in w for w in warnings_seen) and any("epoch_0002.pt" in w for w in warnings_seen)
     # resume=auto through resolve, and resume=<folder>.
-    assert ckpt.resolve(tmp_path, "x", str(tmp_path), "auto", warn=warnings_seen.append)[1].name == "epoch_0001.pt"
-    assert ckpt.resolve(tmp_path, "x", None, str(tmp_path), warn=warnings_seen.append)[1].name == "epoch_0001.pt"
+    identity = "0" * 64
+    assert ckpt.resolve(tmp_path, "x", str(tmp_path), "auto", identity, warn=warnings_seen.append).resume_path.name == "epoch_0001.pt"
+    assert ckpt.resolve(tmp_path, "x", None, str(tmp_path), identity, warn=warnings_seen.append).resume_path.name == "epoch_0001.pt"
 
 
 def test_resume_auto_falls_back_to_the_newest_good_checkpoint(tmp_path):
@@ -392,7 +395,7 @@ def test_non_finite_losses_in_a_row_stop_the_run(tmp_path, monkeypatch):
     _nan_criterion(monkeypatch, {4, 5, 6})  # all of epoch 2
     with pytest.raises(FixedclsError, match=r"non-finite \(nan\) for 3 steps in a row \(epoch 2, step 3\)"):
         train_tiny(tmp_path, ["trainer.max_nonfinite=3", "collapse.every=0"])
-    state = ckpt.load(tmp_path / "checkpoints" / NAME / "last.pt")
+    state = ckpt.load(tmp_path / "checkpoints" / checkpoint_folder(["trainer.max_nonfinite=3", "collapse.every=0"]) / "last.pt")
     assert state["epoch"] == 1 and state["global_step"] == 3
 
 

@@ -31,6 +31,9 @@ from typing import Optional
 import pytest
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from utils import checkpoint_folder  # noqa: E402
+
 REPO = Path(__file__).resolve().parents[1]
 PLAIN = os.environ.get("FIXEDCLS_TEST_PLAIN_SUBPROCESS") == "1"
 
@@ -297,7 +300,9 @@ def assert_same_weights(path_a: Path, path_b: Path) -> None:
 # ---------------------------------------------------------------------------------------------
 # The tests.
 
-NAME = "synthetic-test_resnet-simplex-s0"  # the default run name of RUN: checkpoints/<NAME>/
+# The folder a fresh run of RUN claims: checkpoints/<run name>-<identity[:8]>/ (interruptions and workers
+# change neither the name nor the identity, so every case here writes there).
+NAME = checkpoint_folder(RUN, tiny=False)
 
 # Stretches each training step of the second epoch by 100 ms (evaluation is untouched, the maths
 # is unchanged) so a signal sent after the first epoch checkpoint lands in the middle of epoch 2.
