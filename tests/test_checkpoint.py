@@ -331,7 +331,7 @@ def test_non_finite_training_stops_with_the_last_good_checkpoint(tmp_path, limit
     result = cli(tmp_path, EXPLODE + args)
     needle = "non-finite" if limit == "weights" else "steps in a row"
     assert_one_line_error(result, needle, "epoch 2", "last good checkpoint", "ck", "optim.lr")
-    assert sorted(p.name for p in (tmp_path / "ck").iterdir()) == ["best.pt", "epoch_0001.pt", "last.pt"]
+    assert sorted(p.name for p in (tmp_path / "ck").iterdir()) == ["best.pt", "epoch_0001.pt", "last.pt", "run.json"]
     state = ckpt.load(tmp_path / "ck" / "last.pt")
     assert state["epoch"] == 1 and all(torch.isfinite(t).all() for t in state["model"].values() if t.is_floating_point())
     rows = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
@@ -471,7 +471,7 @@ def test_tracker_disk_and_plot_failures_warn_and_training_goes_on(tmp_path, monk
     assert summary["epochs"] == 2 and "final/test/acc" in summary
     assert json.loads((tmp_path / "run" / "summary.json").read_text())["epochs"] == 2
     directory = Path(summary["checkpoint_dir"])
-    assert sorted(p.name for p in directory.iterdir()) == ["best.pt", "epoch_0002.pt", "last.pt"]
+    assert sorted(p.name for p in directory.iterdir()) == ["best.pt", "epoch_0002.pt", "last.pt", "run.json"]
     assert ckpt.load(directory / "last.pt")["epoch"] == 2
 
 

@@ -118,7 +118,7 @@ def test_torchrun_two_processes_one_run_dir_and_same_measures_as_one_process(lau
     assert not list((tmp_path / "tmp").glob("fixedcls-rank*")), "rank 1's scratch Hydra dir was not removed"
     ckpt_dirs = [d for d in (tmp_path / "checkpoints").iterdir()]
     assert len(ckpt_dirs) == 1
-    assert sorted(p.name for p in ckpt_dirs[0].iterdir()) == ["best.pt", "epoch_0001.pt", "epoch_0002.pt", "last.pt"]
+    assert sorted(p.name for p in ckpt_dirs[0].iterdir()) == ["best.pt", "epoch_0001.pt", "epoch_0002.pt", "last.pt", "run.json"]
     summary = json.loads((run_dir / "summary.json").read_text())
     assert Path(summary["run_dir"]).resolve() == run_dir.resolve()  # every rank got rank 0's run dir
 

@@ -39,14 +39,15 @@ PLAIN = os.environ.get("FIXEDCLS_TEST_PLAIN_SUBPROCESS") == "1"
 
 # A run small enough for a shared 2-core machine, with augmentation and dropout on (so the
 # augmentation and dropout randomness must be restored exactly), and enough steps per epoch
-# (128 samples / 8 = 16) to stop it in the middle of an epoch.
+# (128 samples / 8 = 16) to stop it in the middle of an epoch: 36 per class, of which the validation
+# split (data.val_fraction=0.1 of synthetic) holds 4, so its evaluation is resumed exactly too.
 RUN = [
     "model.backbone=test_resnet",
     "model.drop_rate=0.25",
     "data=synthetic",
     "data.num_classes=4",
     "data.img_size=16",
-    "data.train_per_class=32",
+    "data.train_per_class=36",
     "data.test_per_class=4",
     "data.batch_size=8",
     "data.augment=true",
