@@ -275,8 +275,8 @@ class RunPlan:
     def claim(self, record: dict) -> Path:
         if self.directory is None:
             self.directory = claim_directory(self.parent, self.base, record)
-        else:
-            write_run_record(self.directory, record, replace=False)
+        else:  # a fresh run in checkpoint.dir records itself; a continued run keeps the record it has
+            write_run_record(self.directory, record, replace=self.resume_path is None)
         return self.directory
 
 
@@ -311,6 +311,17 @@ def write_run_record(directory: Path, record: dict, *, replace: bool = True) -> 
     tmp = path.with_name(f".{RUN_FILE}.{_writer_tag()}.tmp")
     tmp.write_text(json.dumps(data, indent=1, default=str) + "\n")
     os.replace(tmp, path)
+
+
+def release_if_empty(directory: Path) -> None:
+    """Remove a claimed folder that holds nothing but its run.json (its run failed before any checkpoint)."""
+    directory = Path(directory)
+    try:
+        if {p.name for p in directory.iterdir()} == {RUN_FILE} and read_run_record(directory).get("pid") == os.getpid():
+            (directory / RUN_FILE).unlink()
+            directory.rmdir()
+    except OSError:
+        pass
 
 
 def read_run_record(directory: Path) -> dict:

@@ -87,6 +87,8 @@ def train(cfg: DictConfig, run_dir: str | Path) -> TrainResult:
             except Exception as error:  # a tracker can only warn: the run and its checkpoints are already safe
                 log.warning(f"warning: the tracker's finish failed ({type(error).__name__}: {error})")
             run.checkpoints.close()
+            if exit_code and world.is_main:  # a run that failed before its first checkpoint leaves no empty folder
+                ckpt.release_if_empty(run.checkpoints.directory)
         close_world(world)
 
 
@@ -135,18 +137,6 @@ def build_training(cfg: DictConfig, run_dir: Path, world: World, device: torch.d
     branched_from = str(resume_path) if plan.branch_of is not None else (
         (resume_state or {}).get("meta", {}).get("branched_from"))
     meta["branched_from"] = branched_from
-    directory = None
-    if world.is_main:
-        directory = plan.claim({"identity": identity, "name": str(cfg.name), "branched_from": branched_from})
-        if plan.branch_of is not None:
-            ckpt.start_branch(directory, resume_path, resume_state, best[0])
-            log.info(f"resuming from {resume_path}, older than the newest state of {plan.branch_of}: a new branch in "
-                     f"{directory} (the files of {plan.branch_of} stay as they are)")
-        elif resume_path is not None:
-            log.info(f"resuming from {resume_path}")
-        elif cfg.resume == "auto":
-            log.info(f"resume=auto: no run of {cfg.name} with identity {identity[:8]} yet, starting a new run")
-    directory = Path(world.broadcast_object(str(directory)))
 
     train_loader, train_eval_loader, test_loader = create_loaders(
         bundle, batch_size=cfg.data.batch_size, eval_batch_size=cfg.data.eval_batch_size,
@@ -170,6 +160,19 @@ def build_training(cfg: DictConfig, run_dir: Path, world: World, device: torch.d
     if cfg.trainer.compile:
         trained = torch.compile(trained)
 
+    # The folder is claimed once everything that can refuse the run has been built.
+    directory = None
+    if world.is_main:
+        directory = plan.claim({"identity": identity, "name": str(cfg.name), "branched_from": branched_from})
+        if plan.branch_of is not None:
+            ckpt.start_branch(directory, resume_path, resume_state, best[0])
+            log.info(f"resuming from {resume_path}, older than the newest state of {plan.branch_of}: a new branch in "
+                     f"{directory} (the files of {plan.branch_of} stay as they are)")
+        elif resume_path is not None:
+            log.info(f"resuming from {resume_path}")
+        elif cfg.resume == "auto":
+            log.info(f"resume=auto: no run of {cfg.name} with identity {identity[:8]} yet, starting a new run")
+    directory = Path(world.broadcast_object(str(directory)))
     # A branch is a run of its own for the tracker too; a continued run keeps its tracker run.
     run_id = None if plan.branch_of is not None else (resume_state or {}).get("meta", {}).get("tracker_run_id")
     tracker = create_tracker(cfg.logger, run_dir=run_dir, resolved_config=resolved, run_id=run_id, enabled=world.is_main)
