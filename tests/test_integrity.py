@@ -28,7 +28,7 @@ from fixedcls.data import create_data
 from fixedcls.errors import FixedclsError
 from fixedcls.identity import IDENTITY_EXCLUDES, run_identity, safe_name
 from fixedcls.loggers import read_jsonl
-from utils import TINY, compose_config, train_tiny
+from utils import TINY, checkpoint_folder, compose_config, train_tiny
 
 FAST = ["trainer.epochs=1", "collapse.every=0", "collapse.plot=false"]
 
@@ -292,3 +292,10 @@ def test_an_image_folder_with_val_and_test_folders(tmp_path):
     assert (len(bundle.train), len(bundle.val), len(bundle.test)) == (6, 4, 2)
     with pytest.raises(FixedclsError, match="one folder"):
         create_data(compose_config(IMAGES + [f"data.root={root}", "data.val_split=val"], tiny=False).data)
+
+
+def test_a_run_that_fails_before_its_first_checkpoint_leaves_no_folder(tmp_path):
+    with pytest.raises(FixedclsError, match="non-finite"):
+        train_tiny(tmp_path, FAST + ["optim.lr=1e32", "trainer.max_nonfinite=1000"])
+    assert list((tmp_path / "checkpoints").iterdir()) == []
+    assert train_tiny(tmp_path, FAST, run_name="next")["checkpoint_dir"].endswith(checkpoint_folder(FAST))
