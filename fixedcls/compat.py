@@ -26,6 +26,7 @@ from .cli import exit_if_jobs_failed, output_file, positive_int, refuse_bad_over
 from .compatibility import compatibility, load_checkpoint
 from .config import conf_dir
 from .errors import FixedclsError
+from .identity import run_identity
 from .loggers import jsonable, write_json
 
 log = logging.getLogger("fixedcls")
@@ -131,16 +132,18 @@ def report(result: dict, *, json_path: Optional[Path], png_path: Optional[Path],
 
 
 def _generations_dir(cfg) -> Path:
-    """Where the generations' checkpoints go: checkpoint.dir, or the run folder of cfg.name (one that holds
-    generations: gen<t>/ with checkpoints)."""
+    """Where the generations' checkpoints go: checkpoint.dir, or the folder of cfg.name and the identity of the
+    whole sequence (generations.* included), `<safe name>-<identity[:8]>`, so the jobs of a sweep get folders
+    of their own (one that holds generations: gen<t>/ with checkpoints)."""
     if cfg.checkpoint.dir:
         return Path(cfg.checkpoint.dir).expanduser()
 
     def holds_generations(directory: Path) -> bool:
         return directory.is_dir() and any(ckpt.candidates(g) for g in directory.glob("gen*") if g.is_dir())
 
-    return ckpt.run_directory(Path(cfg.checkpoint.root).expanduser(), str(cfg.name), resume=cfg.resume == "auto",
-                              holds_run=holds_generations)
+    identity, _ = run_identity(plain_config(cfg), keep=("generations.",))
+    return ckpt.run_directory(Path(cfg.checkpoint.root).expanduser(), ckpt.run_base(str(cfg.name), identity),
+                              resume=cfg.resume == "auto", holds_run=holds_generations)
 
 
 def generation_configs(cfg) -> list:

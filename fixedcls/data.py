@@ -370,6 +370,7 @@ def _imagefolder(cfg) -> DataBundle:
         )
     mapping = dict(train.reader.class_to_idx)
     train_eval = ImageFiles(_timm_dataset(cfg, "", str(train_dir), eval_tf, root))
+    held_out_folders: list[Path] = []
 
     def held_out(split: str, key: str, fraction_key: str) -> Dataset:
         """A split from its own folder, labelled with the train split's ids (on its own it numbers only the
@@ -386,10 +387,8 @@ def _imagefolder(cfg) -> DataBundle:
             )
         if any(mapping[name] != index for name, index in dataset.reader.class_to_idx.items()):
             dataset = _timm_dataset(cfg, "", str(folder), eval_tf, root, class_map=mapping)
-        held_out.folders.append(folder.resolve())
+        held_out_folders.append(folder.resolve())
         return ImageFiles(dataset)
-
-    held_out.folders = []
 
     train = ImageFiles(train)
     targets = train.targets
@@ -403,7 +402,7 @@ def _imagefolder(cfg) -> DataBundle:
         val, val_source = LabelSubset(train_eval, val_idx, targets), f"{val_share:g} of '{cfg.train_split}' (split_seed {cfg.split_seed})"
     elif cfg.val_split:
         val, val_source = held_out(cfg.val_split, "data.val_split", "val_fraction"), f"folder {cfg.val_split}"
-        if len(set(held_out.folders)) < len(held_out.folders):
+        if len(set(held_out_folders)) < len(held_out_folders):
             raise FixedclsError(f"data.val_split={cfg.val_split} and data.test_split={cfg.test_split} are one folder: "
                                 f"model selection on the test split would inflate its accuracy; name two folders, or "
                                 f"carve one split out of the training images (data.val_fraction=0.1)")
@@ -458,6 +457,9 @@ def create_data(cfg) -> DataBundle:
     """Build the datasets named by a `data` config section (see conf/data/)."""
     if cfg.name not in BUILDERS:
         raise FixedclsError(f"unknown dataset data.name='{cfg.name}': choose one of {', '.join(BUILDERS)}")
+    if getattr(cfg, "val_split", None) and cfg.name in ("digits", "synthetic"):
+        raise FixedclsError(f"data.val_split={cfg.val_split} names a folder of an image folder, but {cfg.name} has "
+                            f"none: set data.val_fraction (e.g. 0.1) instead")
     bundle = BUILDERS[cfg.name](cfg)
     if cfg.num_classes is not None and cfg.num_classes != bundle.num_classes and cfg.name != "synthetic":
         raise FixedclsError(

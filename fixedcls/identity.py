@@ -41,18 +41,20 @@ def flatten(config: Mapping, prefix: str = "") -> dict[str, Any]:
     return flat
 
 
-def is_excluded(key: str) -> bool:
-    return any(key == ex or (ex.endswith(".") and key.startswith(ex)) for ex in IDENTITY_EXCLUDES)
+def is_excluded(key: str, keep: tuple[str, ...] = ()) -> bool:
+    excludes = [ex for ex in IDENTITY_EXCLUDES if ex not in keep]
+    return any(key == ex or (ex.endswith(".") and key.startswith(ex)) for ex in excludes)
 
 
-def covered_items(resolved_config: Mapping) -> dict[str, Any]:
-    """The keys and values a run's identity covers."""
-    return {k: v for k, v in sorted(flatten(resolved_config).items()) if not is_excluded(k)}
+def covered_items(resolved_config: Mapping, keep: tuple[str, ...] = ()) -> dict[str, Any]:
+    """The keys and values a run's identity covers (`keep`: entries of IDENTITY_EXCLUDES to cover after all)."""
+    return {k: v for k, v in sorted(flatten(resolved_config).items()) if not is_excluded(k, keep)}
 
 
-def run_identity(resolved_config: Mapping) -> tuple[str, list[str]]:
-    """(sha256 hex of the covered keys and values, the covered keys) of a resolved plain config."""
-    covered = covered_items(resolved_config)
+def run_identity(resolved_config: Mapping, keep: tuple[str, ...] = ()) -> tuple[str, list[str]]:
+    """(sha256 hex of the covered keys and values, the covered keys) of a resolved plain config.
+    `keep=("generations.",)`: the identity of a whole `fixedcls-compat train` sequence."""
+    covered = covered_items(resolved_config, keep)
     text = json.dumps(covered, sort_keys=True, default=str, separators=(",", ":"))
     return hashlib.sha256(text.encode()).hexdigest(), list(covered)
 
