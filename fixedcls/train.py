@@ -39,28 +39,27 @@ class TrainResult(dict):
     run: Optional[TrainingRun] = None
 
 
-def check_same_experiment(state: dict, resolved: dict, identity: str, path: Path, how: str) -> None:
+def check_same_experiment(state: dict, meta: dict, resolved: dict, identity: str, path: Path, how: str) -> None:
     """A checkpoint continues only the experiment it belongs to: the same identity, or (a checkpoint written
-    before identities, or by a version with other keys) no covered key of its stored config differs."""
-    if state.get("meta", {}).get("identity") == identity:
-        return
-    found = differences(build.plain_config(build.stored_config(state, path)), resolved)
-    if found:
-        raise FixedclsError(
-            f"{how}: this config differs from the checkpoint's ({describe_differences(found)}): to continue that run, "
-            f"use its values; to start a new run from its weights, pass model.init_from={path} without resume"
-        )
-
-
-def check_resume_matches(state: dict, meta: dict, path: Path) -> None:
-    """A checkpoint from another head, polytope or class count cannot continue this run."""
+    before identities, or by a version with other keys) no covered key of its stored config differs. A model
+    of another head, polytope or class count is named first (its weights cannot even load); either way the
+    line names every config key that differs."""
+    same = state.get("meta", {}).get("identity") == identity
+    found = [] if same else differences(build.plain_config(build.stored_config(state, path)), resolved)
+    listed = describe_differences(found)
     saved = state.get("meta", {})
     for key in ("head", "num_classes", "dim", "backbone", "head_seed"):
         if key in saved and saved[key] != meta[key]:
             raise FixedclsError(
-                f"checkpoint {path} was trained with {key}={saved[key]} but this run has {key}={meta[key]}: "
-                f"resume it with the same settings, or start a new run without resume"
+                f"checkpoint {path} was trained with {key}={saved[key]} but this run has {key}={meta[key]}"
+                + (f" (every key that differs: {listed})" if listed else "")
+                + ": resume it with the same settings, or start a new run without resume"
             )
+    if found:
+        raise FixedclsError(
+            f"{how}: this config differs from the checkpoint's ({listed}): to continue that run, use its values; "
+            f"to start a new run from its weights, pass model.init_from={path} without resume"
+        )
 
 
 def train(cfg: DictConfig, run_dir: str | Path) -> TrainResult:
@@ -131,9 +130,8 @@ def build_training(cfg: DictConfig, run_dir: Path, world: World, device: torch.d
     resume_state, resume_path = None, plan.resume_path
     if resume_path is not None:
         resume_state = ckpt.load(resume_path)
-        check_resume_matches(resume_state, meta, resume_path)
         how = f"resume={cfg.resume}" if cfg.resume != "auto" else f"resume=auto in checkpoint.dir={plan.directory}"
-        check_same_experiment(resume_state, resolved, identity, resume_path, how)
+        check_same_experiment(resume_state, meta, resolved, identity, resume_path, how)
     branched_from = str(resume_path) if plan.branch_of is not None else (
         (resume_state or {}).get("meta", {}).get("branched_from"))
     meta["branched_from"] = branched_from

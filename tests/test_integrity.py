@@ -299,3 +299,11 @@ def test_a_run_that_fails_before_its_first_checkpoint_leaves_no_folder(tmp_path)
         train_tiny(tmp_path, FAST + ["optim.lr=1e32", "trainer.max_nonfinite=1000"])
     assert list((tmp_path / "checkpoints").iterdir()) == []
     assert train_tiny(tmp_path, FAST, run_name="next")["checkpoint_dir"].endswith(checkpoint_folder(FAST))
+
+
+def test_a_resume_of_another_head_names_the_head_and_every_other_key(one_epoch, tmp_path):
+    with pytest.raises(FixedclsError) as refused:
+        train_tiny(tmp_path, FAST + [f"resume={one_epoch}", "head=dcube", "optim.lr=0.3"])
+    message = str(refused.value)
+    assert "trained with head=simplex but this run has head=dcube" in message
+    assert "head.name: simplex in the checkpoint, dcube now" in message and "optim.lr: 0.1 in the checkpoint, 0.3 now" in message
