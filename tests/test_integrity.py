@@ -15,6 +15,7 @@ import socket
 import subprocess
 import sys
 import threading
+from copy import deepcopy
 from pathlib import Path
 
 import pytest
@@ -41,23 +42,32 @@ def files_of(directory: Path) -> dict[str, tuple[str, int]]:
 
 # ------------------------------------------------------------------ run identity
 
-def test_identity_ignores_bookkeeping_and_covers_the_experiment(tmp_path):
-    base = run_identity(_plain([]))
-    for bookkeeping in (["name=other"], ["trainer.epochs=9"], ["checkpoint.root=/elsewhere"], ["trainer.threads=1"],
-                        ["logger.project=p"], ["resume=auto"], ["data.num_workers=2"]):
-        assert run_identity(_plain(bookkeeping))[0] == base[0], bookkeeping
-    for factor in (["optim.lr=0.3"], ["seed=1"], ["head=dcube"], ["data.val_fraction=0.2"], ["checkpoint.best_metric=val/loss"]):
-        assert run_identity(_plain(factor))[0] != base[0], factor
-    covered = base[1]
-    assert "optim.lr" in covered and "seed" in covered
-    assert not any(key == ex or key.startswith(ex) for key in covered for ex in IDENTITY_EXCLUDES if ex.endswith("."))
-    assert "name" not in covered and "trainer.epochs" not in covered
-
-
-def _plain(overrides):
+def test_identity_ignores_bookkeeping_and_covers_the_experiment():
     from fixedcls.build import plain_config
 
-    return plain_config(compose_config(overrides))
+    config = plain_config(compose_config([]))
+    base = run_identity(config)
+
+    def changed(key: str, value) -> str:
+        copy = deepcopy(config)
+        *sections, leaf = key.split(".")
+        node = copy
+        for section in sections:
+            node = node[section]
+        node[leaf] = value
+        return run_identity(copy)[0]
+
+    for key, value in (("name", "other"), ("trainer.epochs", 9), ("checkpoint.root", "/elsewhere"), ("resume", "auto"),
+                       ("trainer.threads", 1), ("logger.project", "p"), ("data.num_workers", 2),
+                       ("generations.protocol", "finetune")):
+        assert changed(key, value) == base[0], key
+    for key, value in (("optim.lr", 0.3), ("seed", 1), ("head.name", "dcube"), ("data.val_fraction", 0.2),
+                       ("checkpoint.best_metric", "val/loss")):
+        assert changed(key, value) != base[0], key
+    covered = base[1]
+    assert "optim.lr" in covered and "seed" in covered and "name" not in covered and "trainer.epochs" not in covered
+    assert not any(key == ex or (ex.endswith(".") and key.startswith(ex)) for key in covered for ex in IDENTITY_EXCLUDES)
+    assert run_identity(config, keep=("generations.",))[0] != base[0]  # a compat sequence's identity covers them
 
 
 # ------------------------------------------------------------------ one run, one directory
@@ -158,13 +168,20 @@ def test_resume_under_another_config_names_every_differing_key(one_epoch, tmp_pa
 
 
 def test_an_old_checkpoint_without_identity_is_compared_by_its_config(one_epoch, tmp_path):
+    """As written before identities and the validation split: no identity, no val_* keys, best by test/acc."""
     state = ckpt.load(one_epoch)
     del state["meta"]["identity"], state["meta"]["identity_keys"]
+    del state["config"]["data"]["val_fraction"], state["config"]["data"]["val_split"], state["config"]["checkpoint"]["best_mode"]
+    state["config"]["checkpoint"]["best_metric"] = "test/acc"
     old = tmp_path / "old" / "last.pt"
     ckpt.atomic_save(state, old)
-    with pytest.raises(FixedclsError, match=r"optim\.lr: 0\.1 in the checkpoint, 0\.2 now"):
+    with pytest.raises(FixedclsError) as refused:
         train_tiny(tmp_path, FAST + [f"resume={old}", "optim.lr=0.2"])
-    resumed = train_tiny(tmp_path, FAST[1:] + ["trainer.epochs=2", f"resume={old}", "optim.lr=0.1"])
+    for needle in ("optim.lr: 0.1 in the checkpoint, 0.2 now", "data.val_fraction: 0.0 in the checkpoint, 0.1 now",
+                   "checkpoint.best_metric: test/acc in the checkpoint, auto now"):
+        assert needle in str(refused.value)
+    resumed = train_tiny(tmp_path, FAST[1:] + ["trainer.epochs=2", f"resume={old}", "optim.lr=0.1", "data.val_fraction=0",
+                                               "checkpoint.best_metric=test/acc"])
     assert resumed["checkpoint_dir"] == str(old.parent)
 
 
