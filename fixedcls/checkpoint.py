@@ -523,13 +523,7 @@ class CheckpointWriter:
             self._executor = None
 
     def _better(self, value: Optional[float], than: Optional[float]) -> bool:
-        """Whether `value` displaces the best `than`: a missing or non-finite value never does (a NaN would
-        otherwise freeze the best, as every comparison with it is false), and anything finite beats none."""
-        if value is None or not math.isfinite(value):
-            return False
-        if than is None or not math.isfinite(than):
-            return True
-        return value < than if self.best_mode == "min" else value > than
+        return is_better(value, than, self.best_mode)
 
     def save_interrupted(self, state: dict) -> Optional[Path]:
         """A mid-epoch state (after a stop signal); it becomes last.pt, the epoch files stay untouched."""
@@ -605,6 +599,17 @@ SHRINKING = ("loss", "nc1", "nc1_trace", "cdnv", "nc2_equinorm", "nc2_equinorm_w
              "nc2_etf_error", "nc3", "nc4")
 GROWING = ("acc", "proto_cos", "sample_cos")
 BEST_MODES = ("auto", "max", "min")
+
+
+def is_better(value: Optional[float], than: Optional[float], mode: str) -> bool:
+    """Whether `value` displaces the best `than` ("max" or "min"): a missing or non-finite value never does (a
+    NaN would otherwise freeze the best, as every comparison with it is false), anything finite beats none, a
+    tie keeps the earlier epoch."""
+    if value is None or not math.isfinite(value):
+        return False
+    if than is None or not math.isfinite(than):
+        return True
+    return value < than if mode == "min" else value > than
 
 
 def metric_direction(metric: str, mode: str = "auto") -> str:

@@ -22,7 +22,7 @@ import torch
 import torch.nn as nn
 
 from . import collapse as nc
-from .checkpoint import CheckpointWriter
+from .checkpoint import CheckpointWriter, is_better
 from .collapse import report as collapse_report
 from .distributed import World
 from .errors import FixedclsError
@@ -372,14 +372,10 @@ def finish(run: TrainingRun, loop: LoopState) -> dict:
 
 
 def best_epoch(history: list[dict], metric: str, mode: str) -> Optional[dict]:
-    """The row of the best epoch by `metric` ("max" or "min"): the first of equal ones, as the checkpoint writer
-    keeps it; rows without the metric, or with a non-finite value, never count."""
+    """The row of the best epoch by `metric` ("max" or "min"), by the checkpoint writer's rule (best.pt)."""
     best = None
     for row in history:
-        value = row.get(metric)
-        if value is None or not math.isfinite(value):
-            continue
-        if best is None or (value < best[metric] if mode == "min" else value > best[metric]):
+        if is_better(row.get(metric), None if best is None else best[metric], mode):
             best = row
     return best
 
