@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import logging
+import re
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -205,9 +206,28 @@ def build_ema(cfg, model: nn.Module) -> Optional[nn.Module]:
     return ModelEmaV3(model, decay=cfg.trainer.ema_decay)
 
 
-def build_checkpoints(cfg, directory: Path, *, enabled: bool = True) -> ckpt.CheckpointWriter:
-    """The checkpoint writer of `checkpoint.*` (close() it when done: it may own a writer thread)."""
-    return ckpt.CheckpointWriter(directory, keep=cfg.keep, best_metric=cfg.best_metric, enabled=enabled,
+def best_selection(cfg, recorded: list[str]) -> tuple[str, str]:
+    """(metric, "max" or "min") that chooses best.pt, from checkpoint.best_metric / best_mode and the keys the
+    run records (`engine.recorded_keys`): auto means val/acc with a validation split, else test/acc. A metric
+    the run never records is refused now, not found missing after training (best.pt would never be written)."""
+    metric = str(cfg.best_metric)
+    if metric == "auto":
+        metric = "val/acc" if "val/acc" in recorded else "test/acc"
+    layer = re.fullmatch(r"(collapse|collapse_test)/layer\d+/nc1(_trace)?", metric)
+    if metric not in recorded and not (layer and any(k.startswith(f"{layer.group(1)}/layer<i>") for k in recorded)):
+        hint = (" (val/* needs a validation split: data.val_fraction=0.1, or data.val_split for image folders)"
+                if metric.startswith("val/") else
+                " (collapse/* needs collapse.every > 0 and the split in collapse.splits)" if metric.startswith("collapse") else "")
+        raise FixedclsError(f"checkpoint.best_metric={metric} is never recorded by this run{hint}: choose one of "
+                            f"{', '.join(recorded)}")
+    return metric, ckpt.metric_direction(metric, cfg.best_mode)
+
+
+def build_checkpoints(cfg, directory: Path, *, enabled: bool = True, best: tuple[str, str] = ("test/acc", "max")
+                      ) -> ckpt.CheckpointWriter:
+    """The checkpoint writer of `checkpoint.*` (close() it when done: it may own a writer thread); `best`: the
+    (metric, mode) of `best_selection`."""
+    return ckpt.CheckpointWriter(directory, keep=cfg.keep, best_metric=best[0], best_mode=best[1], enabled=enabled,
                                  background=cfg.background)
 
 

@@ -8,12 +8,18 @@ Layout of a checkpoint directory::
     epoch_0007.pt   one per finished epoch, the newest `keep` kept
     last.pt         the newest state (a finished epoch, or a mid-epoch stop)
     best.pt         the finished epoch with the best `best_metric`
+    run.json        the folder's claim: run identity, name, host, pid, branched_from
+
+One run, one folder: a new run claims `<root>/<safe name>-<identity[:8]>` (or `-2`, `-3`, ... when taken)
+with an atomic `os.mkdir`, so two jobs started at once never share one; `resume=auto` finds the folder of
+the same identity again (a SLURM requeue), and never one a later branch abandoned.
 """
 from __future__ import annotations
 
 import contextlib
 import errno
 import logging
+import math
 import os
 import pickle
 import re
@@ -31,9 +37,8 @@ from .errors import FixedclsError
 from .loggers import file_mode
 
 log = logging.getLogger("fixedcls")
-LAST, BEST = "last.pt", "best.pt"
+LAST, BEST, RUN_FILE = "last.pt", "best.pt", "run.json"
 EPOCH_FILE = re.compile(r"^epoch_(\d+)\.pt$")
-
 # A write in progress is `.<target>.<host>.<pid>.<random>.fixedcls.tmp` (see `remove_partial_writes`).
 TEMP_SUFFIX = ".fixedcls.tmp"
 _HOST = re.sub(r"[^A-Za-z0-9-]", "-", socket.gethostname()) or "host"
@@ -317,30 +322,6 @@ def load_newest_good(directory: Path, warn=print) -> tuple[Optional[Path], Optio
     return best if best is not None else (None, None)
 
 
-def run_directories(root: Path, name: str) -> list[Path]:
-    """`<root>/<name>` and its numbered siblings `<name>-2`, `<name>-3`, ... that exist."""
-    pattern = re.compile(rf"^{re.escape(name)}(-\d+)?$")
-    return [p for p in root.iterdir() if p.is_dir() and pattern.match(p.name)] if root.is_dir() else []
-
-
-def run_directory(root: str | Path, name: str, *, resume: bool, holds_run: Callable[[Path], bool] = None) -> Path:
-    """The folder of run `name` under `root`: with `resume`, the newest folder of that name that holds a run;
-    otherwise the first of `<name>`, `<name>-2`, `<name>-3`, ... that holds none, so a new run never writes
-    over another.  `holds_run(folder)` says whether a folder holds a run (default: it has checkpoints)."""
-    root, holds_run = Path(root), holds_run or (lambda d: bool(candidates(d)))
-    taken = [d for d in run_directories(root, name) if holds_run(d)]
-    if resume and taken:
-        return max(taken, key=_newest_mtime)
-    number, directory = 2, root / name
-    while directory.exists() and holds_run(directory):
-        directory, number = root / f"{name}-{number}", number + 1
-    return directory
-
-
-def _newest_mtime(directory: Path) -> float:
-    return max((p.stat().st_mtime for p in directory.rglob("*.pt") if p.is_file()), default=0.0)
-
-
 def checkpoint_file(path: str | Path, warn=print) -> Path:
     """The one rule for "which file" (resume, fixedcls-compat, the collapse command): a file is itself; a
     folder means its newest good checkpoint."""
@@ -356,73 +337,10 @@ def checkpoint_file(path: str | Path, warn=print) -> Path:
     return path
 
 
-def resolve(root: str | Path, name: str, explicit_dir: Optional[str], resume: Optional[str], warn=print) -> tuple[Path, Optional[Path]]:
-    """Decide where this run saves and what it resumes from: (checkpoint directory, checkpoint to load).
-
-    - resume=<file or folder>: load it (a folder: its newest good checkpoint); save next to it.
-    - resume=auto: the newest good checkpoint of this run name (or of checkpoint.dir); none -> a fresh run.
-    - no resume: a fresh run never overwrites another run's checkpoints; a taken name gets a suffix -2, -3...
-
-    `root` and `explicit_dir` may start with ~. The directory chosen must be writable (see `ensure_writable`).
-    """
-    root = Path(root).expanduser()
-    explicit_dir = str(Path(explicit_dir).expanduser()) if explicit_dir else explicit_dir
-    directory, resume_path = _choose(root, name, explicit_dir, resume, warn)
-    ensure_writable(directory)
-    return directory, resume_path
-
-
-def ensure_writable(directory: Path) -> None:
-    """Fail at start-up if checkpoints cannot be written to `directory` (created, probed, left as found).
-
-    A failed checkpoint write only warns, so that a full disk does not kill a long run; a folder that was
-    never writable would otherwise train the whole run and end with no checkpoint at all.
-    """
-    directory = Path(directory)
-    fix = "set checkpoint.dir (or checkpoint.root) to a folder you can write"
-    blocking_file = next((p for p in (directory, *directory.parents) if p.exists() and not p.is_dir()), None)
-    if blocking_file is not None:
-        where = "is a file" if blocking_file == directory else f"is under {blocking_file}, which is a file"
-        raise FixedclsError(f"checkpoint folder {directory} {where}, not a folder: {fix}")
-    created = [p for p in (directory, *directory.parents) if not p.exists()]  # deepest first
-    try:
-        directory.mkdir(parents=True, exist_ok=True)
-        fd, probe = tempfile.mkstemp(prefix=".write-probe.", suffix=".tmp", dir=directory)  # a PARTIAL name
-        os.close(fd)
-        os.unlink(probe)
-    except OSError as error:
-        raise FixedclsError(f"checkpoint folder {directory} is not writable ({error.strerror or error}): {fix}, "
-                            f"or make it writable") from None
-    finally:
-        for folder in created:  # the writer creates it again with its first checkpoint
-            with contextlib.suppress(OSError):
-                folder.rmdir()
-
-
-def _choose(root: Path, name: str, explicit_dir: Optional[str], resume: Optional[str], warn) -> tuple[Path, Optional[Path]]:
-    if resume not in (None, "", "auto"):
-        path = Path(resume).expanduser()
-        if path.is_dir():  # a checkpoint folder: its newest good checkpoint
-            found = _newest_loadable(path, warn)
-            if found is None:
-                raise FixedclsError(f"resume={resume}: the folder holds no loadable checkpoint (last.pt, epoch_NNNN.pt)")
-            return (Path(explicit_dir) if explicit_dir else path), found
-        if not path.is_file():
-            raise FixedclsError(f"resume={resume}: no such checkpoint file (pass a .pt path, a checkpoint folder, "
-                                f"or resume=auto)")
-        return (Path(explicit_dir) if explicit_dir else path.parent), path
-    if explicit_dir:
-        directory = Path(explicit_dir)
-        if resume == "auto":
-            return directory, _newest_loadable(directory, warn)
-        if candidates(directory):
-            raise FixedclsError(
-                f"checkpoint.dir={directory} already holds checkpoints of another run: "
-                f"pass resume=auto to continue it, or choose an empty checkpoint.dir"
-            )
-        return directory, None
-    directory = run_directory(root, name, resume=resume == "auto")
-    return directory, (_newest_loadable(directory, warn) if resume == "auto" else None)
+def keep_verified(path: Path, state: dict) -> None:
+    """Keep the state just loaded and checked from `path` for the `load` of the same unchanged file that follows."""
+    _verified.clear()
+    _verified[_state_key(path)] = state
 
 
 def _newest_loadable(directory: Path, warn) -> Optional[Path]:
@@ -450,9 +368,10 @@ class CheckpointWriter:
     actually written, itself included, so a resumed run compares against the right best.
     """
 
-    def __init__(self, directory: Path, *, keep: int = 2, best_metric: str = "test/acc", enabled: bool = True,
-                 background: bool = False):
+    def __init__(self, directory: Path, *, keep: int = 2, best_metric: str = "test/acc", best_mode: str = "auto",
+                 enabled: bool = True, background: bool = False):
         self.directory, self.keep, self.best_metric, self.enabled = Path(directory), keep, best_metric, enabled
+        self.best_mode = metric_direction(best_metric, best_mode)
         self.best_value: Optional[float] = None
         self._executor = None
         self._pending = None
@@ -476,7 +395,7 @@ class CheckpointWriter:
         return epoch_path
 
     def _write_epoch(self, state: dict, value: Optional[float], epoch_path: Path) -> Optional[Path]:
-        is_best = value is not None and (self.best_value is None or self._better(value, self.best_value))
+        is_best = self._better(value, self.best_value)
         state["best_value"] = value if is_best else self.best_value
         try:
             atomic_save(state, epoch_path)
@@ -512,8 +431,8 @@ class CheckpointWriter:
             self._executor.shutdown(wait=True)
             self._executor = None
 
-    def _better(self, value: float, than: float) -> bool:
-        return value < than if "loss" in self.best_metric else value > than
+    def _better(self, value: Optional[float], than: Optional[float]) -> bool:
+        return is_better(value, than, self.best_mode)
 
     def save_interrupted(self, state: dict) -> Optional[Path]:
         """A mid-epoch state (after a stop signal); it becomes last.pt, the epoch files stay untouched."""
@@ -574,6 +493,41 @@ def _process_alive(pid: int) -> bool:
     except PermissionError:  # someone else's process
         return True
     return True
+
+
+#: checkpoint.best_mode=auto: these measures shrink towards collapse or a better model; accuracies and the
+#: cosines (proto_cos, sample_cos) grow. The measure is the last part of the key (collapse_test/nc1 -> nc1).
+SHRINKING = ("loss", "nc1", "nc1_trace", "cdnv", "nc2_equinorm", "nc2_equinorm_w", "nc2_equiangle", "nc2_maxangle",
+             "nc2_etf_error", "nc3", "nc4")
+GROWING = ("acc", "proto_cos", "sample_cos")
+BEST_MODES = ("auto", "max", "min")
+
+
+def is_better(value: Optional[float], than: Optional[float], mode: str) -> bool:
+    """Whether `value` displaces the best `than` ("max" or "min"): a missing or non-finite value never does (a
+    NaN would otherwise freeze the best, as every comparison with it is false), anything finite beats none, a
+    tie keeps the earlier epoch."""
+    if value is None or not math.isfinite(value):
+        return False
+    if than is None or not math.isfinite(than):
+        return True
+    return value < than if mode == "min" else value > than
+
+
+def metric_direction(metric: str, mode: str = "auto") -> str:
+    """"max" or "min": whether a larger or a smaller `metric` is better (checkpoint.best_mode)."""
+    mode = str(getattr(mode, "value", mode))
+    if mode not in BEST_MODES:
+        raise FixedclsError(f"checkpoint.best_mode={mode}: choose one of {', '.join(BEST_MODES)}")
+    if mode != "auto":
+        return mode
+    measure = metric.rsplit("/", 1)[-1]
+    if measure.startswith("loss") or measure in SHRINKING:
+        return "min"
+    if measure.startswith("acc") or measure in GROWING:
+        return "max"
+    raise FixedclsError(f"checkpoint.best_metric={metric}: best_mode=auto cannot tell whether it should grow or shrink: "
+                        f"set checkpoint.best_mode=max or checkpoint.best_mode=min")
 
 
 def _warn(message: str) -> None:

@@ -24,11 +24,13 @@ from pathlib import Path
 from typing import Callable, Optional, Sequence
 
 from . import checkpoint as ckpt
+from . import runs
 from .build import plain_config, stored_config
 from .cli import exit_if_jobs_failed, output_file, positive_int, refuse_bad_overrides, run_command, run_job
 from .compatibility import METRICS, compatibility, evaluation_data_config, load_checkpoint, split_classes
 from .config import conf_dir
 from .errors import FixedclsError
+from .identity import run_identity
 from .loggers import jsonable, write_json
 
 log = logging.getLogger("fixedcls")
@@ -156,16 +158,18 @@ def report(result: dict, *, json_path: Optional[Path], png_path: Optional[Path],
 
 
 def _generations_dir(cfg) -> Path:
-    """Where the generations' checkpoints go: checkpoint.dir, or the run folder of cfg.name (one that holds
-    generations: gen<t>/ with checkpoints)."""
+    """Where the generations' checkpoints go: checkpoint.dir, or the folder of cfg.name and the identity of the
+    whole sequence (generations.* included), `<safe name>-<identity[:8]>`, so the jobs of a sweep get folders
+    of their own (one that holds generations: gen<t>/ with checkpoints)."""
     if cfg.checkpoint.dir:
         return Path(cfg.checkpoint.dir).expanduser()
 
     def holds_generations(directory: Path) -> bool:
         return directory.is_dir() and any(ckpt.candidates(g) for g in directory.glob("gen*") if g.is_dir())
 
-    return ckpt.run_directory(Path(cfg.checkpoint.root).expanduser(), str(cfg.name), resume=cfg.resume == "auto",
-                              holds_run=holds_generations)
+    identity, _ = run_identity(plain_config(cfg), keep=("generations.",))
+    return runs.run_directory(Path(cfg.checkpoint.root).expanduser(), runs.run_base(str(cfg.name), identity),
+                              resume=cfg.resume == "auto", holds_run=holds_generations)
 
 
 def _num_classes(cfg) -> int:

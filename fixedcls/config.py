@@ -197,10 +197,14 @@ class DataConfig:
     eval_batch_size: int = checked(256, integer(1))
     num_workers: int = checked(0, integer(0))
     augment: bool = True
-    test_fraction: float = checked(0.2, real(above=0, below=1))  # digits: held-out share, split with split_seed
+    # held-out test share, split with split_seed (digits needs one; image folders: 0 = their test folder)
+    test_fraction: float = checked(0.2, real(0, below=1))
     split_seed: int = checked(0, SEED)
     train_split: str = "train"
     test_split: str = "validation"
+    # validation share carved out of the training split (stratified, split_seed); 0: none
+    val_fraction: float = checked(0.0, real(0, below=1))
+    val_split: Optional[str] = None  # image folders: the folder of the validation split (e.g. val); None: none
     # synthetic data
     train_per_class: int = checked(64, integer(1))
     test_per_class: int = checked(16, integer(1))
@@ -258,7 +262,9 @@ class CheckpointConfig:
     dir: Optional[str] = None  # None: <root>/<run name>
     # per-epoch checkpoints kept besides last.pt and best.pt
     keep: int = checked(2, integer(1), why="last.pt is a link to the newest epoch file, so one is always kept")
-    best_metric: str = "test/acc"  # a key of the epoch rows; checked against what the run records
+    best_metric: str = "auto"  # a metrics.jsonl key; auto: val/acc with a validation split, else test/acc
+    # max, min, or auto (losses and NC measures shrink, accuracies and cosines grow)
+    best_mode: str = checked("auto", one_of("auto", "max", "min"))
     background: bool = True  # write epoch checkpoints in a thread while the next epoch trains (still atomic)
 
 

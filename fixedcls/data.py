@@ -6,6 +6,7 @@ augmented images that an uninterrupted run would have seen, whatever the number 
 """
 from __future__ import annotations
 
+import logging
 import math
 import os
 import random
@@ -19,17 +20,17 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from .errors import FixedclsError
 
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tif", ".tiff")
 # The PIL mode an image file is converted to for each data.in_chans (an RGB folder can train a 1-channel model).
 IMAGE_MODES = {1: "L", 3: "RGB"}
 # Synthetic images live in memory as float32 (and the draw briefly needs about twice that): a larger config is
 # a typo (data.num_classes=200000), not a benchmark, so it is refused before the allocation.
 SYNTHETIC_MAX_GIB = 8
+log = logging.getLogger("fixedcls")
 
 
 @dataclass
 class DataBundle:
-    """The three views of one dataset a run needs, and what the model must know about it."""
+    """The views of one dataset a run needs, and what the model must know about it."""
 
     train: Dataset  # augmented, order and augmentation seeded per epoch
     train_eval: Dataset  # same samples, evaluation transform (collapse is measured on these)
@@ -38,6 +39,8 @@ class DataBundle:
     in_chans: int
     img_size: int
     class_names: Sequence[str]
+    val: Optional[Dataset] = None  # held out of training for model selection (checkpoint.best_metric); None: none
+    val_source: str = ""  # where the validation split came from, for the log ("12% of train", "folder val/")
 
 
 class TensorImages(Dataset):
@@ -176,6 +179,35 @@ def _compose(*fns: Callable) -> Callable:
     return apply
 
 
+def _fraction(cfg, key: str) -> float:
+    value = float(getattr(cfg, key, 0) or 0)
+    if not 0 <= value < 1:
+        raise FixedclsError(f"data.{key}={value}: use a share of the samples in [0, 1), e.g. 0.1 (0 turns it off)")
+    return value
+
+
+def carve(labels: Sequence[int], fractions: Sequence[float], seed: int) -> list[list[int]]:
+    """Stratified, seeded split of sample indices: [part for each fraction..., the rest].
+
+    Per class (in label order), one permutation drawn from a generator seeded with `seed`; each part takes
+    round(share * what is left) of the class, at least one sample while the class keeps one for the rest,
+    so the same seed always carves the same parts (a sweep's seeds share one test and one validation set)."""
+    generator = torch.Generator().manual_seed(int(seed))
+    labels_t = torch.as_tensor(list(labels), dtype=torch.long)
+    parts: list[list[int]] = [[] for _ in range(len(fractions) + 1)]
+    for c in sorted(set(labels_t.tolist())):
+        members = (labels_t == c).nonzero().flatten()
+        members = members[torch.randperm(len(members), generator=generator)].tolist()
+        for i, share in enumerate(fractions):
+            take = round(len(members) * share)
+            if share > 0:
+                take = min(max(take, 1), len(members) - 1)
+            parts[i] += members[:take]
+            members = members[take:]
+        parts[-1] += members
+    return [sorted(part) for part in parts]
+
+
 def _digits(cfg) -> DataBundle:
     from sklearn.datasets import load_digits
 
@@ -184,23 +216,11 @@ def _digits(cfg) -> DataBundle:
     labels = torch.tensor(digits.target, dtype=torch.long)
     images = F.interpolate(images, size=(cfg.img_size, cfg.img_size), mode="bilinear", align_corners=False)
     images = images.expand(-1, cfg.in_chans, -1, -1).contiguous()
-    # A stratified split, fixed by split_seed, so every seed of a sweep sees the same test set.
-    generator = torch.Generator().manual_seed(cfg.split_seed)
-    train_idx, test_idx = [], []
-    for c in range(10):
-        members = (labels == c).nonzero().flatten()
-        members = members[torch.randperm(len(members), generator=generator)]
-        n_test = round(len(members) * cfg.test_fraction)
-        if not 0 < n_test < len(members):  # an empty split: evaluation and collapse would measure nothing
-            smallest = min(int((labels == k).sum()) for k in range(10))
-            raise FixedclsError(
-                f"data.test_fraction={cfg.test_fraction} leaves digit {c} ({len(members)} images) with "
-                f"{n_test} test and {len(members) - n_test} training images: set data.test_fraction between "
-                f"{math.ceil(1000 / smallest) / 1000} and {math.floor(1000 * (smallest - 1) / smallest) / 1000}"
-            )
-        test_idx.append(members[:n_test])
-        train_idx.append(members[n_test:])
-    train_idx, test_idx = torch.cat(train_idx).sort().values, torch.cat(test_idx).sort().values
+    # A stratified split, fixed by split_seed, so every seed of a sweep sees the same test and validation sets;
+    # the validation share is taken from what the test split leaves (the training split).
+    test_idx, val_idx, train_idx = (torch.tensor(part, dtype=torch.long) for part in
+                                    carve(labels.tolist(), [_fraction(cfg, "test_fraction"), _fraction(cfg, "val_fraction")],
+                                          cfg.split_seed))
     mean = cfg.mean or [float(images[train_idx].mean())] * cfg.in_chans
     std = cfg.std or [float(images[train_idx].std())] * cfg.in_chans
     normalize = _normalize(mean, std)
@@ -211,6 +231,8 @@ def _digits(cfg) -> DataBundle:
         test=TensorImages(images[test_idx], labels[test_idx], normalize),
         num_classes=10, in_chans=cfg.in_chans, img_size=cfg.img_size,
         class_names=[str(c) for c in range(10)],
+        val=TensorImages(images[val_idx], labels[val_idx], normalize) if len(val_idx) else None,
+        val_source=f"{_fraction(cfg, 'val_fraction'):g} of the training split (split_seed {cfg.split_seed})",
     )
 
 
@@ -222,6 +244,8 @@ def synthetic_bytes(cfg) -> int:
 
 def check_data_config(cfg) -> None:
     """The rules of a `data` section that join several keys; no file is read (single-key ranges: config.py)."""
+    if cfg.name == "digits" and not cfg.test_fraction:
+        raise FixedclsError("data=digits needs a test split: set data.test_fraction in (0, 1), e.g. 0.2 (the default)")
     if cfg.name == "synthetic" and synthetic_bytes(cfg) > SYNTHETIC_MAX_GIB * 2**30:
         raise FixedclsError(
             f"data=synthetic with data.num_classes={cfg.num_classes or 10} x ({cfg.train_per_class} train + "
@@ -264,6 +288,9 @@ def _synthetic(cfg) -> DataBundle:
 
     train_x, train_y = draw(cfg.train_per_class)
     test_x, test_y = draw(cfg.test_per_class)
+    val_idx, train_idx = (torch.tensor(part, dtype=torch.long) for part in
+                          carve(train_y.tolist(), [_fraction(cfg, "val_fraction")], cfg.split_seed))
+    val_x, val_y, train_x, train_y = train_x[val_idx], train_y[val_idx], train_x[train_idx], train_y[train_idx]
     train_tf = _random_shift(max(1, cfg.img_size // 16)) if cfg.augment else None
     return DataBundle(
         train=TensorImages(train_x, train_y, train_tf),
@@ -271,6 +298,8 @@ def _synthetic(cfg) -> DataBundle:
         test=TensorImages(test_x, test_y),
         num_classes=num_classes, in_chans=cfg.in_chans, img_size=cfg.img_size,
         class_names=[str(c) for c in range(num_classes)],
+        val=TensorImages(val_x, val_y) if len(val_y) else None,
+        val_source=f"{_fraction(cfg, 'val_fraction'):g} of the training split (split_seed {cfg.split_seed})",
     )
 
 
@@ -317,8 +346,25 @@ def _timm_dataset(cfg, name: str, split: str, transform, root: Path, class_map: 
     return dataset
 
 
+def _carve_validation(bundle: DataBundle, cfg) -> DataBundle:
+    """Take data.val_fraction of the training samples (stratified, split_seed) as the validation split."""
+    share = _fraction(cfg, "val_fraction")
+    if not share:
+        return bundle
+    targets = targets_of(bundle.train)
+    val_idx, train_idx = carve(targets, [share], cfg.split_seed)
+    bundle.val = LabelSubset(bundle.train_eval, val_idx, targets)
+    bundle.train = LabelSubset(bundle.train, train_idx, targets)
+    bundle.train_eval = LabelSubset(bundle.train_eval, train_idx, targets)
+    bundle.val_source = f"{share:g} of the '{cfg.train_split}' split (split_seed {cfg.split_seed})"
+    return bundle
+
+
 def _torchvision_cifar(cfg) -> DataBundle:
     root = _require_root(cfg)
+    if getattr(cfg, "val_split", None):
+        raise FixedclsError(f"data.val_split={cfg.val_split}: {cfg.name} has only train and test splits: carve a "
+                            f"validation split out of the training images with data.val_fraction=0.1 instead")
     train_tf, eval_tf = _timm_transforms(cfg, 3)
     name = f"torch/{cfg.name}"
     train = _timm_dataset(cfg, name, cfg.train_split, train_tf, root)
@@ -326,34 +372,86 @@ def _torchvision_cifar(cfg) -> DataBundle:
     test = _timm_dataset(cfg, name, cfg.test_split, eval_tf, root)
     classes = list(getattr(train, "classes", []))
     num_classes = len(classes) or (10 if cfg.name == "cifar10" else 100)
-    return DataBundle(train, train_eval, test, num_classes, 3, cfg.img_size, classes)
+    return _carve_validation(DataBundle(train, train_eval, test, num_classes, 3, cfg.img_size, classes), cfg)
+
+
+# The names a split folder is also found under (timm's own aliases for validation).
+SPLIT_ALIASES = {"validation": ("val",), "val": ("validation",), "test": (), "train": ()}
+
+
+def _split_folder(root: Path, split: str, key: str, fix: str) -> Path:
+    """The folder of split `split` under `root`. timm falls back to `root` itself when it is missing, which
+    would evaluate on the training images; here a missing folder is one line naming it."""
+    for name in (split,) + SPLIT_ALIASES.get(split, ()):
+        if (root / name).is_dir():
+            return root / name
+    present = sorted(p.name for p in root.iterdir() if p.is_dir()) if root.is_dir() else []
+    aliases = "".join(f" or {root / a}" for a in SPLIT_ALIASES.get(split, ()))
+    raise FixedclsError(f"{key}={split}: image folder {root / split}{aliases} does not exist (folders there: "
+                        f"{', '.join(present) or 'none'}): {fix}")
 
 
 def _imagefolder(cfg) -> DataBundle:
     root = _require_root(cfg)
     train_tf, eval_tf = _timm_transforms(cfg, cfg.in_chans)
-    train = _timm_dataset(cfg, "", cfg.train_split, train_tf, root)
+    test_share, val_share = _fraction(cfg, "test_fraction"), _fraction(cfg, "val_fraction")
+    if val_share and cfg.val_split:
+        raise FixedclsError(f"data.val_split={cfg.val_split} and data.val_fraction={val_share} both name a validation "
+                            f"split: keep one (set the other to null / 0)")
+    train_dir = _split_folder(root, cfg.train_split, "data.train_split",
+                              "lay out <root>/train/<class>/<image>, or name the training folder with data.train_split")
+    train = _timm_dataset(cfg, "", str(train_dir), train_tf, root)
     classes = sorted(train.reader.class_to_idx, key=train.reader.class_to_idx.get)
     if len(classes) < 2:
         raise FixedclsError(
             f"image folder {root} has {len(classes)} class folder(s) {classes}: a classifier needs at least 2 "
             f"(lay out <root>/<split>/<class>/<image>)"
         )
-    train_eval = _timm_dataset(cfg, "", cfg.train_split, eval_tf, root)
-    test = _timm_dataset(cfg, "", cfg.test_split, eval_tf, root)
-    # The test split must use the train split's label ids: on its own it numbers only the folders it has.
     mapping = dict(train.reader.class_to_idx)
-    extra = sorted(set(test.reader.class_to_idx) - set(mapping))
-    if extra:
-        raise FixedclsError(
-            f"the '{cfg.test_split}' split of {root} has class folder(s) {extra} that the '{cfg.train_split}' split "
-            f"lacks, so their labels fall outside the head's {len(classes)} outputs: add them to '{cfg.train_split}' "
-            f"or remove them"
-        )
-    if any(mapping[name] != index for name, index in test.reader.class_to_idx.items()):
-        test = _timm_dataset(cfg, "", cfg.test_split, eval_tf, root, class_map=mapping)
-    train, train_eval, test = (ImageFiles(d, IMAGE_MODES[cfg.in_chans]) for d in (train, train_eval, test))
-    return DataBundle(train, train_eval, test, len(classes), cfg.in_chans, cfg.img_size, classes)
+    train_eval = ImageFiles(_timm_dataset(cfg, "", str(train_dir), eval_tf, root), IMAGE_MODES[cfg.in_chans])
+    held_out_folders: list[Path] = []
+
+    def held_out(split: str, key: str, fraction_key: str) -> Dataset:
+        """A split from its own folder, labelled with the train split's ids (on its own it numbers only the
+        folders it has)."""
+        folder = _split_folder(root, split, key, f"add it, name the right folder with {key}=<folder>, or carve "
+                                                 f"the split out of the training images with data.{fraction_key}=0.1")
+        dataset = _timm_dataset(cfg, "", str(folder), eval_tf, root)
+        extra = sorted(set(dataset.reader.class_to_idx) - set(mapping))
+        if extra:
+            raise FixedclsError(
+                f"the '{split}' split of {root} has class folder(s) {extra} that the '{cfg.train_split}' split "
+                f"lacks, so their labels fall outside the head's {len(classes)} outputs: add them to '{cfg.train_split}' "
+                f"or remove them"
+            )
+        if any(mapping[name] != index for name, index in dataset.reader.class_to_idx.items()):
+            dataset = _timm_dataset(cfg, "", str(folder), eval_tf, root, class_map=mapping)
+        held_out_folders.append(folder.resolve())
+        return ImageFiles(dataset, IMAGE_MODES[cfg.in_chans])
+
+    train = ImageFiles(train, IMAGE_MODES[cfg.in_chans])
+    targets = train.targets
+    test_idx, val_idx, train_idx = carve(targets, [test_share, val_share], cfg.split_seed)
+    if test_share:
+        test, test_source = LabelSubset(train_eval, test_idx, targets), f"{test_share:g} of '{cfg.train_split}'"
+    else:
+        test, test_source = held_out(cfg.test_split, "data.test_split", "test_fraction"), f"folder {cfg.test_split}"
+    val, val_source = None, ""
+    if val_share:
+        val, val_source = LabelSubset(train_eval, val_idx, targets), f"{val_share:g} of '{cfg.train_split}' (split_seed {cfg.split_seed})"
+    elif cfg.val_split:
+        val, val_source = held_out(cfg.val_split, "data.val_split", "val_fraction"), f"folder {cfg.val_split}"
+        if len(set(held_out_folders)) < len(held_out_folders):
+            raise FixedclsError(f"data.val_split={cfg.val_split} and data.test_split={cfg.test_split} are one folder: "
+                                f"model selection on the test split would inflate its accuracy; name two folders, or "
+                                f"carve one split out of the training images (data.val_fraction=0.1)")
+    if test_share or val_share:
+        train, train_eval = LabelSubset(train, train_idx, targets), LabelSubset(train_eval, train_idx, targets)
+    log.info(f"image folder {root}: train '{cfg.train_split}', test {test_source}"
+             + (f", validation {val_source}" if val is not None else ", no validation split"))
+    return DataBundle(train, train_eval, test, len(classes), cfg.in_chans, cfg.img_size, classes, val=val,
+                      val_source=val_source)
+
 
 
 class ImageFiles(Dataset):
@@ -399,6 +497,9 @@ def create_data(cfg) -> DataBundle:
     if cfg.name not in BUILDERS:
         raise FixedclsError(f"unknown dataset data.name='{cfg.name}': choose one of {', '.join(BUILDERS)}")
     check_data_config(cfg)
+    if getattr(cfg, "val_split", None) and cfg.name in ("digits", "synthetic"):
+        raise FixedclsError(f"data.val_split={cfg.val_split} names a folder of an image folder, but {cfg.name} has "
+                            f"none: set data.val_fraction (e.g. 0.1) instead")
     bundle = BUILDERS[cfg.name](cfg)
     if cfg.num_classes is not None and cfg.num_classes != bundle.num_classes and cfg.name != "synthetic":
         raise FixedclsError(
@@ -427,7 +528,7 @@ def select_classes(bundle: DataBundle, cfg) -> DataBundle:
     """Class-incremental views (data.classes, data.old_classes, data.rehearsal) with the original label ids.
 
     train/train_eval: every sample of `classes` plus `rehearsal` samples per old class (drawn with split_seed);
-    test: the samples of `classes` and `old_classes`. num_classes stays the dataset's, so the head keeps an
+    test and val: the samples of `classes` and `old_classes`. num_classes stays the dataset's, so the head keeps an
     output (a reserved prototype, for fixed heads) for every class of the whole protocol.
     """
     classes, old = getattr(cfg, "classes", None), getattr(cfg, "old_classes", None)
@@ -461,13 +562,19 @@ def select_classes(bundle: DataBundle, cfg) -> DataBundle:
     if not keep:
         raise FixedclsError(f"data.classes={classes} selects no training samples of {cfg.name}: check the label ids")
     seen = set(classes) | set(old)
-    test_targets = targets_of(bundle.test)
-    test_keep = [i for i, label in enumerate(test_targets) if int(label) in seen]
+
+    def of_seen_classes(dataset: Optional[Dataset]) -> Optional[Dataset]:
+        if dataset is None:
+            return None
+        targets = targets_of(dataset)
+        return LabelSubset(dataset, [i for i, label in enumerate(targets) if int(label) in seen], targets)
+
     return DataBundle(
         train=LabelSubset(bundle.train, keep, train_targets),
         train_eval=LabelSubset(bundle.train_eval, keep, train_targets),
-        test=LabelSubset(bundle.test, test_keep, test_targets),
+        test=of_seen_classes(bundle.test),
         num_classes=K, in_chans=bundle.in_chans, img_size=bundle.img_size, class_names=bundle.class_names,
+        val=of_seen_classes(bundle.val), val_source=bundle.val_source,
     )
 
 
@@ -487,8 +594,15 @@ def create_loaders(
     )
 
     def eval_loader(dataset):
-        sampler = EpochSampler(len(dataset), shuffle=False, rank=rank, world_size=world_size) if world_size > 1 else None
-        return DataLoader(dataset, batch_size=eval_batch_size, shuffle=False, sampler=sampler,
-                          generator=torch.Generator().manual_seed(seed), **common)
+        return create_eval_loader(dataset, eval_batch_size=eval_batch_size, num_workers=num_workers, seed=seed,
+                                  rank=rank, world_size=world_size, pin_memory=pin_memory)
 
     return train, eval_loader(bundle.train_eval), eval_loader(bundle.test)
+
+
+def create_eval_loader(dataset: Dataset, *, eval_batch_size: int, num_workers: int = 0, seed: int = 0, rank: int = 0,
+                       world_size: int = 1, pin_memory: bool = False) -> DataLoader:
+    """An evaluation loader (fixed order; sharded without padding in DDP): train-eval, validation, test."""
+    sampler = EpochSampler(len(dataset), shuffle=False, rank=rank, world_size=world_size) if world_size > 1 else None
+    return DataLoader(dataset, batch_size=eval_batch_size, shuffle=False, sampler=sampler, num_workers=num_workers,
+                      pin_memory=pin_memory, persistent_workers=False, generator=torch.Generator().manual_seed(seed))

@@ -22,7 +22,7 @@ import torch
 import torch.nn as nn
 
 from . import collapse as nc
-from .checkpoint import CheckpointWriter
+from .checkpoint import CheckpointWriter, is_better
 from .collapse import report as collapse_report
 from .distributed import World
 from .errors import FixedclsError
@@ -59,6 +59,7 @@ class TrainingRun:
     checkpoint_meta: dict = field(default_factory=dict)  # stored in every checkpoint: config, meta
     title: str = ""
     run_info: dict = field(default_factory=dict)  # copied into the summary
+    val_loader: Any = None  # the validation split (model selection), or None
 
 
 @dataclass
@@ -78,6 +79,21 @@ class LoopState:
         self.global_step, self.history = state["global_step"], list(state["history"])
         self.running = state["running"].to(device=device, dtype=torch.float64)
         self.nonfinite_in_a_row = state.get("nonfinite_in_a_row", 0)
+
+
+def recorded_keys(*, validation: bool, ema: bool, collapse) -> list[str]:
+    """The keys of the metrics rows `end_of_epoch` writes for a run of these settings (collapse keys on the
+    epochs collapse is measured; `layer<i>` keys with collapse.layers)."""
+    keys = ["train/loss", "train/acc"] + (["val/loss", "val/acc"] if validation else []) + ["test/loss", "test/acc", "lr"]
+    if ema:
+        keys += ["test/loss_ema", "test/acc_ema"]
+    if collapse.every > 0:
+        for split, prefix in (("train", "collapse/"), ("test", "collapse_test/")):
+            if split in collapse.splits:
+                keys += [prefix + key for key in nc.METRIC_KEYS]
+                if collapse.layers:
+                    keys += [f"{prefix}layer<i>/{key}" for key in nc.NC1_KEYS]
+    return keys
 
 
 def collapse_due(settings, epoch: int, epochs: int) -> bool:
@@ -285,6 +301,10 @@ def end_of_epoch(run: TrainingRun, loop: LoopState, autocast, snapshot: Callable
     if (due and choice(settings.mode) == "exact" and "test" in settings.splits and settings.max_samples is None
             and not settings.layers and getattr(run.model, "module", run.model) is model):
         test_means = nc.CollapseAccumulator(model.num_classes, model.dim, device=run.device)
+    if run.val_loader is not None:
+        val = evaluate(run.model, run.val_loader, run.criterion, device=run.device, autocast=autocast, world=world,
+                       channels_last=channels_last)
+        row.update({"val/loss": val["loss"], "val/acc": val["acc"]})
     online_test = online["test"] if online and due else None  # fed by this epoch's evaluation alone
     if online_test is not None:
         online_test.reset()
@@ -352,7 +372,9 @@ def measure_agop(run: TrainingRun, model: nn.Module) -> dict:
 def finish(run: TrainingRun, loop: LoopState) -> dict:
     """The run's summary, plot and end-of-run tracker tables (rank 0 writes them)."""
     model, history = unwrap(run.model), loop.history
-    summary = {**run.run_info, **summarize(history, run.collapse, model, loop.epoch_seconds, run.title)}
+    summary = {**run.run_info, **summarize(history, run.collapse, model, loop.epoch_seconds, run.title,
+                                           best_metric=run.checkpoints.best_metric,
+                                           best_mode=run.checkpoints.best_mode)}
     if run.world.is_main:
         if run.collapse.plot and any(k.startswith(("collapse", "agop/")) for row in history for k in row):
             plot = _tolerate("plotting collapse", collapse_report.plot_collapse, history, Path(run.run_dir) / "collapse.png",
@@ -367,15 +389,31 @@ def finish(run: TrainingRun, loop: LoopState) -> dict:
     return summary
 
 
-def summarize(history: list[dict], settings, model: nn.Module, epoch_seconds: list[float], title: str) -> dict:
+def best_epoch(history: list[dict], metric: str, mode: str) -> Optional[dict]:
+    """The row of the best epoch by `metric` ("max" or "min"), by the checkpoint writer's rule (best.pt)."""
+    best = None
+    for row in history:
+        if is_better(row.get(metric), None if best is None else best[metric], mode):
+            best = row
+    return best
+
+
+def summarize(history: list[dict], settings, model: nn.Module, epoch_seconds: list[float], title: str, *,
+              best_metric: str = "test/acc", best_mode: str = "max") -> dict:
+    """The run summary. `best/*` describe the epoch `best_metric` chose (best.pt): its `best/<metric>`,
+    `best/epoch`, and the test figures of that epoch (`best/test/acc` is the test accuracy at the best
+    validation epoch when the metric is val/acc), never the maximum over the test split's epochs."""
     from .model import param_summary
 
     summary: dict = {"title": title, "epochs": len(history)}
     if history:
         summary.update({f"final/{k}": v for k, v in history[-1].items() if k != "epoch"})
-        accs = [row["test/acc"] for row in history if row.get("test/acc") is not None]
-        if accs:
-            summary["best/test/acc"] = max(accs)
+        best = best_epoch(history, best_metric, best_mode)
+        summary["best/metric"] = best_metric
+        if best is not None:
+            summary["best/epoch"] = best["epoch"]
+            summary[f"best/{best_metric}"] = best[best_metric]
+            summary.update({f"best/{k}": best[k] for k in ("val/acc", "val/loss", "test/acc", "test/loss") if k in best})
     if any("collapse/nc1" in row for row in history):
         summary.update(nc.collapse_speed(history, dict(settings.thresholds) or None))
     summary.update({f"params/{k}": v for k, v in param_summary(model).items()})
@@ -417,6 +455,8 @@ def _epoch_line(row: dict, epochs: int, train_seconds: float, collapse_seconds: 
     parts = [f"epoch {row['epoch']}/{epochs}",
              f"train loss {row['train/loss']:.4f} acc {100 * row['train/acc']:.2f}%",
              f"test loss {row['test/loss']:.4f} acc {100 * row['test/acc']:.2f}%"]
+    if "val/acc" in row:
+        parts.insert(2, f"val loss {row['val/loss']:.4f} acc {100 * row['val/acc']:.2f}%")
     if "collapse/nc1" in row:
         parts.append(f"nc1 {row['collapse/nc1']:.3g}")
     if "collapse/proto_cos" in row:

@@ -19,12 +19,14 @@ from omegaconf import DictConfig
 
 from . import build
 from . import checkpoint as ckpt
+from . import runs
 from .cli import exit_if_jobs_failed, refuse_bad_overrides, run_job
 from .config import conf_dir, register_configs, validate_config
-from .data import create_data, create_loaders, targets_of
+from .data import create_data, create_eval_loader, create_loaders, targets_of
 from .distributed import World, close_world, init_world, worker_hydra_args
-from .engine import TrainingRun, fit
+from .engine import TrainingRun, fit, recorded_keys
 from .errors import FixedclsError
+from .identity import describe_differences, differences, run_identity
 from .loggers import MetricsFile, create_tracker
 from .model import format_param_summary
 from .runtime import autocast_for, choice, resolve_device, seed_everything
@@ -39,15 +41,27 @@ class TrainResult(dict):
     run: Optional[TrainingRun] = None
 
 
-def check_resume_matches(state: dict, meta: dict, path: Path) -> None:
-    """A checkpoint from another head, polytope or class count cannot continue this run."""
+def check_same_experiment(state: dict, meta: dict, resolved: dict, identity: str, path: Path, how: str) -> None:
+    """A checkpoint continues only the experiment it belongs to: the same identity, or (a checkpoint written
+    before identities, or by a version with other keys) no covered key of its stored config differs. A model
+    of another head, polytope or class count is named first (its weights cannot even load); either way the
+    line names every config key that differs."""
+    same = ckpt.meta_of(state).get("identity") == identity
+    found = [] if same else differences(build.plain_config(build.stored_config(state, path)), resolved)
+    listed = describe_differences(found)
     saved = ckpt.meta_of(state)
     for key in ("head", "num_classes", "dim", "backbone", "head_seed"):
         if key in saved and saved[key] != meta[key]:
             raise FixedclsError(
-                f"checkpoint {path} was trained with {key}={saved[key]} but this run has {key}={meta[key]}: "
-                f"resume it with the same settings, or start a new run without resume"
+                f"checkpoint {path} was trained with {key}={saved[key]} but this run has {key}={meta[key]}"
+                + (f" (every key that differs: {listed})" if listed else "")
+                + ": resume it with the same settings, or start a new run without resume"
             )
+    if found:
+        raise FixedclsError(
+            f"{how}: this config differs from the checkpoint's ({listed}): to continue that run, use its values; "
+            f"to start a new run from its weights, pass model.init_from={path} without resume"
+        )
 
 
 def train(cfg: DictConfig, run_dir: str | Path) -> TrainResult:
@@ -75,11 +89,11 @@ def train(cfg: DictConfig, run_dir: str | Path) -> TrainResult:
             except Exception as error:  # a tracker can only warn: the run and its checkpoints are already safe
                 log.warning(f"warning: the tracker's finish failed ({type(error).__name__}: {error})")
             run.checkpoints.close()
+            if exit_code and world.is_main:  # a run that failed before its first checkpoint leaves no empty folder
+                runs.release_if_empty(run.checkpoints.directory)
         close_world(world)
 
 
-# Keys that may differ between ranks: per-node paths and resources, and what only rank 0 uses (it checkpoints,
-# logs, and decides what to resume).
 PER_RANK_KEYS = ("data.root", "data.num_workers", "trainer.threads", "trainer.progress", "logger.", "checkpoint.",
                  "resume")
 
@@ -107,9 +121,13 @@ def build_training(cfg: DictConfig, run_dir: Path, world: World, device: torch.d
     if world.distributed:
         world.check_same_config(shared_config(cfg))
         run_dir = Path(world.broadcast_object(str(run_dir)))  # ranks > 0 ran Hydra in a scratch dir
+    resolved = build.plain_config(cfg)
+    identity, identity_keys = run_identity(resolved)
     with world.fail_together():
         seed_everything(cfg.seed)
         bundle = create_data(cfg.data)
+        best = build.best_selection(cfg.checkpoint, recorded_keys(validation=bundle.val is not None, ema=cfg.trainer.ema,
+                                                                  collapse=cfg.collapse))
         model = build.build_model(cfg, num_classes=bundle.num_classes, in_chans=bundle.in_chans, img_size=bundle.img_size)
         labels = targets_of(bundle.train)
         if labels and (min(labels) < 0 or max(labels) >= model.num_classes):
@@ -122,29 +140,35 @@ def build_training(cfg: DictConfig, run_dir: Path, world: World, device: torch.d
         if cfg.trainer.channels_last:
             model.to(memory_format=torch.channels_last)
     meta = {"head": cfg.head.name, "num_classes": model.num_classes, "dim": model.dim,
-            "backbone": cfg.model.backbone, "head_seed": cfg.head.seed}
+            "backbone": cfg.model.backbone, "head_seed": cfg.head.seed, "identity": identity,
+            "identity_keys": identity_keys}
     if world.is_main:
         log.info(f"{cfg.head.name} head on {cfg.model.backbone}, {cfg.data.name} ({bundle.num_classes} classes), "
                  f"d={model.dim}, {device} {choice(cfg.trainer.precision)}")
         log.info(format_param_summary(model))
+        log.info(f"splits: train {len(bundle.train)}, "
+                 + (f"validation {len(bundle.val)} ({bundle.val_source}), " if bundle.val is not None else "no validation, ")
+                 + f"test {len(bundle.test)}; best.pt by {best[0]} ({best[1]})")
 
-    directory, resume_path = world.on_main(
-        lambda: ckpt.resolve(cfg.checkpoint.root, cfg.name, cfg.checkpoint.dir, cfg.resume, warn=log.warning))
+    plan = world.on_main(
+        lambda: runs.resolve(cfg.checkpoint.root, cfg.name, cfg.checkpoint.dir, cfg.resume, identity, warn=log.warning))
     with world.fail_together():
-        resume_state = None
+        resume_state, resume_path = None, plan.resume_path
         if resume_path is not None:
             resume_state = ckpt.load(resume_path)
             ckpt.check_resumable(resume_state, resume_path)
-            check_resume_matches(resume_state, meta, resume_path)
-            if world.is_main:
-                log.info(f"resuming from {resume_path}")
-        elif cfg.resume == "auto" and world.is_main:
-            log.info(f"resume=auto: no checkpoint of {cfg.name} yet, starting a new run")
+            how = f"resume={cfg.resume}" if cfg.resume != "auto" else f"resume=auto in checkpoint.dir={plan.directory}"
+            check_same_experiment(resume_state, meta, resolved, identity, resume_path, how)
+        branched_from = str(resume_path) if plan.branch_of is not None else ckpt.meta_of(resume_state or {}).get("branched_from")
+        meta["branched_from"] = branched_from
         train_loader, train_eval_loader, test_loader = create_loaders(
             bundle, batch_size=cfg.data.batch_size, eval_batch_size=cfg.data.eval_batch_size,
             num_workers=cfg.data.num_workers, seed=cfg.seed, rank=world.rank, world_size=world.world_size,
             pin_memory=device.type == "cuda",
         )
+        val_loader = None if bundle.val is None else create_eval_loader(
+            bundle.val, eval_batch_size=cfg.data.eval_batch_size, num_workers=cfg.data.num_workers, seed=cfg.seed,
+            rank=world.rank, world_size=world.world_size, pin_memory=device.type == "cuda")
         optimizer = build.build_optimizer(cfg.optim, model)
         if resume_state is not None:
             build.check_resume_fits(resume_state, resume_path, model, optimizer)
@@ -161,8 +185,22 @@ def build_training(cfg: DictConfig, run_dir: Path, world: World, device: torch.d
     if cfg.trainer.compile:
         trained = torch.compile(trained)
 
-    resolved = build.plain_config(cfg)
-    run_id = ckpt.meta_of(resume_state or {}).get("tracker_run_id")
+    # The folder is claimed once everything that can refuse the run has been built.
+    def claim() -> str:
+        directory = plan.claim({"identity": identity, "name": str(cfg.name), "branched_from": branched_from})
+        if plan.branch_of is not None:
+            runs.start_branch(directory, resume_path, resume_state, best[0])
+            log.info(f"resuming from {resume_path}, older than the newest state of {plan.branch_of}: a new branch in "
+                     f"{directory} (the files of {plan.branch_of} stay as they are)")
+        elif resume_path is not None:
+            log.info(f"resuming from {resume_path}")
+        elif cfg.resume == "auto":
+            log.info(f"resume=auto: no run of {cfg.name} with identity {identity[:8]} yet, starting a new run")
+        return str(directory)
+
+    directory = Path(world.on_main(claim))
+    # A branch is a run of its own for the tracker too; a continued run keeps its tracker run.
+    run_id = None if plan.branch_of is not None else ckpt.meta_of(resume_state or {}).get("tracker_run_id")
     with world.fail_together():  # only rank 0 starts a tracker and makes the run directory
         tracker = create_tracker(cfg.logger, run_dir=run_dir, resolved_config=resolved, run_id=run_id, enabled=world.is_main)
         if world.is_main:
@@ -174,13 +212,15 @@ def build_training(cfg: DictConfig, run_dir: Path, world: World, device: torch.d
     return TrainingRun(
         model=trained, train_loader=train_loader, train_eval_loader=train_eval_loader, test_loader=test_loader,
         optimizer=optimizer, scheduler=scheduler, criterion=criterion,
-        checkpoints=build.build_checkpoints(cfg.checkpoint, directory, enabled=world.is_main),
+        checkpoints=build.build_checkpoints(cfg.checkpoint, directory, enabled=world.is_main, best=best),
         metrics=MetricsFile(run_dir, enabled=world.is_main), trainer=cfg.trainer, collapse=cfg.collapse,
         device=device, run_dir=run_dir, world=world, tracker=tracker, ema=ema, extra_loss=extra_loss,
         resume_state=resume_state, checkpoint_meta={"config": resolved, "meta": meta},
         title=f"{cfg.head.name} ({kind} head), {cfg.model.backbone}, {cfg.data.name}, seed {cfg.seed}",
         run_info={"run_dir": str(run_dir), "checkpoint_dir": str(directory), "head": cfg.head.name,
-                  "head_kind": kind, "backbone": cfg.model.backbone, "data": cfg.data.name, "seed": cfg.seed},
+                  "head_kind": kind, "backbone": cfg.model.backbone, "data": cfg.data.name, "seed": cfg.seed,
+                  "identity": identity, "identity_keys": identity_keys, "branched_from": branched_from},
+        val_loader=val_loader,
     )
 
 

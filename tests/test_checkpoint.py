@@ -27,9 +27,12 @@ from test_errors import TINY, assert_one_line_error  # noqa: E402
 from test_resume import LAUNCH_KEYS, LAUNCH_PREFIXES, load_state, run_cli  # noqa: E402
 
 from fixedcls import checkpoint as ckpt  # noqa: E402
+from fixedcls import runs  # noqa: E402
 from fixedcls.errors import FixedclsError  # noqa: E402
 
-NAME = "synthetic-test_resnet-simplex-s0"
+from utils import checkpoint_folder  # noqa: E402
+
+NAME = checkpoint_folder(TINY, tiny=False)  # the folder of a fresh run of TINY (more epochs or keep: the same)
 
 
 @pytest.fixture(autouse=True)
@@ -145,8 +148,9 @@ def test_the_newest_good_checkpoint_is_chosen(tmp_path):
     assert path.name == "epoch_0001.pt" and state["marker"] == 1.0
     assert any("last.pt" in w for w in warnings_seen) and any("epoch_0002.pt" in w for w in warnings_seen)
     # resume=auto through resolve, and resume=<folder>.
-    assert ckpt.resolve(tmp_path, "x", str(tmp_path), "auto", warn=warnings_seen.append)[1].name == "epoch_0001.pt"
-    assert ckpt.resolve(tmp_path, "x", None, str(tmp_path), warn=warnings_seen.append)[1].name == "epoch_0001.pt"
+    identity = "0" * 64
+    assert runs.resolve(tmp_path, "x", str(tmp_path), "auto", identity, warn=warnings_seen.append).resume_path.name == "epoch_0001.pt"
+    assert runs.resolve(tmp_path, "x", None, str(tmp_path), identity, warn=warnings_seen.append).resume_path.name == "epoch_0001.pt"
 
 
 def test_resume_auto_falls_back_to_the_newest_good_checkpoint(tmp_path):
@@ -328,7 +332,7 @@ def test_non_finite_training_stops_with_the_last_good_checkpoint(tmp_path, limit
     result = cli(tmp_path, EXPLODE + args)
     needle = "non-finite" if limit == "weights" else "steps in a row"
     assert_one_line_error(result, needle, "epoch 2", "last good checkpoint", "ck", "optim.lr")
-    assert sorted(p.name for p in (tmp_path / "ck").iterdir()) == ["best.pt", "epoch_0001.pt", "last.pt"]
+    assert sorted(p.name for p in (tmp_path / "ck").iterdir()) == ["best.pt", "epoch_0001.pt", "last.pt", "run.json"]
     state = ckpt.load(tmp_path / "ck" / "last.pt")
     assert state["epoch"] == 1 and all(torch.isfinite(t).all() for t in state["model"].values() if t.is_floating_point())
     rows = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
@@ -392,7 +396,7 @@ def test_non_finite_losses_in_a_row_stop_the_run(tmp_path, monkeypatch):
     _nan_criterion(monkeypatch, {4, 5, 6})  # all of epoch 2
     with pytest.raises(FixedclsError, match=r"non-finite \(nan\) for 3 steps in a row \(epoch 2, step 3\)"):
         train_tiny(tmp_path, ["trainer.max_nonfinite=3", "collapse.every=0"])
-    state = ckpt.load(tmp_path / "checkpoints" / NAME / "last.pt")
+    state = ckpt.load(tmp_path / "checkpoints" / checkpoint_folder(["trainer.max_nonfinite=3", "collapse.every=0"]) / "last.pt")
     assert state["epoch"] == 1 and state["global_step"] == 3
 
 
@@ -468,7 +472,7 @@ def test_tracker_disk_and_plot_failures_warn_and_training_goes_on(tmp_path, monk
     assert summary["epochs"] == 2 and "final/test/acc" in summary
     assert json.loads((tmp_path / "run" / "summary.json").read_text())["epochs"] == 2
     directory = Path(summary["checkpoint_dir"])
-    assert sorted(p.name for p in directory.iterdir()) == ["best.pt", "epoch_0002.pt", "last.pt"]
+    assert sorted(p.name for p in directory.iterdir()) == ["best.pt", "epoch_0002.pt", "last.pt", "run.json"]
     assert ckpt.load(directory / "last.pt")["epoch"] == 2
 
 

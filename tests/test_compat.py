@@ -188,7 +188,9 @@ def test_data_classes_keep_label_ids_and_rehearsal_is_seeded():
     cfg = compose_config(DATA + ["data.classes=[4,5]", "data.old_classes=[0,2]", "data.rehearsal=3"]).data
     bundle = create_data(cfg)
     assert bundle.num_classes == 6  # the head keeps an output for every class of the protocol
-    assert Counter(targets_of(bundle.train)) == {4: 24, 5: 24, 0: 3, 2: 3}
+    # 24 drawn per class, 2 of which the validation split holds (data.val_fraction=0.1 of synthetic)
+    assert Counter(targets_of(bundle.train)) == {4: 22, 5: 22, 0: 3, 2: 3}
+    assert Counter(targets_of(bundle.val)) == {0: 2, 2: 2, 4: 2, 5: 2}  # val, like test, covers every seen class
     assert targets_of(bundle.train_eval) == targets_of(bundle.train)
     assert targets_of(SeededAugmentation(bundle.train, 0)) == targets_of(bundle.train)
     assert Counter(targets_of(bundle.test)) == {0: 8, 2: 8, 4: 8, 5: 8}
@@ -223,7 +225,7 @@ def test_cli_writes_json_and_png(trained, tmp_path, capsys):
     for key in ("M", "M_map", "AC", "AC_ties", "AM", "BC", "FC", "AC_map", "AC_ties_map", "AM_map", "BC_map", "FC_map"):
         assert key in result
     assert result["M"][0][1] is None and 0.0 <= result["M"][1][0] <= 1.0
-    assert result["num_query"] == 3 * 8 and result["num_gallery"] == 3 * 24
+    assert result["num_query"] == 3 * 8 and result["num_gallery"] == 3 * 22  # 24 per class less the validation split
     png = out.with_suffix(".png")
     assert png.is_file() and png.read_bytes()[:4] == b"\x89PNG"
     assert "top-1 NN accuracy" in capsys.readouterr().out

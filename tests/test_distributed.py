@@ -29,9 +29,9 @@ from utils import CONF_DIR, compose_config
 # and the comparison is about sharding, reduction and batch-norm statistics, not float32 kernels.
 DDP_OVERRIDES = [
     "model.backbone=test_resnet", "data=synthetic", "data.num_classes=3", "data.img_size=16",
-    "data.train_per_class=12", "data.test_per_class=5", "data.batch_size=16", "data.eval_batch_size=1",
+    "data.train_per_class=13", "data.test_per_class=5", "data.batch_size=16", "data.eval_batch_size=1",
     "trainer.epochs=2", "trainer.progress=false", "trainer.device=cpu", "collapse.max_samples=25",
-]
+]  # 13 per class, 1 of which the validation split holds (sharded like the test split): 36 training samples
 LAUNCH_TIMEOUT = 240
 
 
@@ -118,7 +118,7 @@ def test_torchrun_two_processes_one_run_dir_and_same_measures_as_one_process(lau
     assert not list((tmp_path / "tmp").glob("fixedcls-rank*")), "rank 1's scratch Hydra dir was not removed"
     ckpt_dirs = [d for d in (tmp_path / "checkpoints").iterdir()]
     assert len(ckpt_dirs) == 1
-    assert sorted(p.name for p in ckpt_dirs[0].iterdir()) == ["best.pt", "epoch_0001.pt", "epoch_0002.pt", "last.pt"]
+    assert sorted(p.name for p in ckpt_dirs[0].iterdir()) == ["best.pt", "epoch_0001.pt", "epoch_0002.pt", "last.pt", "run.json"]
     summary = json.loads((run_dir / "summary.json").read_text())
     assert Path(summary["run_dir"]).resolve() == run_dir.resolve()  # every rank got rank 0's run dir
 
@@ -148,14 +148,15 @@ def test_torchrun_two_processes_one_run_dir_and_same_measures_as_one_process(lau
         for key, value in single.items():
             assert last[prefix + key] == pytest.approx(value, rel=1e-6, abs=1e-6), (prefix + key, last[prefix + key], value)
 
-    # Test loss/accuracy over the uneven, unpadded eval shards count every test sample once.
+    # Test and validation loss/accuracy over the uneven, unpadded eval shards count every sample once.
     model.eval()
-    with torch.no_grad():
-        x = torch.stack([bundle.test[i][0] for i in range(len(bundle.test))])
-        y = torch.tensor([bundle.test[i][1] for i in range(len(bundle.test))])
-        logits = model(x)
-    assert last["test/acc"] == pytest.approx(int((logits.argmax(1) == y).sum()) / len(y), abs=1e-12)
-    assert last["test/loss"] == pytest.approx(float(torch.nn.functional.cross_entropy(logits, y)), rel=1e-5)
+    for split, dataset in (("test", bundle.test), ("val", bundle.val)):
+        with torch.no_grad():
+            x = torch.stack([dataset[i][0] for i in range(len(dataset))])
+            y = torch.tensor([dataset[i][1] for i in range(len(dataset))])
+            logits = model(x)
+        assert last[f"{split}/acc"] == pytest.approx(int((logits.argmax(1) == y).sum()) / len(y), abs=1e-12)
+        assert last[f"{split}/loss"] == pytest.approx(float(torch.nn.functional.cross_entropy(logits, y)), rel=1e-5)
     print(f"torchrun 2-process launch: {launch_seconds:.1f}s")
 
 

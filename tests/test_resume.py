@@ -31,19 +31,23 @@ from typing import Optional
 import pytest
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from utils import checkpoint_folder  # noqa: E402
+
 REPO = Path(__file__).resolve().parents[1]
 PLAIN = os.environ.get("FIXEDCLS_TEST_PLAIN_SUBPROCESS") == "1"
 
 # A run small enough for a shared 2-core machine, with augmentation and dropout on (so the
 # augmentation and dropout randomness must be restored exactly), and enough steps per epoch
-# (128 samples / 8 = 16) to stop it in the middle of an epoch.
+# (128 samples / 8 = 16) to stop it in the middle of an epoch: 36 per class, of which the validation
+# split (data.val_fraction=0.1 of synthetic) holds 4, so its evaluation is resumed exactly too.
 RUN = [
     "model.backbone=test_resnet",
     "model.drop_rate=0.25",
     "data=synthetic",
     "data.num_classes=4",
     "data.img_size=16",
-    "data.train_per_class=32",
+    "data.train_per_class=36",
     "data.test_per_class=4",
     "data.batch_size=8",
     "data.augment=true",
@@ -297,7 +301,9 @@ def assert_same_weights(path_a: Path, path_b: Path) -> None:
 # ---------------------------------------------------------------------------------------------
 # The tests.
 
-NAME = "synthetic-test_resnet-simplex-s0"  # the default run name of RUN: checkpoints/<NAME>/
+# The folder a fresh run of RUN claims: checkpoints/<run name>-<identity[:8]>/ (interruptions and workers
+# change neither the name nor the identity, so every case here writes there).
+NAME = checkpoint_folder(RUN, tiny=False)
 
 # Stretches each training step of the second epoch by 100 ms (evaluation is untouched, the maths
 # is unchanged) so a signal sent after the first epoch checkpoint lands in the middle of epoch 2.

@@ -127,8 +127,10 @@ def test_a_new_run_never_overwrites_another_runs_checkpoints(tmp_path):
 
 def test_digits_is_the_real_bundled_data():
     bundle = create_data(compose_config(tiny=False).data)
-    assert len(bundle.train) + len(bundle.test) == 1797 and bundle.num_classes == 10
+    assert len(bundle.train) + len(bundle.val) + len(bundle.test) == 1797 and bundle.num_classes == 10
     assert abs(len(bundle.test) - 0.2 * 1797) < 10
+    # The validation split (data.val_fraction=0.1) comes out of the training split; the test split is unchanged.
+    assert (len(bundle.train), len(bundle.val), len(bundle.test)) == (1295, 143, 359)
     image, label = bundle.train[0]
     assert image.shape == (1, 16, 16) and 0 <= label < 10
 
@@ -160,8 +162,10 @@ def test_multirun_gives_each_job_its_own_run_and_checkpoint_directory(tmp_path):
     assert result.returncode == 0, result.stderr
     jobs = sorted((tmp_path / "sweep").glob("[0-9]*"))
     assert len(jobs) == 2 and all((job / "metrics.jsonl").is_file() for job in jobs)
-    assert {p.name for p in (tmp_path / "checkpoints").iterdir()} == {
-        "synthetic-test_resnet-learned-s0", "synthetic-test_resnet-simplex-s0"}
+    # <name>-<identity[:8]>: the two jobs differ in head, so in name and identity.
+    names = {p.name for p in (tmp_path / "checkpoints").iterdir()}
+    assert {name.rsplit("-", 1)[0] for name in names} == {"synthetic-test_resnet-learned-s0", "synthetic-test_resnet-simplex-s0"}
+    assert all(len(name.rsplit("-", 1)[1]) == 8 for name in names)
 
 
 def test_a_failing_multirun_job_does_not_stop_the_others(tmp_path):

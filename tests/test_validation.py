@@ -63,7 +63,7 @@ OUT_OF_RANGE = [
     (["trainer.epochs=-1"], ["trainer.epochs=-1", ">= 1"]),  # was reported as "unknown scheduler"
     (["optim.momentum=1"], ["optim.momentum=1", "[0, 1)"]),
     (["sched.decay_rate=0"], ["sched.decay_rate=0", "> 0"]),
-    (["data.test_fraction=1"], ["data.test_fraction=1", "(0, 1)"]),
+    (["data.test_fraction=1"], ["data.test_fraction=1", "[0, 1)"]),
     (["data.std=[0.5,0]"], ["data.std=[0.5,0]", "> 0"]),
     (["data.classes=[-1]"], ["data.classes=[-1]", ">= 0"]),
     (["head.num_prototypes=1"], ["head.num_prototypes=1", ">= 2"]),
@@ -154,11 +154,19 @@ def test_an_rgb_image_folder_trains_a_one_channel_model(tmp_path):
 
 
 @pytest.mark.parametrize("fraction", ["0.001", "0.999"])
-def test_a_digits_split_that_leaves_a_class_empty_is_refused(fraction):
-    from fixedcls.data import create_data
+def test_an_extreme_digits_split_still_keeps_every_class_in_training_and_test(fraction):
+    """carve() takes at least one sample per class for a non-zero share and leaves at least one for training."""
+    from fixedcls.data import create_data, targets_of
 
-    with pytest.raises(FixedclsError, match=rf"data.test_fraction={fraction} leaves digit \d .* between 0.006 and 0.994"):
-        create_data(compose_config([f"data.test_fraction={fraction}"], tiny=False).data)
+    bundle = create_data(compose_config([f"data.test_fraction={fraction}"], tiny=False).data)
+    assert set(targets_of(bundle.train)) == set(range(10)) == set(targets_of(bundle.test))
+
+
+def test_digits_without_a_test_split_is_refused():
+    with pytest.raises(FixedclsError, match="data=digits needs a test split"):
+        from fixedcls.config import validate_config
+
+        validate_config(compose_config(["data.test_fraction=0"], tiny=False))
 
 
 # ------------------------------------------------------------------ the checkpoint folder

@@ -114,7 +114,8 @@ def test_offline_run_holds_every_epoch_key_the_summary_and_the_alignment_table(t
     (table,) = run["dir"].rglob("prototype_alignment_*.table.json")
     content = json.loads(table.read_text())
     assert content["columns"] == ["class", "count", "cos(mu_c, w_c)", "||mu_c - mu_G||"]
-    assert [r[0] for r in content["data"]] == [0, 1, 2, 3] and all(r[1] == 12 for r in content["data"])
+    # 12 training images per class, 1 of which the validation split holds (data.val_fraction=0.1 of synthetic)
+    assert [r[0] for r in content["data"]] == [0, 1, 2, 3] and all(r[1] == 11 for r in content["data"])
     meta = run["run"]
     assert meta.run_group == "unit" and meta.job_type == "train" and meta.display_name == "synthetic-test_resnet-simplex-s0"
     assert list(meta.tags) == ["simplex", "fixed", "test_resnet", "synthetic", "mine"]

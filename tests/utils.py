@@ -42,3 +42,14 @@ def train_tiny(tmp_path: Path, overrides: list[str] = (), run_name: str = "run")
 
     cfg = compose_config(overrides, tmp_path=tmp_path)
     return train(cfg, tmp_path / run_name)
+
+
+def checkpoint_folder(overrides: list[str] = (), *, tiny: bool = True) -> str:
+    """The name of the folder a fresh run of `fixedcls-train <overrides>` claims first under checkpoint.root:
+    `<safe name>-<identity[:8]>` (a second fresh run of the same config gets `-2`)."""
+    from fixedcls.build import plain_config
+    from fixedcls.runs import run_base
+    from fixedcls.identity import run_identity
+
+    cfg = compose_config(overrides, tiny=tiny)
+    return run_base(str(cfg.name), run_identity(plain_config(cfg))[0])
