@@ -174,6 +174,8 @@ def build_optimizer(cfg, model: nn.Module) -> torch.optim.Optimizer:
             # (sched=none) nothing would, so the scale is applied here once.
             group.setdefault("initial_lr", group["lr"])
             group["lr"] = group["initial_lr"] * group["lr_scale"]
+    # The top group (projection and head, at optim.lr) first: the epoch rows log param_groups[0]'s rate.
+    optimizer.param_groups.sort(key=lambda group: -group.get("lr_scale", 1.0))
     return optimizer
 
 

@@ -196,15 +196,19 @@ def weights_source(backbone: str, *, pretrained: bool, pretrained_file: str | No
 
 
 def _short(error: BaseException) -> str:
+    """The error's type and its first sentence, short enough for a one-line message."""
     lines = str(error).strip().splitlines()
-    text = lines[0] if lines else ""
-    return f"{type(error).__name__}: {text[:160]}" if text else type(error).__name__
+    text = (lines[0] if lines else "").split(". ")[0].rstrip(".")
+    text = text if len(text) <= 100 else text[:97] + "..."
+    return f"{type(error).__name__}: {text}" if text else type(error).__name__
 
 
 def _missing_weights_error(backbone: str, error: BaseException) -> FixedclsError:
+    # The hub's own messages run to several sentences about connections; its error's name says enough.
+    reason = type(error).__name__ if type(error).__module__.startswith("huggingface_hub") else _short(error)
     return FixedclsError(
         f"model.pretrained=true: the pretrained weights of {backbone} are not in the local Hugging Face cache and "
-        f"could not be downloaded ({_short(error)}): set {PRETRAINED_FILE_HINT}, or download them once where "
+        f"could not be downloaded ({reason}): set {PRETRAINED_FILE_HINT}, or download them once where "
         f"there is network (HF_HUB_OFFLINE=1 skips the download attempts)"
     )
 
