@@ -100,7 +100,8 @@ def build_training(cfg: DictConfig, run_dir: Path, world: World, device: torch.d
             p.requires_grad for name, p in model.named_parameters() if not name.startswith("backbone.")):
         raise FixedclsError(
             f"trainer.freeze_backbone_epochs={cfg.trainer.freeze_backbone_epochs} would train nothing: the fixed head "
-            f"sits right on the backbone (d = its width, no projection); set model.dim below {model.dim}, or 0 epochs")
+            f"sits right on the backbone (d = its width {model.dim}, so no projection): set model.dim to another d "
+            f"(a projection then trains), or trainer.freeze_backbone_epochs=0")
     labels = targets_of(bundle.train)
     if labels and (min(labels) < 0 or max(labels) >= model.num_classes):
         raise FixedclsError(
