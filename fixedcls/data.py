@@ -222,7 +222,8 @@ def synthetic_bytes(cfg) -> int:
 
 def check_data_config(cfg) -> None:
     """The rules of a `data` section that join several keys; no file is read (single-key ranges: config.py)."""
-    if cfg.name == "synthetic" and synthetic_bytes(cfg) > SYNTHETIC_MAX_GIB * 2**30:
+    # img_size=null is the backbone's input size, known (and checked again) once the model's data config is read
+    if cfg.name == "synthetic" and cfg.img_size is not None and synthetic_bytes(cfg) > SYNTHETIC_MAX_GIB * 2**30:
         raise FixedclsError(
             f"data=synthetic with data.num_classes={cfg.num_classes or 10} x ({cfg.train_per_class} train + "
             f"{cfg.test_per_class} test) images of {cfg.in_chans}x{cfg.img_size}x{cfg.img_size} would hold "

@@ -180,6 +180,16 @@ def test_the_data_config_overrides_the_model_and_no_weights_keep_the_defaults(pr
     assert resolve_preprocessing(plain)["from_model"] == [] and plain.data.mean is None
 
 
+def test_img_size_null_is_the_backbones_input_size_for_any_dataset():
+    from fixedcls.config import validate_config
+
+    cfg = compose_config(["data.img_size=null", "data.train_per_class=2", "data.test_per_class=1"])  # synthetic
+    validate_config(cfg)  # the synthetic memory check waits for the size the model gives
+    chosen = resolve_preprocessing(cfg)
+    assert chosen["img_size"] == 160 and chosen["from_model"] == ["img_size"] and chosen["mean"] is None
+    assert create_data(cfg.data).img_size == 160
+
+
 def test_a_run_stores_its_preprocessing_and_weights_in_the_checkpoint(pretrained, tmp_path):
     root = image_folder(tmp_path / "images", {"cat": 3, "dog": 3}, {"cat": 1, "dog": 1})
     from fixedcls.train import train
