@@ -156,22 +156,22 @@ def _pretrained_file_overlay(path_text: str, backbone: str) -> dict:
 
 
 def _cached_hub_weights(backbone: str) -> str | None:
-    """The backbone's pretrained weights in the local Hugging Face cache, or None (never touches the network)."""
+    """A registry backbone's pretrained weights in the local Hugging Face cache, or None; never touches the network.
+
+    Without this look first, a machine without network spends the hub client's retries (about 45 s) before
+    timm falls back to the same cache.  hf-hub: names are left to timm: their config.json comes from the hub too.
+    """
     from timm.models import get_pretrained_cfg, parse_model_name
 
-    source, model_id = parse_model_name(backbone)
-    if source == "local-dir":
+    if parse_model_name(backbone)[0] is not None:
         return None
-    if source == "hf-hub":
-        repo, filename = model_id, None
-    else:
-        pretrained_cfg = get_pretrained_cfg(backbone, allow_unregistered=False)
-        if pretrained_cfg is None or not pretrained_cfg.hf_hub_id:
-            return None
-        repo, filename = pretrained_cfg.hf_hub_id, pretrained_cfg.hf_hub_filename
+    pretrained_cfg = get_pretrained_cfg(backbone, allow_unregistered=False)
+    if pretrained_cfg is None or not pretrained_cfg.hf_hub_id or pretrained_cfg.custom_load:
+        return None
     from huggingface_hub import try_to_load_from_cache
 
-    repo, _, revision = repo.partition("@")
+    repo, _, revision = pretrained_cfg.hf_hub_id.partition("@")
+    filename = pretrained_cfg.hf_hub_filename
     for name in ([filename] if filename else ["model.safetensors", "pytorch_model.bin"]):
         found = try_to_load_from_cache(repo, name, revision=revision or None)
         if isinstance(found, str):
