@@ -22,7 +22,7 @@ from . import checkpoint as ckpt
 from .config import Config
 from .errors import FixedclsError
 from .heads import FeatureDistillation, create_criterion
-from .model import Classifier, create_model
+from .model import Classifier, create_model, model_data_config
 from .runtime import choice
 from .stored import literal
 
@@ -62,14 +62,56 @@ def in_chans_of(cfg) -> int:
 
 
 def build_model(cfg, *, num_classes: int, in_chans: int, img_size: int, pretrained: Optional[bool] = None) -> Classifier:
-    """The Classifier a config describes, with `num_classes` outputs."""
+    """The Classifier a config describes, with `num_classes` outputs; `pretrained=False` loads no pretrained
+    weights at all (neither model.pretrained nor model.pretrained_file: a checkpoint's weights follow)."""
     return create_model(
         cfg.model.backbone, cfg.head.name, num_classes, dim=cfg.model.dim,
         pretrained=cfg.model.pretrained if pretrained is None else pretrained,
+        pretrained_file=cfg.model.get("pretrained_file") if pretrained is not False else None,
         in_chans=in_chans, img_size=img_size, drop_rate=cfg.model.drop_rate,
+        drop_path_rate=cfg.model.get("drop_path_rate") or 0.0,
         normalize=choice(cfg.head.normalize), scale=cfg.head.scale, learn_scale=cfg.head.learn_scale,
         bias=cfg.head.bias, seed=cfg.head.seed, num_prototypes=cfg.head.num_prototypes,
     )
+
+
+# Datasets read from image files through timm's transforms: a pretrained model's preprocessing applies to these.
+IMAGE_FILE_DATASETS = ("imagefolder", "cifar10", "cifar100")
+
+
+def uses_pretrained_weights(cfg) -> bool:
+    return bool(cfg.model.pretrained or cfg.model.get("pretrained_file"))
+
+
+def resolve_preprocessing(cfg) -> dict:
+    """Fill the data section's unset preprocessing from the backbone's own data config (timm's
+    resolve_model_data_config), in place, before the datasets are built; returns the preprocessing of the run
+    (img_size, mean, std, interpolation, crop_pct) and `from_model`, the keys the model gave.
+
+    data.img_size=null always takes the model's input size.  With pretrained weights (model.pretrained or
+    model.pretrained_file) and a dataset of image files, mean, std, interpolation and crop_pct left unset
+    (null) take the values the weights were trained with; a value set in the data config wins.  Digits and
+    synthetic tensors keep their own normalisation.
+    """
+    data = cfg.data
+    from_pretrained = uses_pretrained_weights(cfg) and data.name in IMAGE_FILE_DATASETS
+    wanted = (["img_size"] if data.img_size is None else []) + \
+        [key for key in ("mean", "std", "interpolation", "crop_pct") if from_pretrained and data.get(key) is None]
+    if wanted:
+        channels = in_chans_of(cfg)
+        model_cfg = model_data_config(cfg.model.backbone, pretrained_file=cfg.model.get("pretrained_file"),
+                                      in_chans=channels)
+        values = {"img_size": int(model_cfg["input_size"][-1]), "interpolation": model_cfg.get("interpolation"),
+                  "crop_pct": model_cfg.get("crop_pct")}
+        for key in ("mean", "std"):
+            per_channel = [float(v) for v in model_cfg[key]]
+            # A 1-channel model of RGB weights (timm sums the stem over the channels): one grey value.
+            values[key] = per_channel if len(per_channel) == channels else [sum(per_channel) / len(per_channel)] * channels
+        for key in wanted:
+            data[key] = values[key]
+    chosen = {key: OmegaConf.to_container(data[key]) if OmegaConf.is_list(data[key]) else data.get(key)
+              for key in ("img_size", "mean", "std", "interpolation", "crop_pct")}
+    return {**chosen, "from_model": wanted}
 
 
 def _mismatch(model: nn.Module, saved: dict) -> str:
@@ -168,12 +210,60 @@ def load_trained(path: str | Path, *, data_overrides: Optional[dict] = None):
 
 
 def build_optimizer(cfg, model: nn.Module) -> torch.optim.Optimizer:
+    """timm's create_optimizer_v2 with the `optim` section: optim.layer_decay gives each layer group (the
+    backbone's stages from the stem up, then projection and head on top) lr x layer_decay^(groups above it);
+    optim.kwargs go to the optimizer as they are (betas, eps, nesterov, ...)."""
     from timm.optim import create_optimizer_v2, list_optimizers
 
     if cfg.name not in list_optimizers():
         raise FixedclsError(f"unknown optimizer optim.name='{cfg.name}': choose sgd, adamw, adam, lamb, lion, ... "
                             f"(any of timm.optim.list_optimizers())")
-    return create_optimizer_v2(model, opt=cfg.name, lr=cfg.lr, weight_decay=cfg.weight_decay, momentum=cfg.momentum)
+    extra = OmegaConf.to_container(cfg.kwargs) if isinstance(cfg.get("kwargs"), DictConfig) else dict(cfg.get("kwargs") or {})
+    extra = {key: tuple(value) if isinstance(value, list) else value for key, value in extra.items()}
+    taken = sorted(set(extra) & {"opt", "lr", "weight_decay", "momentum", "layer_decay", "model_or_params"})
+    if taken:
+        raise FixedclsError(f"optim.kwargs.{taken[0]} duplicates a key of its own: set optim.{taken[0]} instead")
+    try:
+        optimizer = create_optimizer_v2(model, opt=cfg.name, lr=cfg.lr, weight_decay=cfg.weight_decay,
+                                        momentum=cfg.momentum, layer_decay=cfg.get("layer_decay"), **extra)
+    except TypeError as error:
+        if not extra:
+            raise
+        raise FixedclsError(f"optim.kwargs {extra} do not fit optimizer {cfg.name} ({error}): "
+                            f"give only keywords its constructor takes") from None
+    for group in optimizer.param_groups:
+        if "lr_scale" in group:
+            # timm's schedulers apply lr_scale at every step from the unscaled initial_lr; without a schedule
+            # (sched=none) nothing would, so the scale is applied here once.
+            group.setdefault("initial_lr", group["lr"])
+            group["lr"] = group["initial_lr"] * group["lr_scale"]
+    # The top group (projection and head, at optim.lr) first: the epoch rows log param_groups[0]'s rate.
+    optimizer.param_groups.sort(key=lambda group: -group.get("lr_scale", 1.0))
+    return optimizer
+
+
+def mixing(cfg) -> bool:
+    """Whether data.mixup or data.cutmix mixes the training batches."""
+    return bool(cfg.data.get("mixup") or cfg.data.get("cutmix"))
+
+
+def build_mixup(cfg, num_classes: int):
+    """timm's Mixup for data.mixup / data.cutmix (soft targets, trainer.label_smoothing folded in), or None.
+
+    The online train collapse estimate feeds on training batches, which would be mixed: it is refused
+    (the exact measure reads the unmixed train_eval split and is unaffected).
+    """
+    if not mixing(cfg):
+        return None
+    from timm.data import Mixup
+
+    if cfg.collapse.every and choice(cfg.collapse.mode) == "online" and "train" in cfg.collapse.splits:
+        raise FixedclsError("collapse.mode=online measures the train split on the training batches, which "
+                            "data.mixup/data.cutmix mix: use collapse.mode=exact (it reads unmixed train images) "
+                            "or collapse.splits=[test]")
+    return Mixup(mixup_alpha=float(cfg.data.mixup), cutmix_alpha=float(cfg.data.cutmix), prob=float(cfg.data.mix_prob),
+                 switch_prob=float(cfg.data.mix_switch_prob), label_smoothing=float(cfg.trainer.label_smoothing),
+                 num_classes=num_classes)
 
 
 def build_scheduler(cfg, optimizer: torch.optim.Optimizer, epochs: int):
@@ -195,7 +285,9 @@ def build_scheduler(cfg, optimizer: torch.optim.Optimizer, epochs: int):
 
 
 def build_criterion(cfg, model: Classifier) -> nn.Module:
-    return create_criterion(cfg.trainer.loss, model.head, label_smoothing=cfg.trainer.label_smoothing)
+    # With mixing, timm's Mixup smooths the soft targets itself: smoothing them again would count twice.
+    smoothing = 0.0 if mixing(cfg) and cfg.trainer.loss == "ce" else cfg.trainer.label_smoothing
+    return create_criterion(cfg.trainer.loss, model.head, label_smoothing=smoothing)
 
 
 def build_ema(cfg, model: nn.Module) -> Optional[nn.Module]:

@@ -35,6 +35,7 @@ from enum import Enum
 from typing import Any, Dict, List, Optional
 
 from hydra.core.config_store import ConfigStore
+from omegaconf import OmegaConf
 
 from .errors import FixedclsError
 
@@ -143,6 +144,21 @@ def conf_dir() -> Path:
     return packaged if (packaged / "config.yaml").is_file() else package.parent / "conf"
 
 
+def backbone_tag(backbone: str) -> str:
+    """The part of a model.backbone that names a run: ``local-dir:/models/vit_s`` -> ``vit_s``,
+    ``hf-hub:timm/vit_small_patch16_224.augreg_in21k`` -> ``vit_small_patch16_224.augreg_in21k``.
+
+    A ``/`` in a run name would nest its checkpoint folder one level deeper than ``resume=auto`` looks,
+    and a ``:`` is not allowed in a Windows path.
+    """
+    tail = str(backbone).rstrip("/\\").replace("\\", "/")
+    return tail.rsplit("/", 1)[-1].rsplit(":", 1)[-1] or "backbone"
+
+
+# ${fixedcls.tag:${model.backbone}} in the default run name (Config.name); registered on import, before Hydra composes.
+OmegaConf.register_new_resolver("fixedcls.tag", backbone_tag, replace=True)
+
+
 class Precision(str, Enum):
     fp32 = "fp32"
     bf16 = "bf16"
@@ -183,6 +199,10 @@ class ModelConfig:
     pretrained: bool = False
     drop_rate: float = checked(0.0, FRACTION_BELOW_ONE)
     init_from: Optional[str] = None  # a checkpoint whose model weights are loaded before training (fine-tuning)
+    # pretrained backbone weights on disk: a .safetensors/.pth/.bin file or a folder saved by timm's save_for_hf
+    # (its config.json's preprocessing is used too); loaded into the backbone only; implies pretrained weights
+    pretrained_file: Optional[str] = None
+    drop_path_rate: float = checked(0.0, FRACTION_BELOW_ONE, why="stochastic depth: the chance a residual block is dropped")
 
 
 @dataclass
@@ -191,7 +211,7 @@ class DataConfig:
     root: Optional[str] = None
     download: bool = False
     num_classes: Optional[int] = checked(None, integer(2))  # None = what the dataset has
-    img_size: int = checked(32, integer(1))
+    img_size: Optional[int] = checked(32, integer(1))  # null: the backbone's own input size (its data config)
     in_chans: int = checked(3, integer(1))  # image folders: 1 (files read as L) or 3 (RGB)
     batch_size: int = checked(64, integer(2), why="BatchNorm cannot train on a batch of one sample")
     eval_batch_size: int = checked(256, integer(1))
@@ -216,6 +236,17 @@ class DataConfig:
     # earlier classes: in the test split, and `rehearsal` train samples each
     old_classes: Optional[List[int]] = checked(None, Each(integer(0)))
     rehearsal: int = checked(0, integer(0))  # training samples kept per old class (a memory drawn with split_seed)
+    # preprocessing of image files; None: the pretrained model's data config (model.pretrained), else timm's default
+    interpolation: Optional[str] = checked(None, one_of("bilinear", "bicubic", "nearest", "lanczos", "box", "hamming"))
+    crop_pct: Optional[float] = checked(None, real(above=0, high=1), why="the centre crop's share of the resized image")
+    # timm augmentation of image files (data=imagefolder, cifar10, cifar100)
+    auto_augment: Optional[str] = None  # timm's policy strings: rand-m9-mstd0.5-inc1, augmix-m5-w4-d2, v0, original
+    re_prob: float = checked(0.0, real(0, 1), why="random erasing: the chance a training image gets an erased box")
+    # batch mixing (timm Mixup): alpha of the Beta distribution of mixup / cutmix; 0 turns each off
+    mixup: float = checked(0.0, real(0))
+    cutmix: float = checked(0.0, real(0))
+    mix_prob: float = checked(1.0, real(0, 1), why="the chance a batch is mixed at all")
+    mix_switch_prob: float = checked(0.5, real(0, 1), why="with both on: the chance of cutmix instead of mixup")
 
 
 @dataclass
@@ -224,6 +255,9 @@ class OptimConfig:
     lr: float = checked(0.05, real(0))
     weight_decay: float = checked(5e-4, real(0))
     momentum: float = checked(0.9, FRACTION_BELOW_ONE)
+    # layer-wise learning-rate decay: lr x layer_decay^(depth from the top); None = off (timm create_optimizer_v2)
+    layer_decay: Optional[float] = checked(None, real(above=0, high=1), why="1 keeps every layer's lr, 0 would freeze all")
+    kwargs: Dict[str, Any] = field(default_factory=dict)  # more keywords for timm's create_optimizer_v2 (betas, eps, ...)
 
 
 @dataclass
@@ -254,6 +288,8 @@ class TrainerConfig:
     threads: Optional[int] = checked(None, integer(1))  # None: torch's default
     distill_weight: float = checked(0.0, real(0))  # feature distillation from the frozen model.init_from model (CL2R)
     distill_loss: str = "cosine"  # cosine (1 - cos) or l2 (squared distance) between new and old features
+    # epochs that train only the projection and head (the fixed head's projection), the backbone held still
+    freeze_backbone_epochs: int = checked(0, integer(0))
 
 
 @dataclass
@@ -337,7 +373,7 @@ class Config:
     collapse: CollapseConfig = field(default_factory=CollapseConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     seed: int = checked(0, SEED)
-    name: str = "${data.name}-${model.backbone}-${head.name}-s${seed}"
+    name: str = "${data.name}-${fixedcls.tag:${model.backbone}}-${head.name}-s${seed}"
     resume: Optional[str] = None  # a checkpoint path, or auto
     experiment: Optional[str] = None  # set by experiment presets; the W&B group by default
     generations: GenerationsConfig = field(default_factory=GenerationsConfig)  # fixedcls-compat train

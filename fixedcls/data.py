@@ -246,7 +246,8 @@ def check_data_config(cfg) -> None:
     """The rules of a `data` section that join several keys; no file is read (single-key ranges: config.py)."""
     if cfg.name == "digits" and not cfg.test_fraction:
         raise FixedclsError("data=digits needs a test split: set data.test_fraction in (0, 1), e.g. 0.2 (the default)")
-    if cfg.name == "synthetic" and synthetic_bytes(cfg) > SYNTHETIC_MAX_GIB * 2**30:
+    # img_size=null is the backbone's input size, known (and checked again) once the model's data config is read
+    if cfg.name == "synthetic" and cfg.img_size is not None and synthetic_bytes(cfg) > SYNTHETIC_MAX_GIB * 2**30:
         raise FixedclsError(
             f"data=synthetic with data.num_classes={cfg.num_classes or 10} x ({cfg.train_per_class} train + "
             f"{cfg.test_per_class} test) images of {cfg.in_chans}x{cfg.img_size}x{cfg.img_size} would hold "
@@ -260,6 +261,15 @@ def check_data_config(cfg) -> None:
         )
     if cfg.name in ("cifar10", "cifar100") and cfg.in_chans != 3:
         raise FixedclsError(f"data.in_chans={cfg.in_chans} but {cfg.name} images have 3 channels: set data.in_chans=3")
+    if cfg.name not in ("imagefolder", "cifar10", "cifar100"):
+        for key in IMAGE_AUGMENTATION:
+            if cfg.get(key):
+                raise FixedclsError(f"data.{key}={cfg.get(key)} augments image files (data=imagefolder, cifar10, "
+                                    f"cifar100), not data={cfg.name}'s tensors: unset it or use an image dataset")
+    for key in IMAGE_AUGMENTATION:
+        if cfg.get(key) and not cfg.augment:
+            raise FixedclsError(f"data.{key}={cfg.get(key)} is training augmentation but data.augment=false: "
+                                f"set data.augment=true or unset data.{key}")
     channels = 3 if cfg.name in ("cifar10", "cifar100") else cfg.in_chans
     for key in ("mean", "std"):
         values = cfg.get(key)
@@ -314,22 +324,56 @@ def _require_root(cfg) -> Path:
     return root
 
 
+# Augmentation that works on image files through timm's transforms, not on tensors held in memory.
+IMAGE_AUGMENTATION = ("auto_augment", "re_prob")
+AUTO_AUGMENT_EXAMPLES = "rand-m9-mstd0.5-inc1, rand-m7-n2, augmix-m5-w4-d2, v0, original"
+
+
+def _auto_augment(policy: str, img_size: int, mean: Sequence[float], interpolation: str) -> Callable:
+    """timm's RandAugment / AugMix / AutoAugment from its policy string, with timm's own hyper-parameters."""
+    from timm.data.auto_augment import augment_and_mix_transform, auto_augment_transform, rand_augment_transform
+    from timm.data.transforms import str_to_pil_interp
+
+    fill = [min(255, round(255 * m)) for m in mean]
+    hparams = dict(translate_const=int(img_size * 0.45), img_mean=tuple((fill * 3)[:3]),
+                   interpolation=str_to_pil_interp(interpolation))
+    build = (rand_augment_transform if policy.startswith("rand") else
+             augment_and_mix_transform if policy.startswith("augmix") else auto_augment_transform)
+    return build(policy, hparams)
+
+
 def _timm_transforms(cfg, in_chans: int):
+    """(train, eval) transforms of image files: mean/std, interpolation and crop_pct from the data config (filled
+    from a pretrained model's data config before this runs, see build.resolve_preprocessing), timm's defaults
+    where unset; data.auto_augment and data.re_prob in training."""
     from timm.data import create_transform
 
     mean = tuple(cfg.mean) if cfg.mean else (0.485, 0.456, 0.406)[:in_chans] or (0.5,)
     std = tuple(cfg.std) if cfg.std else (0.229, 0.224, 0.225)[:in_chans] or (0.5,)
-    common = dict(input_size=(in_chans, cfg.img_size, cfg.img_size), mean=mean, std=std)
+    interpolation = cfg.get("interpolation") or "bilinear"  # create_transform's default
+    policy, re_prob = cfg.get("auto_augment") or None, float(cfg.get("re_prob") or 0.0)
+    try:
+        augment = _auto_augment(policy, cfg.img_size, mean, interpolation) if policy and cfg.augment else None
+    except Exception as error:  # timm asserts on a malformed policy string
+        raise FixedclsError(f"data.auto_augment={policy!r} is not a timm augmentation policy ({error or type(error).__name__}): "
+                            f"e.g. {AUTO_AUGMENT_EXAMPLES}") from None
+    common = dict(input_size=(in_chans, cfg.img_size, cfg.img_size), mean=mean, std=std, interpolation=interpolation,
+                  crop_pct=cfg.get("crop_pct"))
     if cfg.img_size <= 64:  # CIFAR-sized images: timm's ImageNet crop policy would throw most of them away
         import torchvision.transforms as T
+        from timm.data.random_erasing import RandomErasing
+        from timm.data.transforms import str_to_interp_mode
 
         to_tensor = [T.ToTensor(), T.Normalize(mean, std)]
+        resize = T.Resize(cfg.img_size, interpolation=str_to_interp_mode(interpolation))
         # Resize first: an image folder's images need not already be img_size (a crop larger than the image fails).
-        train_tf = T.Compose([T.Resize(cfg.img_size), T.RandomCrop(cfg.img_size, padding=cfg.img_size // 8),
-                              T.RandomHorizontalFlip()] + to_tensor)
-        eval_tf = T.Compose([T.Resize(cfg.img_size), T.CenterCrop(cfg.img_size)] + to_tensor)
+        train_tf = T.Compose([resize, T.RandomCrop(cfg.img_size, padding=cfg.img_size // 8), T.RandomHorizontalFlip()]
+                             + ([augment] if augment else []) + to_tensor
+                             + ([RandomErasing(re_prob, mode="pixel", device="cpu")] if re_prob else []))
+        eval_tf = T.Compose([resize, T.CenterCrop(cfg.img_size)] + to_tensor)
         return (train_tf if cfg.augment else eval_tf), eval_tf
-    train_tf = create_transform(is_training=cfg.augment, **common)
+    # timm's own training recipe (random resized crop, flip, colour jitter); "pixel" erasing as timm's train.py.
+    train_tf = create_transform(is_training=cfg.augment, auto_augment=policy, re_prob=re_prob, re_mode="pixel", **common)
     eval_tf = create_transform(is_training=False, **common)
     return train_tf, eval_tf
 

@@ -55,6 +55,7 @@ class TrainingRun:
     tracker: Tracker = field(default_factory=Tracker)
     ema: Optional[nn.Module] = None
     extra_loss: Optional[Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]] = None  # (x, features, y)
+    mixup: Optional[Callable] = None  # timm Mixup: (x, y) -> (mixed x, soft targets [B, K])
     resume_state: Optional[dict] = None
     checkpoint_meta: dict = field(default_factory=dict)  # stored in every checkpoint: config, meta
     title: str = ""
@@ -178,18 +179,20 @@ def train_one_epoch(run: TrainingRun, loop: LoopState, scaler, autocast, stop: S
     if online is not None and loop.step_in_epoch == 0:
         online.reset()
     finite_buffers = _finite_buffers(base)
+    frozen = _freeze_backbone(run, base, loop.epoch < getattr(trainer, "freeze_backbone_epochs", 0))
     started = time.perf_counter()
     bar = _progress_bar(run, steps_per_epoch, loop.step_in_epoch, f"epoch {loop.epoch + 1}/{trainer.epochs}")
     for x, y in loader:
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         if trainer.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
+        x, targets, mixed = _mix(run.mixup, x, y)
         update_now = (loop.step_in_epoch + 1) % grad_accum == 0 or loop.step_in_epoch + 1 == steps_per_epoch
         sync = contextlib.nullcontext() if update_now or not hasattr(model, "no_sync") else model.no_sync()
         with sync:
             with autocast():
                 logits, features = model(x, return_features=True)
-                loss = run.criterion(logits.float(), y)
+                loss = run.criterion(logits.float(), targets)
                 if run.extra_loss is not None:  # e.g. feature distillation from an earlier model generation
                     loss = loss + run.extra_loss(x, features, y)
             # Every rank must agree: a rank that skipped backward alone would leave the others waiting in DDP's all-reduce.
@@ -205,13 +208,17 @@ def train_one_epoch(run: TrainingRun, loop: LoopState, scaler, autocast, stop: S
         if not finite and not scaler.is_enabled():
             run.optimizer.zero_grad(set_to_none=True)  # skip this step (the scaler does so itself)
         elif update_now:
+            for param in frozen:  # no gradient: no step, no weight decay, no momentum (and DDP still all-reduces)
+                param.grad = None
             grads_finite = _optimizer_step(run, loop, scaler, base)
         if finite and grads_finite and update_now:  # a clean update ends a run of skipped steps
             loop.nonfinite_in_a_row = 0
         if finite:
-            loop.running += torch.stack([loss.detach().double() * len(y), (logits.argmax(1) == y).sum().double(),
+            # A mixed sample counts as right when the prediction is its target's largest share.
+            truth = targets.argmax(1) if targets.ndim == 2 else y
+            loop.running += torch.stack([loss.detach().double() * len(y), (logits.argmax(1) == truth).sum().double(),
                                          torch.tensor(len(y), dtype=torch.float64, device=device)])
-            if online is not None:
+            if online is not None and not mixed:  # a mixed image belongs to no class: collapse skips it
                 online.update(features.detach(), y, logits.detach())
         loop.step_in_epoch += 1
         if bar is not None:
@@ -235,6 +242,34 @@ def train_one_epoch(run: TrainingRun, loop: LoopState, scaler, autocast, stop: S
             f"them, with the last good checkpoint kept in {directory}: lower optim.lr or set trainer.clip_grad"
         )
     return time.perf_counter() - started
+
+
+def _mix(mixup, x: torch.Tensor, y: torch.Tensor):
+    """(x, targets, mixed): timm's Mixup makes soft targets [B, K].  It pairs a batch with its reverse, so an
+    odd-sized batch (an epoch's last) is left unmixed, its targets smoothed as Mixup's are."""
+    if mixup is None:
+        return x, y, False
+    if len(y) % 2 == 0:
+        mixed_x, soft = mixup(x, y)
+        return mixed_x, soft, True
+    from timm.data.mixup import mixup_target
+
+    return x, mixup_target(y, mixup.num_classes, lam=1.0, smoothing=mixup.label_smoothing), False
+
+
+def _freeze_backbone(run: TrainingRun, base: nn.Module, freeze: bool) -> list:
+    """trainer.freeze_backbone_epochs: hold the backbone still (its BatchNorm statistics too), so only the
+    projection and head train; returns the parameters whose gradients the optimizer must not see.
+
+    Alone, the backbone stops needing gradients (backward ends at the projection); under DDP, whose reducer
+    fixes the trained parameters when it wraps the model, the gradients are computed and dropped instead."""
+    if not getattr(run.trainer, "freeze_backbone_epochs", 0):
+        return []
+    backbone = base.backbone
+    backbone.train(not freeze and run.model.training)
+    if not run.world.distributed:
+        backbone.requires_grad_(not freeze)
+    return list(backbone.parameters()) if freeze else []
 
 
 def _optimizer_step(run: TrainingRun, loop: LoopState, scaler, base: nn.Module) -> bool:

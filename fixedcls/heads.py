@@ -298,7 +298,8 @@ class DotRegressionLoss(nn.Module):
     L = 0.5 * mean_i (w_{y_i} . h_i / ||h_i|| - 1)^2, as ``DRLoss`` in the authors' code
     (with h and w of unit norm).  With a fixed head using ``normalize="l2"`` and no bias,
     ``logits[i, y_i] / s`` is exactly ``w_{y_i} . h_i / ||h_i||``, so the loss is computed
-    from the logits alone and plugs in wherever cross-entropy does.
+    from the logits alone and plugs in wherever cross-entropy does.  Soft targets (mixed batches) weight
+    each class's term by its share of the target.
     """
 
     def __init__(self, scale: Callable[[], float | torch.Tensor]) -> None:
@@ -308,6 +309,11 @@ class DotRegressionLoss(nn.Module):
         self._scale = scale
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        if target.is_floating_point():
+            # Soft targets [B, K] (mixup / cutmix): the loss expected under the target distribution,
+            # sum_k t_k * 0.5 (cos_k - 1)^2; a mixed pair gives lam * L(a) + (1 - lam) * L(b).
+            cosines = logits.float() / self._scale()
+            return 0.5 * (target.float() * (cosines - 1.0).pow(2)).sum(1).mean()
         target_logit = logits.float().gather(1, target.long().unsqueeze(1)).squeeze(1)
         cosine = target_logit / self._scale()
         return 0.5 * (cosine - 1.0).pow(2).mean()

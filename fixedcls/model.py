@@ -10,7 +10,11 @@ head's dimension d differs from the backbone width, a learned
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import difflib
+import logging
+import re
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +26,15 @@ from . import polytopes
 from .errors import FixedclsError
 from .heads import HEADS_LEARNED, create_head
 
-__all__ = ["Classifier", "check_backbone", "create_model", "format_param_summary", "param_summary"]
+__all__ = [
+    "Classifier", "check_backbone", "create_model", "format_param_summary", "model_data_config", "param_summary",
+    "weights_source",
+]
+log = logging.getLogger("fixedcls")
+
+# What timm's loaders read (timm.models.load_state_dict and load_state_dict_from_path).
+WEIGHT_SUFFIXES = (".safetensors", ".pth", ".pth.tar", ".pt", ".bin")
+PRETRAINED_FILE_HINT = "model.pretrained_file=<a .safetensors/.pth file, or a folder saved by timm's save_for_hf>"
 
 
 class Classifier(nn.Module):
@@ -35,6 +47,30 @@ class Classifier(nn.Module):
         self.head = head
         self.dim = head.dim
         self.num_classes = head.num_classes
+        self.weights_source = "random initialisation"  # where the backbone's weights came from, in words
+
+    def group_matcher(self, coarse: bool = False):
+        """timm's layer grouping (used by optim.layer_decay): the backbone's own groups, from the stem up, then
+        one top group for the projection and the head, as timm ranks a classifier.  A backbone without a
+        group_matcher counts as one group below the top."""
+        from timm.models import group_parameters
+
+        layer_of: dict[str, int] = {}
+        if hasattr(self.backbone, "group_matcher"):
+            layer_of = group_parameters(self.backbone, self.backbone.group_matcher(coarse=coarse), reverse=True)
+        top = max(layer_of.values(), default=0) + 1
+
+        def layer(name: str) -> int:
+            if name.startswith("backbone."):  # unmatched backbone parameters rank with the head, as in timm
+                return layer_of.get(name[len("backbone."):], top if layer_of else 0)
+            return top
+
+        return layer
+
+    def no_weight_decay(self) -> set[str]:
+        """The backbone's parameters that timm trains without weight decay (position embeddings, tokens)."""
+        own = getattr(self.backbone, "no_weight_decay", None)
+        return {f"backbone.{name}" for name in own()} if callable(own) else set()
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """Features h [B, d]: after the projection, before any normalisation the head applies."""
@@ -89,11 +125,175 @@ def check_backbone(name: str) -> None:
                                 f"saved by timm (config.json and its weights)")
 
 
+def _pretrained_file_overlay(path_text: str, backbone: str) -> dict:
+    """timm's pretrained_cfg_overlay that loads model.pretrained_file (a weight file, or a save_for_hf folder whose
+    config.json also brings the preprocessing the weights were trained with)."""
+    path = Path(str(path_text)).expanduser()
+    if not path.exists():
+        raise FixedclsError(f"model.pretrained_file={path} does not exist: set {PRETRAINED_FILE_HINT}")
+    if path.is_dir():
+        if not any(p.name.endswith(WEIGHT_SUFFIXES) for p in path.iterdir()):
+            raise FixedclsError(f"model.pretrained_file={path} is a folder without weights "
+                                f"({', '.join(WEIGHT_SUFFIXES)}): set {PRETRAINED_FILE_HINT}")
+        overlay: dict[str, Any] = {}
+        if (path / "config.json").is_file():
+            from timm.models._hub import load_model_config_from_path
+
+            pretrained_cfg, architecture, _ = load_model_config_from_path(path)
+            registry_name = backbone.split(".", 1)[0] if ":" not in backbone else None
+            if registry_name and architecture and architecture != registry_name:
+                raise FixedclsError(f"model.pretrained_file={path} holds a {architecture} but model.backbone={backbone}: "
+                                    f"set model.backbone={architecture}")
+            known = {f.name for f in dataclasses.fields(timm.models.PretrainedCfg)}
+            overlay = {key: value for key, value in pretrained_cfg.items() if key in known}
+        # timm's local-dir loader picks the folder's weight file (model.safetensors first).
+        return {**overlay, "source": "local-dir", "file": str(path)}
+    if not path.name.endswith(WEIGHT_SUFFIXES):
+        raise FixedclsError(f"model.pretrained_file={path} is not a weight file ({', '.join(WEIGHT_SUFFIXES)}): "
+                            f"set {PRETRAINED_FILE_HINT}")
+    # No source: timm's default order, in which a file beats the hub id and the url.
+    return {"source": None, "file": str(path)}
+
+
+def _cached_hub_weights(backbone: str) -> str | None:
+    """A registry backbone's pretrained weights in the local Hugging Face cache, or None; never touches the network.
+
+    Without this look first, a machine without network spends the hub client's retries (about 45 s) before
+    timm falls back to the same cache.  hf-hub: names are left to timm: their config.json comes from the hub too.
+    """
+    from timm.models import get_pretrained_cfg, parse_model_name
+
+    if parse_model_name(backbone)[0] is not None:
+        return None
+    pretrained_cfg = get_pretrained_cfg(backbone, allow_unregistered=False)
+    if pretrained_cfg is None or not pretrained_cfg.hf_hub_id or pretrained_cfg.custom_load:
+        return None
+    from huggingface_hub import try_to_load_from_cache
+
+    repo, _, revision = pretrained_cfg.hf_hub_id.partition("@")
+    filename = pretrained_cfg.hf_hub_filename
+    for name in ([filename] if filename else ["model.safetensors", "pytorch_model.bin"]):
+        found = try_to_load_from_cache(repo, name, revision=revision or None)
+        if isinstance(found, str):
+            return found
+    return None
+
+
+def weights_source(backbone: str, *, pretrained: bool, pretrained_file: str | None = None) -> tuple[dict | None, str]:
+    """(timm's pretrained_cfg_overlay, where the weights come from in words) for a backbone; overlay None: timm's own
+    source (the hub, or a local-dir: folder).  Checks files only; loading is timm's."""
+    if pretrained_file:
+        overlay = _pretrained_file_overlay(pretrained_file, backbone)
+        return overlay, f"model.pretrained_file={overlay['file']}"
+    if not pretrained:
+        return None, "random initialisation"
+    if backbone.startswith("local-dir:"):
+        return None, f"the folder {backbone[len('local-dir:'):]}"
+    cached = _cached_hub_weights(backbone)
+    if cached is not None:
+        return {"source": None, "file": cached}, f"the Hugging Face cache ({cached})"
+    return None, f"the Hugging Face hub ({backbone})"
+
+
+def _short(error: BaseException) -> str:
+    """The error's type and its first sentence, short enough for a one-line message."""
+    lines = str(error).strip().splitlines()
+    text = (lines[0] if lines else "").split(". ")[0].rstrip(".")
+    text = text if len(text) <= 100 else text[:97] + "..."
+    return f"{type(error).__name__}: {text}" if text else type(error).__name__
+
+
+def _missing_weights_error(backbone: str, error: BaseException) -> FixedclsError:
+    # The hub's own messages run to several sentences about connections; its error's name says enough.
+    reason = type(error).__name__ if type(error).__module__.startswith("huggingface_hub") else _short(error)
+    return FixedclsError(
+        f"model.pretrained=true: the pretrained weights of {backbone} are not in the local Hugging Face cache and "
+        f"could not be downloaded ({reason}): set {PRETRAINED_FILE_HINT}, or download them once where "
+        f"there is network (HF_HUB_OFFLINE=1 skips the download attempts)"
+    )
+
+
+def _is_download_failure(error: BaseException) -> bool:
+    """A failure to obtain weights (no network, not cached, no weights published), not a bug of the model."""
+    module = type(error).__module__.split(".", 1)[0]
+    if module in ("huggingface_hub", "requests", "urllib3", "httpx", "urllib", "http"):
+        return True
+    if isinstance(error, RuntimeError) and "No pretrained weights exist" in str(error):
+        return True
+    return isinstance(error, (ConnectionError, TimeoutError))
+
+
 def _create_backbone(
-    name: str, *, pretrained: bool, in_chans: int, img_size: int | None, drop_rate: float
-) -> nn.Module:
+    name: str, *, pretrained: bool, in_chans: int, img_size: int | None, drop_rate: float,
+    drop_path_rate: float = 0.0, pretrained_file: str | None = None,
+) -> tuple[nn.Module, str]:
+    """(timm backbone without its classifier, where its weights came from in words)."""
     check_backbone(name)
-    kwargs: dict[str, Any] = dict(pretrained=pretrained, num_classes=0, in_chans=in_chans, drop_rate=drop_rate)
+    overlay, source = weights_source(name, pretrained=pretrained, pretrained_file=pretrained_file)
+    kwargs: dict[str, Any] = dict(pretrained=pretrained or bool(pretrained_file), num_classes=0, in_chans=in_chans,
+                                  drop_rate=drop_rate)
+    if drop_path_rate:
+        kwargs["drop_path_rate"] = drop_path_rate
+    if overlay is not None:
+        kwargs["pretrained_cfg_overlay"] = overlay
+    try:
+        with _timm_load_report() as report:
+            net = _timm_backbone(name, img_size, kwargs)
+    except FixedclsError:
+        raise
+    except TypeError as error:
+        if "drop_path_rate" in str(error):
+            raise FixedclsError(f"model.drop_path_rate={drop_path_rate}: {name} has no stochastic depth "
+                                f"(drop_path_rate): set model.drop_path_rate=0 or pick a backbone with residual blocks") from None
+        raise
+    except Exception as error:
+        if not kwargs["pretrained"]:
+            raise
+        if isinstance(error, RuntimeError) and "state_dict" in str(error):
+            raise FixedclsError(f"the weights of {source} do not fit backbone {name} ({_short(error)}): use the "
+                                f"model.backbone they were saved from") from None
+        if pretrained_file or not _is_download_failure(error):
+            raise FixedclsError(f"cannot load the weights of {source} into {name} ({_short(error)}): set "
+                                f"{PRETRAINED_FILE_HINT} saved from this model.backbone") from None
+        raise _missing_weights_error(name, error) from None
+    if kwargs["pretrained"]:
+        # timm loads non-strictly once the classifier is dropped, and only logs what did not load.
+        missing = report.get("Missing keys", [])
+        if missing:
+            raise FixedclsError(f"the weights of {source} do not fit backbone {name}: {len(missing)} of its "
+                                f"{len(net.state_dict())} tensors are not in them (e.g. {missing[0]}): use the "
+                                f"model.backbone they were saved from")
+        unexpected = report.get("Unexpected keys", [])
+        note = f", {len(unexpected)} extra tensors ignored (e.g. {unexpected[0]})" if unexpected else ""
+        log.info(f"pretrained backbone weights: {source}{note}")
+    return net, source
+
+
+@contextlib.contextmanager
+def _timm_load_report():
+    """{"Missing keys": [...], "Unexpected keys": [...]} as timm's load_pretrained logs them while the block runs."""
+    found: dict[str, list[str]] = {}
+
+    class Collect(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            match = re.match(r"(Missing keys|Unexpected keys) \((.*?)\) (discovered|found) while loading",
+                             record.getMessage())
+            if match:
+                found[match.group(1)] = [key for key in match.group(2).split(", ") if key]
+
+    timm_logger = logging.getLogger("timm.models._builder")
+    handler, level = Collect(logging.INFO), timm_logger.level
+    timm_logger.addHandler(handler)
+    if timm_logger.getEffectiveLevel() > logging.INFO:
+        timm_logger.setLevel(logging.INFO)
+    try:
+        yield found
+    finally:
+        timm_logger.removeHandler(handler)
+        timm_logger.setLevel(level)
+
+
+def _timm_backbone(name: str, img_size: int | None, kwargs: dict) -> nn.Module:
     if img_size is None:
         return timm.create_model(name, **kwargs)
     try:
@@ -103,6 +303,30 @@ def _create_backbone(
         if "img_size" not in str(error):
             raise
         return timm.create_model(name, **kwargs)
+
+
+def model_data_config(backbone: str, *, pretrained_file: str | None = None, in_chans: int = 3) -> dict:
+    """timm's data config of a backbone (input_size, interpolation, mean, std, crop_pct, crop_mode): what its
+    pretrained weights were trained with; a save_for_hf folder's config.json wins over the registry's.
+
+    The architecture is built on the meta device (no memory, no weights), so nothing is downloaded but the
+    config.json of an hf-hub: name.
+    """
+    from timm.data import resolve_model_data_config
+
+    check_backbone(backbone)
+    overlay = _pretrained_file_overlay(pretrained_file, backbone) if pretrained_file else None
+    kwargs: dict[str, Any] = dict(pretrained=False, num_classes=0, in_chans=in_chans)
+    if overlay is not None:
+        kwargs["pretrained_cfg_overlay"] = overlay
+    try:
+        with torch.device("meta"):
+            net = timm.create_model(backbone, **kwargs)
+    except Exception as error:
+        if _is_download_failure(error):  # an hf-hub: name whose config.json is neither cached nor reachable
+            raise _missing_weights_error(backbone, error) from None
+        raise
+    return dict(resolve_model_data_config(net))
 
 
 def _feature_width(backbone: nn.Module) -> int:
@@ -126,6 +350,8 @@ def create_model(
     in_chans: int = 3,
     img_size: int | None = None,
     drop_rate: float = 0.0,
+    drop_path_rate: float = 0.0,
+    pretrained_file: str | None = None,
     **head_kwargs: Any,
 ) -> Classifier:
     """Build ``Classifier(timm backbone -> projection -> head)``.
@@ -134,11 +360,15 @@ def create_model(
     ``num_prototypes`` classes when set) and the backbone width for ``learned`` /
     ``cosine``.  ``head_kwargs`` go to ``create_head`` (normalize, scale, learn_scale,
     bias, seed, num_prototypes).  ``img_size`` is passed only to models that accept it.
+    ``pretrained_file`` (a weight file or a save_for_hf folder) loads pretrained weights from disk;
+    ``pretrained`` alone takes them from the Hugging Face cache, else the hub.  Either way only the
+    backbone gets them (it is built without its classifier): the projection and head are fixedcls's.
     """
     # Check the cheap things first so a config typo fails before the backbone is built.
     if head not in HEADS_LEARNED and head not in polytopes.POLYTOPES:
         create_head(head, num_classes, dim, **head_kwargs)  # raises the unknown-head error
-    net = _create_backbone(backbone, pretrained=pretrained, in_chans=in_chans, img_size=img_size, drop_rate=drop_rate)
+    net, weights = _create_backbone(backbone, pretrained=pretrained, in_chans=in_chans, img_size=img_size, drop_rate=drop_rate,
+                           drop_path_rate=drop_path_rate, pretrained_file=pretrained_file)
     width = _feature_width(net)
     if dim is None:
         if head in HEADS_LEARNED:
@@ -148,7 +378,9 @@ def create_model(
             dim = polytopes.natural_dim(head, num_prototypes)
     classifier_head = create_head(head, num_classes, dim, **head_kwargs)
     proj: nn.Module = nn.Identity() if dim == width else nn.Linear(width, dim, bias=False)
-    return Classifier(net, proj, classifier_head)
+    classifier = Classifier(net, proj, classifier_head)
+    classifier.weights_source = weights
+    return classifier
 
 
 # --------------------------------------------------------------------------- parameter summary

@@ -4,7 +4,6 @@ that the folder can be written before a run starts.  The checkpoint files themse
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import re
@@ -136,10 +135,13 @@ def find_run(root: Path, base: str, identity: str) -> Optional[Path]:
 
 
 def ensure_writable(directory: Path) -> None:
-    """Fail at start-up if checkpoints cannot be written to `directory` (created, probed, left as found).
+    """Fail at start-up if checkpoints cannot be written to `directory`.
 
     A failed checkpoint write only warns, so that a full disk does not kill a long run; a folder that was
-    never writable would otherwise train the whole run and end with no checkpoint at all.
+    never writable would otherwise train the whole run and end with no checkpoint at all.  The probe is a
+    uniquely named file in the folder, or in its nearest existing parent when the folder does not exist yet
+    (creating entries there is what creating the folder needs): nothing is created or removed that another
+    run starting at the same moment could be using.
     """
     directory = Path(directory)
     fix = "set checkpoint.dir (or checkpoint.root) to a folder you can write"
@@ -147,19 +149,14 @@ def ensure_writable(directory: Path) -> None:
     if blocking_file is not None:
         where = "is a file" if blocking_file == directory else f"is under {blocking_file}, which is a file"
         raise FixedclsError(f"checkpoint folder {directory} {where}, not a folder: {fix}")
-    created = [p for p in (directory, *directory.parents) if not p.exists()]  # deepest first
+    existing = next(p for p in (directory, *directory.parents) if p.is_dir())
     try:
-        directory.mkdir(parents=True, exist_ok=True)
-        fd, probe = tempfile.mkstemp(prefix=f".write-probe.{_writer()}.", suffix=TEMP_SUFFIX, dir=directory)
+        fd, probe = tempfile.mkstemp(prefix=f".write-probe.{_writer()}.", suffix=TEMP_SUFFIX, dir=existing)
         os.close(fd)
         os.unlink(probe)
     except OSError as error:
         raise FixedclsError(f"checkpoint folder {directory} is not writable ({error.strerror or error}): {fix}, "
                             f"or make it writable") from None
-    finally:
-        for folder in created:  # the writer creates it again with its first checkpoint
-            with contextlib.suppress(OSError):
-                folder.rmdir()
 
 
 def resolve(root: str | Path, name: str, explicit_dir: Optional[str], resume: Optional[str], identity: str,

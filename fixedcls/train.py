@@ -64,6 +64,17 @@ def check_same_experiment(state: dict, meta: dict, resolved: dict, identity: str
         )
 
 
+def format_preprocessing(preprocessing: dict) -> str:
+    """One log line, e.g. ``preprocessing: 224px, bicubic, crop 0.95, mean [0.5, ...], std [...] (... from the model)``."""
+    def values(v):
+        return "[" + ", ".join(f"{x:.4g}" for x in v) + "]" if v else "default"
+
+    p = preprocessing
+    line = (f"preprocessing: {p['img_size']}px, {p['interpolation'] or 'bilinear'}, crop {p['crop_pct'] or 'default'}, "
+            f"mean {values(p['mean'])}, std {values(p['std'])}")
+    return line + (f" ({', '.join(p['from_model'])} from the model's data config)" if p["from_model"] else "")
+
+
 def train(cfg: DictConfig, run_dir: str | Path) -> TrainResult:
     """Build everything `cfg` names and train. Returns the run summary (also written to summary.json)."""
     validate_config(cfg)
@@ -121,14 +132,22 @@ def build_training(cfg: DictConfig, run_dir: Path, world: World, device: torch.d
     if world.distributed:
         world.check_same_config(shared_config(cfg))
         run_dir = Path(world.broadcast_object(str(run_dir)))  # ranks > 0 ran Hydra in a scratch dir
+    with world.fail_together():
+        seed_everything(cfg.seed)
+        preprocessing = build.resolve_preprocessing(cfg)  # a pretrained model's mean/std, crop, size: before the data
     resolved = build.plain_config(cfg)
     identity, identity_keys = run_identity(resolved)
     with world.fail_together():
-        seed_everything(cfg.seed)
         bundle = create_data(cfg.data)
         best = build.best_selection(cfg.checkpoint, recorded_keys(validation=bundle.val is not None, ema=cfg.trainer.ema,
                                                                   collapse=cfg.collapse))
         model = build.build_model(cfg, num_classes=bundle.num_classes, in_chans=bundle.in_chans, img_size=bundle.img_size)
+        if cfg.trainer.freeze_backbone_epochs and not any(
+                p.requires_grad for name, p in model.named_parameters() if not name.startswith("backbone.")):
+            raise FixedclsError(
+                f"trainer.freeze_backbone_epochs={cfg.trainer.freeze_backbone_epochs} would train nothing: the fixed head "
+                f"sits right on the backbone (d = its width {model.dim}, so no projection): set model.dim to another d "
+                f"(a projection then trains), or trainer.freeze_backbone_epochs=0")
         labels = targets_of(bundle.train)
         if labels and (min(labels) < 0 or max(labels) >= model.num_classes):
             raise FixedclsError(
@@ -141,7 +160,7 @@ def build_training(cfg: DictConfig, run_dir: Path, world: World, device: torch.d
             model.to(memory_format=torch.channels_last)
     meta = {"head": cfg.head.name, "num_classes": model.num_classes, "dim": model.dim,
             "backbone": cfg.model.backbone, "head_seed": cfg.head.seed, "identity": identity,
-            "identity_keys": identity_keys}
+            "identity_keys": identity_keys, "preprocessing": preprocessing, "weights": model.weights_source}
     if world.is_main:
         log.info(f"{cfg.head.name} head on {cfg.model.backbone}, {cfg.data.name} ({bundle.num_classes} classes), "
                  f"d={model.dim}, {device} {choice(cfg.trainer.precision)}")
@@ -149,6 +168,8 @@ def build_training(cfg: DictConfig, run_dir: Path, world: World, device: torch.d
         log.info(f"splits: train {len(bundle.train)}, "
                  + (f"validation {len(bundle.val)} ({bundle.val_source}), " if bundle.val is not None else "no validation, ")
                  + f"test {len(bundle.test)}; best.pt by {best[0]} ({best[1]})")
+        if cfg.data.name in build.IMAGE_FILE_DATASETS or preprocessing["from_model"]:
+            log.info(format_preprocessing(preprocessing))
 
     plan = world.on_main(
         lambda: runs.resolve(cfg.checkpoint.root, cfg.name, cfg.checkpoint.dir, cfg.resume, identity, warn=log.warning))
@@ -174,6 +195,7 @@ def build_training(cfg: DictConfig, run_dir: Path, world: World, device: torch.d
             build.check_resume_fits(resume_state, resume_path, model, optimizer)
         scheduler = build.build_scheduler(cfg.sched, optimizer, cfg.trainer.epochs)
         criterion = build.build_criterion(cfg, model)
+        mixup = build.build_mixup(cfg, model.num_classes)
         ema = build.build_ema(cfg, model)
     trained = model
     if world.distributed:
@@ -214,7 +236,7 @@ def build_training(cfg: DictConfig, run_dir: Path, world: World, device: torch.d
         optimizer=optimizer, scheduler=scheduler, criterion=criterion,
         checkpoints=build.build_checkpoints(cfg.checkpoint, directory, enabled=world.is_main, best=best),
         metrics=MetricsFile(run_dir, enabled=world.is_main), trainer=cfg.trainer, collapse=cfg.collapse,
-        device=device, run_dir=run_dir, world=world, tracker=tracker, ema=ema, extra_loss=extra_loss,
+        device=device, run_dir=run_dir, world=world, tracker=tracker, ema=ema, extra_loss=extra_loss, mixup=mixup,
         resume_state=resume_state, checkpoint_meta={"config": resolved, "meta": meta},
         title=f"{cfg.head.name} ({kind} head), {cfg.model.backbone}, {cfg.data.name}, seed {cfg.seed}",
         run_info={"run_dir": str(run_dir), "checkpoint_dir": str(directory), "head": cfg.head.name,

@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import math
-import re
-import socket
 import subprocess
 import sys
 import threading
@@ -95,10 +93,11 @@ def test_jobs_started_at_once_never_share_a_folder(tmp_path):
     def start():
         try:
             plan = runs.resolve(root, "job", None, None, identity)
-            barrier.wait()
+            barrier.wait(timeout=60)
             claimed.append(plan.claim({"identity": identity}))
         except Exception as error:  # surfaced below
             errors.append(error)
+            barrier.abort()  # the others stop waiting
 
     threads = [threading.Thread(target=start) for _ in range(8)]
     for t in threads:
@@ -111,16 +110,16 @@ def test_jobs_started_at_once_never_share_a_folder(tmp_path):
 
 
 def test_partial_writes_of_a_live_writer_are_left_alone(tmp_path):
-    host = re.sub(r"[^A-Za-z0-9-]", "_", socket.gethostname())
+    host = ckpt._HOST
     live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
     try:
-        kept = tmp_path / f".last.pt.{host}-{live.pid}.abc.tmp"
-        gone = tmp_path / f".last.pt.{host}-{dead.pid}.abc.tmp"
+        kept = tmp_path / f".last.pt.{host}.{live.pid}.abc{ckpt.TEMP_SUFFIX}"
+        gone = tmp_path / f".last.pt.{host}.{dead.pid}.abc{ckpt.TEMP_SUFFIX}"
         for path in (kept, gone):
             path.write_bytes(b"partial")
-        assert ckpt.PARTIAL_WRITER.match(kept.name) and ckpt.PARTIAL_WRITER.match(gone.name)
+        assert ckpt.PARTIAL.match(kept.name) and ckpt.PARTIAL.match(gone.name)
         ckpt.remove_partial_writes(tmp_path)
         assert kept.exists() and not gone.exists()
     finally:
