@@ -55,6 +55,7 @@ def build_model(cfg, *, num_classes: int, in_chans: int, img_size: int, pretrain
         in_chans=in_chans, img_size=img_size, drop_rate=cfg.model.drop_rate,
         normalize=choice(cfg.head.normalize), scale=cfg.head.scale, learn_scale=cfg.head.learn_scale,
         bias=cfg.head.bias, seed=cfg.head.seed, num_prototypes=cfg.head.num_prototypes,
+        feature_bn=cfg.head.feature_bn,
     )
 
 
@@ -131,8 +132,10 @@ def build_scheduler(cfg, optimizer: torch.optim.Optimizer, epochs: int):
     return scheduler
 
 
-def build_criterion(cfg, model: Classifier) -> nn.Module:
-    return create_criterion(cfg.trainer.loss, model.head, label_smoothing=cfg.trainer.label_smoothing)
+def build_criterion(cfg, model: Classifier, class_counts: Optional[list[int]] = None) -> nn.Module:
+    """The training loss; `class_counts` (training samples per head output) for trainer.logit_adjust."""
+    return create_criterion(cfg.trainer.loss, model.head, label_smoothing=cfg.trainer.label_smoothing,
+                            logit_adjust=cfg.trainer.logit_adjust, class_counts=class_counts)
 
 
 def build_ema(cfg, model: nn.Module) -> Optional[nn.Module]:

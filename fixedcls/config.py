@@ -154,6 +154,12 @@ class CollapseMode(str, Enum):
     online = "online"
 
 
+class ImbalanceType(str, Enum):
+    none = "none"
+    exp = "exp"  # n_i = int(n_max * ratio^(-i/(K-1))), the long-tailed CIFAR profile (Cao et al., 2019)
+    step = "step"  # the last step_fraction of the classes have n_max / ratio samples, the others n_max
+
+
 @dataclass
 class HeadConfig:
     name: str = "simplex"  # learned, cosine, or a polytope: simplex, dcube, orthoplex, hadamard, etf
@@ -163,6 +169,7 @@ class HeadConfig:
     bias: Optional[bool] = None  # None: on for the learned head, off for cosine and fixed heads
     seed: int = checked(0, SEED)  # seeds the random orthonormal map of `etf`
     num_prototypes: Optional[int] = checked(None, integer(2))  # reserve prototypes for classes added later
+    feature_bn: bool = False  # BatchNorm1d on the features before the head (Yang et al. 2022 put one before the ETF)
 
 
 @dataclass
@@ -172,6 +179,19 @@ class ModelConfig:
     pretrained: bool = False
     drop_rate: float = checked(0.0, FRACTION_BELOW_ONE)
     init_from: Optional[str] = None  # a checkpoint whose model weights are loaded before training (fine-tuning)
+
+
+@dataclass
+class ImbalanceConfig:
+    """A long-tailed training split (fixedcls/imbalance.py); validation and test stay balanced."""
+
+    type: ImbalanceType = ImbalanceType.none
+    ratio: float = checked(100.0, real(1), why="the largest class count over the smallest")
+    step_fraction: float = checked(0.5, real(above=0, below=1), why="the share of minority classes of type=step")
+    # Class groups by training count, for acc_many/medium/few and the minority measures; None: scaled to the
+    # counts (docs/config.md). A class with at least many_min samples is many-shot, with at most few_max few-shot.
+    many_min: Optional[int] = checked(None, integer(1))
+    few_max: Optional[int] = checked(None, integer(0))
 
 
 @dataclass
@@ -201,6 +221,7 @@ class DataConfig:
     # earlier classes: in the test split, and `rehearsal` train samples each
     old_classes: Optional[List[int]] = checked(None, Each(integer(0)))
     rehearsal: int = checked(0, integer(0))  # training samples kept per old class (a memory drawn with split_seed)
+    imbalance: ImbalanceConfig = field(default_factory=ImbalanceConfig)  # long-tailed training split
 
 
 @dataclass
@@ -239,6 +260,8 @@ class TrainerConfig:
     threads: Optional[int] = checked(None, integer(1))  # None: torch's default
     distill_weight: float = checked(0.0, real(0))  # feature distillation from the frozen model.init_from model (CL2R)
     distill_loss: str = "cosine"  # cosine (1 - cos) or l2 (squared distance) between new and old features
+    # Logit adjustment (Menon et al., ICLR 2021): cross-entropy on logits + tau * log(training class prior); 0: off
+    logit_adjust: float = checked(0.0, real(0), why="tau, the weight of the log prior (1 in the paper)")
 
 
 @dataclass

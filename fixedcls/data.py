@@ -6,6 +6,7 @@ augmented images that an uninterrupted run would have seen, whatever the number 
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import random
@@ -18,6 +19,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from .errors import FixedclsError
+from .imbalance import imbalanced_indices
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tif", ".tiff")
 # The PIL mode an image file is converted to for each data.in_chans (an RGB folder can train a 1-channel model).
@@ -405,7 +407,21 @@ def create_data(cfg) -> DataBundle:
             f"data.num_classes={cfg.num_classes} but {cfg.name} has {bundle.num_classes} classes: "
             f"drop data.num_classes or set it to {bundle.num_classes}"
         )
+    bundle = long_tailed(bundle, cfg)
     return select_classes(bundle, cfg)
+
+
+def long_tailed(bundle: DataBundle, cfg) -> DataBundle:
+    """The bundle with a long-tailed training split (data.imbalance); every held-out split stays as it is."""
+    imbalance = getattr(cfg, "imbalance", None)
+    if imbalance is None:
+        return bundle
+    labels = targets_of(bundle.train)
+    keep = imbalanced_indices(labels, imbalance, int(cfg.split_seed), bundle.num_classes)
+    if len(keep) == len(labels):
+        return bundle
+    return dataclasses.replace(bundle, train=LabelSubset(bundle.train, keep, labels),
+                               train_eval=LabelSubset(bundle.train_eval, keep, labels))
 
 
 class LabelSubset(Dataset):

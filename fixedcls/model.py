@@ -26,19 +26,22 @@ __all__ = ["Classifier", "check_backbone", "create_model", "format_param_summary
 
 
 class Classifier(nn.Module):
-    """backbone (pooled features) -> proj (Linear or Identity) -> head."""
+    """backbone (pooled features) -> proj (Linear or Identity) -> feature_bn (BatchNorm1d or Identity) -> head."""
 
-    def __init__(self, backbone: nn.Module, proj: nn.Module, head: nn.Module) -> None:
+    def __init__(self, backbone: nn.Module, proj: nn.Module, head: nn.Module, feature_bn: nn.Module | None = None) -> None:
         super().__init__()
         self.backbone = backbone
         self.proj = proj
+        # Yang et al. (2022) normalise the features with BatchNorm before the fixed ETF; an Identity holds no
+        # state, so checkpoints without it load unchanged.
+        self.feature_bn = feature_bn if feature_bn is not None else nn.Identity()
         self.head = head
         self.dim = head.dim
         self.num_classes = head.num_classes
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        """Features h [B, d]: after the projection, before any normalisation the head applies."""
-        return self.proj(self.backbone(x))
+        """Features h [B, d]: after the projection (and head.feature_bn), before any normalisation the head applies."""
+        return self.feature_bn(self.proj(self.backbone(x)))
 
     def forward(
         self, x: torch.Tensor, return_features: bool = False
@@ -126,6 +129,7 @@ def create_model(
     in_chans: int = 3,
     img_size: int | None = None,
     drop_rate: float = 0.0,
+    feature_bn: bool = False,
     **head_kwargs: Any,
 ) -> Classifier:
     """Build ``Classifier(timm backbone -> projection -> head)``.
@@ -134,6 +138,7 @@ def create_model(
     ``num_prototypes`` classes when set) and the backbone width for ``learned`` /
     ``cosine``.  ``head_kwargs`` go to ``create_head`` (normalize, scale, learn_scale,
     bias, seed, num_prototypes).  ``img_size`` is passed only to models that accept it.
+    ``feature_bn``: a ``BatchNorm1d(d)`` on the features before the head (the measured h is its output).
     """
     # Check the cheap things first so a config typo fails before the backbone is built.
     if head not in HEADS_LEARNED and head not in polytopes.POLYTOPES:
@@ -148,7 +153,7 @@ def create_model(
             dim = polytopes.natural_dim(head, num_prototypes)
     classifier_head = create_head(head, num_classes, dim, **head_kwargs)
     proj: nn.Module = nn.Identity() if dim == width else nn.Linear(width, dim, bias=False)
-    return Classifier(net, proj, classifier_head)
+    return Classifier(net, proj, classifier_head, nn.BatchNorm1d(dim) if feature_bn else None)
 
 
 # --------------------------------------------------------------------------- parameter summary

@@ -24,6 +24,7 @@ from .data import create_data, create_loaders, targets_of
 from .distributed import World, close_world, init_world, worker_hydra_args
 from .engine import TrainingRun, fit
 from .errors import FixedclsError
+from .imbalance import class_counts, class_groups
 from .loggers import MetricsFile, create_tracker
 from .model import format_param_summary
 from .runtime import autocast_for, choice, resolve_device, seed_everything
@@ -90,6 +91,8 @@ def build_training(cfg: DictConfig, run_dir: Path, world: World, device: torch.d
             f"labels run from {min(labels)} to {max(labels)} but the head has {model.num_classes} outputs: "
             f"set data.num_classes (or head.num_prototypes) to at least {max(labels) + 1}"
         )
+    train_counts = class_counts(labels, model.num_classes)
+    groups = class_groups(train_counts, cfg.data.imbalance)
     extra_loss = build.init_from_checkpoint(cfg, model, device)  # fine-tuning / feature distillation (CL2R)
     model.to(device)
     if cfg.trainer.channels_last:
@@ -121,7 +124,7 @@ def build_training(cfg: DictConfig, run_dir: Path, world: World, device: torch.d
     )
     optimizer = build.build_optimizer(cfg.optim, model)
     scheduler = build.build_scheduler(cfg.sched, optimizer, cfg.trainer.epochs)
-    criterion = build.build_criterion(cfg, model)
+    criterion = build.build_criterion(cfg, model, class_counts=train_counts)
     ema = build.build_ema(cfg, model)
     trained = model
     if world.distributed:
@@ -150,7 +153,9 @@ def build_training(cfg: DictConfig, run_dir: Path, world: World, device: torch.d
         resume_state=resume_state, checkpoint_meta={"config": resolved, "meta": meta},
         title=f"{cfg.head.name} ({kind} head), {cfg.model.backbone}, {cfg.data.name}, seed {cfg.seed}",
         run_info={"run_dir": str(run_dir), "checkpoint_dir": str(directory), "head": cfg.head.name,
-                  "head_kind": kind, "backbone": cfg.model.backbone, "data": cfg.data.name, "seed": cfg.seed},
+                  "head_kind": kind, "backbone": cfg.model.backbone, "data": cfg.data.name, "seed": cfg.seed,
+                  "data/train_class_counts": train_counts, "data/class_groups": groups},
+        class_groups=groups,
     )
 
 
