@@ -103,6 +103,10 @@ def build_training(cfg: DictConfig, run_dir: Path, world: World, device: torch.d
         log.info(f"{cfg.head.name} head on {cfg.model.backbone}, {cfg.data.name} ({bundle.num_classes} classes), "
                  f"d={model.dim}, {device} {choice(cfg.trainer.precision)}")
         log.info(format_param_summary(model))
+        if choice(cfg.data.imbalance.type) != "none":
+            log.info(f"long-tailed training split ({choice(cfg.data.imbalance.type)}, ratio {cfg.data.imbalance.ratio:g}): "
+                     f"{train_counts} samples per class; many-shot {groups['many']}, medium {groups['medium']}, "
+                     f"few-shot {groups['few']}")
 
     directory, resume_path = world.broadcast_object(
         ckpt.resolve(cfg.checkpoint.root, cfg.name, cfg.checkpoint.dir, cfg.resume, warn=log.warning)
