@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from .errors import FixedclsError
-from .imbalance import imbalanced_indices
+from .imbalance import check_imbalance_config, imbalanced_indices
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tif", ".tiff")
 # The PIL mode an image file is converted to for each data.in_chans (an RGB folder can train a 1-channel model).
@@ -238,6 +238,8 @@ def check_data_config(cfg) -> None:
         )
     if cfg.name in ("cifar10", "cifar100") and cfg.in_chans != 3:
         raise FixedclsError(f"data.in_chans={cfg.in_chans} but {cfg.name} images have 3 channels: set data.in_chans=3")
+    if getattr(cfg, "imbalance", None) is not None:
+        check_imbalance_config(cfg.imbalance)
     channels = 3 if cfg.name in ("cifar10", "cifar100") else cfg.in_chans
     for key in ("mean", "std"):
         values = cfg.get(key)

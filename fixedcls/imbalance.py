@@ -82,6 +82,16 @@ def imbalanced_indices(labels: Sequence[int], imbalance, seed: int, num_classes:
     return sorted(keep)
 
 
+def check_imbalance_config(imbalance) -> None:
+    """The rule of `data.imbalance` that joins two keys (single-key ranges: config.py)."""
+    many_min, few_max = getattr(imbalance, "many_min", None), getattr(imbalance, "few_max", None)
+    if many_min is not None and few_max is not None and few_max >= many_min:
+        raise FixedclsError(
+            f"data.imbalance.few_max={few_max} is not below data.imbalance.many_min={many_min}: a class cannot be "
+            f"both few- and many-shot; set few_max < many_min (or leave both unset to scale them to the counts)"
+        )
+
+
 def class_counts(labels: Sequence[int], num_classes: int) -> list[int]:
     """Samples per class, in label order."""
     return torch.bincount(torch.as_tensor(list(labels), dtype=torch.long), minlength=num_classes).tolist()

@@ -42,7 +42,7 @@ class TrainResult(dict):
 def check_resume_matches(state: dict, meta: dict, path: Path) -> None:
     """A checkpoint from another head, polytope or class count cannot continue this run."""
     saved = state.get("meta", {})
-    for key in ("head", "num_classes", "dim", "backbone", "head_seed"):
+    for key in ("head", "num_classes", "dim", "backbone", "head_seed", "feature_bn"):
         if key in saved and saved[key] != meta[key]:
             raise FixedclsError(
                 f"checkpoint {path} was trained with {key}={saved[key]} but this run has {key}={meta[key]}: "
@@ -98,7 +98,7 @@ def build_training(cfg: DictConfig, run_dir: Path, world: World, device: torch.d
     if cfg.trainer.channels_last:
         model.to(memory_format=torch.channels_last)
     meta = {"head": cfg.head.name, "num_classes": model.num_classes, "dim": model.dim,
-            "backbone": cfg.model.backbone, "head_seed": cfg.head.seed}
+            "backbone": cfg.model.backbone, "head_seed": cfg.head.seed, "feature_bn": bool(cfg.head.feature_bn)}
     if world.is_main:
         log.info(f"{cfg.head.name} head on {cfg.model.backbone}, {cfg.data.name} ({bundle.num_classes} classes), "
                  f"d={model.dim}, {device} {choice(cfg.trainer.precision)}")

@@ -116,6 +116,8 @@ def test_explicit_group_thresholds():
     assert groups == {"many": [0], "medium": [1, 2, 3], "few": [4]}  # class 5 has no training sample: no group
     with pytest.raises(FixedclsError, match="few_max=30 is not below data.imbalance.many_min=20"):
         class_groups(counts, imbalance("exp", many_min=20, few_max=30))
+    with pytest.raises(FixedclsError, match="few_max=30 is not below data.imbalance.many_min=20"):
+        validate_config(compose_config(["data.imbalance.many_min=20", "data.imbalance.few_max=30"]))
 
 
 class FixedLogits(nn.Module):
@@ -241,3 +243,10 @@ def test_compare_shows_the_long_tailed_columns_only_when_runs_recorded_them(tmp_
     assert "| 50.0 ± 14.1 | 20.0 ± 14.1 | 0.400 ± 0.141 |" in learned
     plain = compare.compare([job("learned", 0), job("simplex", 0)], [], tmp_path / "b", plots=False).table
     assert "few-shot" not in plain and "minority" not in plain
+
+
+def test_resuming_with_another_feature_bn_is_refused(tmp_path):
+    train_tiny(tmp_path, ["trainer.epochs=1", "collapse.every=0", "name=bn"])
+    with pytest.raises(FixedclsError, match="trained with feature_bn=False but this run has feature_bn=True"):
+        train_tiny(tmp_path, ["trainer.epochs=2", "collapse.every=0", "name=bn", "resume=auto", "head.feature_bn=true"],
+                   run_name="again")
