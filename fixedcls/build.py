@@ -72,6 +72,7 @@ def build_model(cfg, *, num_classes: int, in_chans: int, img_size: int, pretrain
         drop_path_rate=cfg.model.get("drop_path_rate") or 0.0,
         normalize=choice(cfg.head.normalize), scale=cfg.head.scale, learn_scale=cfg.head.learn_scale,
         bias=cfg.head.bias, seed=cfg.head.seed, num_prototypes=cfg.head.num_prototypes,
+        feature_bn=cfg.head.feature_bn,
     )
 
 
@@ -284,10 +285,12 @@ def build_scheduler(cfg, optimizer: torch.optim.Optimizer, epochs: int):
     return scheduler
 
 
-def build_criterion(cfg, model: Classifier) -> nn.Module:
+def build_criterion(cfg, model: Classifier, class_counts: Optional[list[int]] = None) -> nn.Module:
+    """The training loss; `class_counts` (training samples per head output) for trainer.logit_adjust."""
     # With mixing, timm's Mixup smooths the soft targets itself: smoothing them again would count twice.
     smoothing = 0.0 if mixing(cfg) and cfg.trainer.loss == "ce" else cfg.trainer.label_smoothing
-    return create_criterion(cfg.trainer.loss, model.head, label_smoothing=smoothing)
+    return create_criterion(cfg.trainer.loss, model.head, label_smoothing=smoothing,
+                            logit_adjust=cfg.trainer.logit_adjust, class_counts=class_counts)
 
 
 def build_ema(cfg, model: nn.Module) -> Optional[nn.Module]:

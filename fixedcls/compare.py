@@ -41,6 +41,13 @@ FINAL_MEASURES: tuple[tuple[str, str, str], ...] = (
     ("collapse/nc4", "NC4", "sci"),
     ("collapse/proto_cos", "proto cos", "fix3"),
 )
+#: Long-tailed runs (data.imbalance): columns shown when some run recorded them.
+LONG_TAIL_MEASURES: tuple[tuple[str, str, str], ...] = (
+    ("test/balanced_acc", "balanced acc %", "pct"),
+    ("test/acc_few", "few-shot acc %", "pct"),
+    ("collapse/minority_w_cos", "minority w cos", "fix3"),
+    ("collapse/minority_mu_cos", "minority mu cos", "fix3"),
+)
 #: Epochs-to-collapse columns shown in the markdown table (the CSV has every threshold found).
 SPEED_SHOWN: tuple[str, ...] = ("nc1", "proto_cos")
 #: Summary figures of the table: (summary key, column title, format).
@@ -55,9 +62,14 @@ CURVES: tuple[str, ...] = (
     "collapse/nc1", "collapse/nc1_trace", "collapse/cdnv", "collapse/nc2_equinorm", "collapse/nc2_equiangle",
     "collapse/nc2_etf_error", "collapse/nc3", "collapse/nc4", "collapse/proto_cos",
     "collapse_test/nc1", "collapse_test/proto_cos",
+    "test/balanced_acc", "test/acc_many", "test/acc_medium", "test/acc_few",
+    "collapse/minority_w_cos", "collapse/minority_mu_cos", "collapse/minority_w_norm_ratio", "collapse/minority_mu_norm_ratio",
 )
 OVERVIEW: tuple[str, ...] = ("test/acc", "collapse/nc1", "collapse/nc2_etf_error", "collapse/nc3", "collapse/nc4",
                              "collapse/proto_cos")
+#: The overview of long-tailed runs: accuracy by class group and minority collapse.
+LONG_TAIL_OVERVIEW: tuple[str, ...] = ("test/acc", "test/balanced_acc", "test/acc_few", "collapse/minority_w_cos",
+                                       "collapse/minority_mu_cos", "collapse/nc1")
 #: Override keys that never define a group: bookkeeping, not an experimental factor.
 IGNORED_KEYS: tuple[str, ...] = ("seed", "name", "resume", "hydra_overrides")
 IGNORED_PREFIXES: tuple[str, ...] = ("hydra.", "checkpoint.", "logger", "trainer.progress", "trainer.device",
@@ -347,7 +359,7 @@ def aggregate(groups: dict[str, list[Job]], keys: Sequence[str]) -> list[dict]:
             row[key] = _setting(group[0], key)
         row["seeds"] = len(group)
         row["seed_values"] = " ".join(str(job.seed) for job in group)
-        for key, _, _ in FINAL_MEASURES:
+        for key, _, _ in FINAL_MEASURES + LONG_TAIL_MEASURES:
             values = [v for v in (_final(job, key) for job in group) if v is not None]
             row[f"{key}/mean"], row[f"{key}/std"] = _mean_std(values)
             row[f"{key}/n"] = len(values)
@@ -390,13 +402,14 @@ def _fmt(mean: float, std: float, n: int, kind: str, seeds: int) -> str:
 def markdown_table(rows: Sequence[dict], keys: Sequence[str]) -> str:
     """The comparison as a markdown table (mean ± std over seeds)."""
     speeds = [s for s in SPEED_SHOWN if any(f"collapse_speed/epochs_to/{s}/mean" in r for r in rows)]
-    header = ["group" if not keys else " / ".join(keys), "seeds"] + [t for _, t, _ in FINAL_MEASURES] + \
+    finals = FINAL_MEASURES + tuple(m for m in LONG_TAIL_MEASURES if any(r.get(f"{m[0]}/n") for r in rows))
+    header = ["group" if not keys else " / ".join(keys), "seeds"] + [t for _, t, _ in finals] + \
              [f"epochs to {s}" for s in speeds] + [t for _, t, _ in OTHER_MEASURES]
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] + ["---:"] * (len(header) - 1)) + "|"]
     for row in rows:
         seeds = row["seeds"]
         cells = [" / ".join(str(row[k]) for k in keys) if keys else row["group"], str(seeds)]
-        for key, _, kind in FINAL_MEASURES:
+        for key, _, kind in finals:
             cells.append(_fmt(row[f"{key}/mean"], row[f"{key}/std"], row[f"{key}/n"], kind, seeds))
         for s in speeds:
             key = f"collapse_speed/epochs_to/{s}"
@@ -501,7 +514,9 @@ def plot_curves(groups: dict[str, list[Job]], out: Path) -> list[Path]:
         path = folder / (key.replace("/", "_") + ".png")
         fig.savefig(path, dpi=100)
         written.append(path)
-    keys = [k for k in OVERVIEW if any(k in row for jobs in groups.values() for job in jobs for row in job.history)]
+    recorded = {k for jobs in groups.values() for job in jobs for row in job.history for k in row}
+    overview = LONG_TAIL_OVERVIEW if "test/balanced_acc" in recorded and "test/acc_few" in recorded else OVERVIEW
+    keys = [k for k in overview if k in recorded]
     if keys:
         ncols = min(3, len(keys))
         nrows = math.ceil(len(keys) / ncols)

@@ -181,6 +181,12 @@ class CollapseMode(str, Enum):
     online = "online"
 
 
+class ImbalanceType(str, Enum):
+    none = "none"
+    exp = "exp"  # n_i = int(n_max * ratio^(-i/(K-1))), the long-tailed CIFAR profile (Cao et al., 2019)
+    step = "step"  # the last step_fraction of the classes have n_max / ratio samples, the others n_max
+
+
 @dataclass
 class HeadConfig:
     name: str = "simplex"  # learned, cosine, or a polytope: simplex, dcube, orthoplex, hadamard, etf
@@ -190,6 +196,7 @@ class HeadConfig:
     bias: Optional[bool] = None  # None: on for the learned head, off for cosine and fixed heads
     seed: int = checked(0, SEED)  # seeds the random orthonormal map of `etf`
     num_prototypes: Optional[int] = checked(None, integer(2))  # reserve prototypes for classes added later
+    feature_bn: bool = False  # BatchNorm1d on the features before the head (Yang et al. 2022 put one before the ETF)
 
 
 @dataclass
@@ -203,6 +210,19 @@ class ModelConfig:
     # (its config.json's preprocessing is used too); loaded into the backbone only; implies pretrained weights
     pretrained_file: Optional[str] = None
     drop_path_rate: float = checked(0.0, FRACTION_BELOW_ONE, why="stochastic depth: the chance a residual block is dropped")
+
+
+@dataclass
+class ImbalanceConfig:
+    """A long-tailed training split (fixedcls/imbalance.py); validation and test stay balanced."""
+
+    type: ImbalanceType = ImbalanceType.none
+    ratio: float = checked(100.0, real(1), why="the largest class count over the smallest")
+    step_fraction: float = checked(0.5, real(above=0, below=1), why="the share of minority classes of type=step")
+    # Class groups by training count, for acc_many/medium/few and the minority measures; None: scaled to the
+    # counts (docs/config.md). A class with at least many_min samples is many-shot, with at most few_max few-shot.
+    many_min: Optional[int] = checked(None, integer(1))
+    few_max: Optional[int] = checked(None, integer(0))
 
 
 @dataclass
@@ -247,6 +267,7 @@ class DataConfig:
     cutmix: float = checked(0.0, real(0))
     mix_prob: float = checked(1.0, real(0, 1), why="the chance a batch is mixed at all")
     mix_switch_prob: float = checked(0.5, real(0, 1), why="with both on: the chance of cutmix instead of mixup")
+    imbalance: ImbalanceConfig = field(default_factory=ImbalanceConfig)  # long-tailed training split
 
 
 @dataclass
@@ -290,6 +311,8 @@ class TrainerConfig:
     distill_loss: str = "cosine"  # cosine (1 - cos) or l2 (squared distance) between new and old features
     # epochs that train only the projection and head (the fixed head's projection), the backbone held still
     freeze_backbone_epochs: int = checked(0, integer(0))
+    # Logit adjustment (Menon et al., ICLR 2021): cross-entropy on logits + tau * log(training class prior); 0: off
+    logit_adjust: float = checked(0.0, real(0), why="tau, the weight of the log prior (1 in the paper)")
 
 
 @dataclass

@@ -6,6 +6,7 @@ augmented images that an uninterrupted run would have seen, whatever the number 
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import os
@@ -19,6 +20,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from .errors import FixedclsError
+from .imbalance import check_imbalance_config, imbalanced_indices
 
 # The PIL mode an image file is converted to for each data.in_chans (an RGB folder can train a 1-channel model).
 IMAGE_MODES = {1: "L", 3: "RGB"}
@@ -270,6 +272,8 @@ def check_data_config(cfg) -> None:
         if cfg.get(key) and not cfg.augment:
             raise FixedclsError(f"data.{key}={cfg.get(key)} is training augmentation but data.augment=false: "
                                 f"set data.augment=true or unset data.{key}")
+    if getattr(cfg, "imbalance", None) is not None:
+        check_imbalance_config(cfg.imbalance)
     channels = 3 if cfg.name in ("cifar10", "cifar100") else cfg.in_chans
     for key in ("mean", "std"):
         values = cfg.get(key)
@@ -550,7 +554,21 @@ def create_data(cfg) -> DataBundle:
             f"data.num_classes={cfg.num_classes} but {cfg.name} has {bundle.num_classes} classes: "
             f"drop data.num_classes or set it to {bundle.num_classes}"
         )
+    bundle = long_tailed(bundle, cfg)
     return select_classes(bundle, cfg)
+
+
+def long_tailed(bundle: DataBundle, cfg) -> DataBundle:
+    """The bundle with a long-tailed training split (data.imbalance); every held-out split stays as it is."""
+    imbalance = getattr(cfg, "imbalance", None)
+    if imbalance is None:
+        return bundle
+    labels = targets_of(bundle.train)
+    keep = imbalanced_indices(labels, imbalance, int(cfg.split_seed), bundle.num_classes)
+    if len(keep) == len(labels):
+        return bundle
+    return dataclasses.replace(bundle, train=LabelSubset(bundle.train, keep, labels),
+                               train_eval=LabelSubset(bundle.train_eval, keep, labels))
 
 
 class LabelSubset(Dataset):

@@ -24,8 +24,10 @@ import torch.nn as nn
 from . import collapse as nc
 from .checkpoint import CheckpointWriter, is_better
 from .collapse import report as collapse_report
+from .collapse.minority import MINORITY_KEYS
 from .distributed import World
 from .errors import FixedclsError
+from .imbalance import class_accuracy, class_accuracy_row
 from .loggers import MetricsFile, Tracker, write_summary
 from .runtime import AUTOCAST_DTYPES, autocast_for, choice, rng_state, set_rng_state, split_rng, unwrap
 from .signals import StopSignals, TrainingInterrupted
@@ -61,6 +63,9 @@ class TrainingRun:
     title: str = ""
     run_info: dict = field(default_factory=dict)  # copied into the summary
     val_loader: Any = None  # the validation split (model selection), or None
+    # many/medium/few classes by training count (fixedcls.imbalance.class_groups): the group accuracies of
+    # every evaluated split, and the minority (few) and majority (many) of the minority-collapse measures
+    class_groups: dict = field(default_factory=dict)
 
 
 @dataclass
@@ -74,6 +79,7 @@ class LoopState:
     running: torch.Tensor = field(default_factory=lambda: torch.zeros(3, dtype=torch.float64))  # loss sum, correct, samples
     nonfinite_in_a_row: int = 0
     epoch_seconds: list = field(default_factory=list)
+    class_accuracy: dict = field(default_factory=dict)  # split -> per-class accuracy of the latest evaluation
 
     def restore(self, state: dict, device: torch.device) -> None:
         self.epoch, self.step_in_epoch = state["epoch"], state["step_in_epoch"]
@@ -86,14 +92,18 @@ def recorded_keys(*, validation: bool, ema: bool, collapse) -> list[str]:
     """The keys of the metrics rows `end_of_epoch` writes for a run of these settings (collapse keys on the
     epochs collapse is measured; `layer<i>` keys with collapse.layers)."""
     keys = ["train/loss", "train/acc"] + (["val/loss", "val/acc"] if validation else []) + ["test/loss", "test/acc", "lr"]
+    for split in (["val"] if validation else []) + ["test"]:  # per_class_row: every evaluated split
+        keys += [f"{split}/balanced_acc"] + [f"{split}/acc_{group}" for group in ("many", "medium", "few")]
     if ema:
         keys += ["test/loss_ema", "test/acc_ema"]
     if collapse.every > 0:
         for split, prefix in (("train", "collapse/"), ("test", "collapse_test/")):
             if split in collapse.splits:
-                keys += [prefix + key for key in nc.METRIC_KEYS]
+                keys += [prefix + key for key in nc.METRIC_KEYS + MINORITY_KEYS]
                 if collapse.layers:
                     keys += [f"{prefix}layer<i>/{key}" for key in nc.NC1_KEYS]
+    if collapse.agop.layers:
+        keys += [f"agop/layer<i>/{key}" for key in ("nfa_corr", "nfa_corr_sqrt", "linear_share")]
     return keys
 
 
@@ -301,10 +311,12 @@ def _optimizer_step(run: TrainingRun, loop: LoopState, scaler, base: nn.Module) 
 def evaluate(model: nn.Module, loader, criterion: Callable, *, device: torch.device, autocast, world: World,
              channels_last: bool = False, online=None, collapse_means=None) -> dict:
     """Loss and accuracy over a loader (summed across processes); optionally feeds an online collapse estimate,
-    and pass 1 (class means) of an exact `collapse.CollapseAccumulator` with the same forward."""
+    and pass 1 (class means) of an exact `collapse.CollapseAccumulator` with the same forward.
+    Returns loss, acc, and class_correct / class_count (lists over the head's outputs)."""
     was_training = model.training
     model.eval()
     totals = torch.zeros(3, dtype=torch.float64, device=device)  # loss sum, correct, count
+    per_class = torch.zeros(2, unwrap(model).num_classes, dtype=torch.float64, device=device)  # correct, count
     for x, y in loader:
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         if channels_last:
@@ -312,15 +324,26 @@ def evaluate(model: nn.Module, loader, criterion: Callable, *, device: torch.dev
         with autocast():
             logits, features = model(x, return_features=True)
             loss = criterion(logits.float(), y)
-        totals += torch.stack([loss.double() * len(y), (logits.argmax(1) == y).sum().double(), torch.tensor(len(y), dtype=torch.float64, device=device)])
+        hits = logits.argmax(1) == y
+        totals += torch.stack([loss.double() * len(y), hits.sum().double(), torch.tensor(len(y), dtype=torch.float64, device=device)])
+        per_class[0].index_add_(0, y, hits.double())
+        per_class[1].index_add_(0, y, torch.ones_like(y, dtype=torch.float64))
         if online is not None:
             online.update(features.detach(), y, logits.detach())
         if collapse_means is not None:
             collapse_means.update_means(features.detach(), y)
-    world.all_reduce_sum([totals])
+    world.all_reduce_sum([totals, per_class])
     model.train(was_training)
     loss_sum, correct, count = totals.tolist()
-    return {"loss": loss_sum / max(count, 1), "acc": correct / max(count, 1)}
+    return {"loss": loss_sum / max(count, 1), "acc": correct / max(count, 1),
+            "class_correct": per_class[0].tolist(), "class_count": per_class[1].tolist()}
+
+
+def per_class_row(run: TrainingRun, loop: LoopState, split: str, result: dict) -> dict:
+    """`<split>/balanced_acc` and `<split>/acc_many|medium|few` of an `evaluate` result; keeps the per-class
+    accuracies for the summary."""
+    loop.class_accuracy[split] = class_accuracy(result["class_correct"], result["class_count"])
+    return class_accuracy_row(split, result["class_correct"], result["class_count"], run.class_groups)
 
 
 def end_of_epoch(run: TrainingRun, loop: LoopState, autocast, snapshot: Callable[[bool], dict], train_seconds: float,
@@ -339,13 +362,14 @@ def end_of_epoch(run: TrainingRun, loop: LoopState, autocast, snapshot: Callable
     if run.val_loader is not None:
         val = evaluate(run.model, run.val_loader, run.criterion, device=run.device, autocast=autocast, world=world,
                        channels_last=channels_last)
-        row.update({"val/loss": val["loss"], "val/acc": val["acc"]})
+        row.update({"val/loss": val["loss"], "val/acc": val["acc"], **per_class_row(run, loop, "val", val)})
     online_test = online["test"] if online and due else None  # fed by this epoch's evaluation alone
     if online_test is not None:
         online_test.reset()
     test = evaluate(run.model, run.test_loader, run.criterion, device=run.device, autocast=autocast, world=world,
                     channels_last=channels_last, online=online_test, collapse_means=test_means)
-    row.update({"test/loss": test["loss"], "test/acc": test["acc"], "lr": run.optimizer.param_groups[0]["lr"]})
+    row.update({"test/loss": test["loss"], "test/acc": test["acc"], **per_class_row(run, loop, "test", test),
+                "lr": run.optimizer.param_groups[0]["lr"]})
     if run.ema is not None:
         test_ema = evaluate(run.ema.module, run.test_loader, run.criterion, device=run.device, autocast=autocast,
                             world=world, channels_last=channels_last)
@@ -377,18 +401,23 @@ def measure_collapse(run: TrainingRun, model: nn.Module, online: Optional[dict],
     """The collapse row of an epoch; `test_means`: the test split's pass 1, already taken by `evaluate`."""
     row: dict = {}
     settings, world, head = run.collapse, run.world, model.head
+    minority, majority = run.class_groups.get("few", []), run.class_groups.get("many", [])
     for split, prefix, loader in (("train", "collapse/", run.train_eval_loader), ("test", "collapse_test/", run.test_loader)):
         if split not in settings.splits:
             continue
         if online is not None:
             world.all_reduce_sum(online[split].state_tensors())
             values = online[split].compute(head.weight.detach(), None if head.bias is None else head.bias.detach())
+            if minority:  # compute() moved the shifts to this epoch's class means
+                values.update(nc.minority_collapse(online[split].shifts, head.weight.detach(), minority, majority,
+                                                   present=online[split].has_shift))
         else:
             values = nc.measure_model(model, loader, device=run.device, autocast_dtype=AUTOCAST_DTYPES[choice(run.trainer.precision)],
                                       max_samples=settings.max_samples, layers=list(settings.layers) or None,
                                       reduce_fn=(lambda t: world.all_reduce_sum([t])) if world.distributed else None,
                                       channels_last=run.trainer.channels_last,
-                                      accumulator=test_means if split == "test" else None)
+                                      accumulator=test_means if split == "test" else None,
+                                      minority=minority, majority=majority)
         row.update({prefix + key: value for key, value in values.items()})
     return row
 
@@ -410,6 +439,7 @@ def finish(run: TrainingRun, loop: LoopState) -> dict:
     summary = {**run.run_info, **summarize(history, run.collapse, model, loop.epoch_seconds, run.title,
                                            best_metric=run.checkpoints.best_metric,
                                            best_mode=run.checkpoints.best_mode)}
+    summary.update({f"final/{split}/class_acc": accuracy for split, accuracy in loop.class_accuracy.items()})
     if run.world.is_main:
         if run.collapse.plot and any(k.startswith(("collapse", "agop/")) for row in history for k in row):
             plot = _tolerate("plotting collapse", collapse_report.plot_collapse, history, Path(run.run_dir) / "collapse.png",

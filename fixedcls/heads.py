@@ -31,6 +31,7 @@ __all__ = [
     "DotRegressionLoss",
     "FixedHead",
     "LinearHead",
+    "LogitAdjustedLoss",
     "available_heads",
     "create_criterion",
     "create_head",
@@ -293,13 +294,16 @@ def create_head(
 
 
 class DotRegressionLoss(nn.Module):
-    """Dot-regression loss of Yang et al. (NeurIPS 2022), for fixed unit prototypes.
+    """Dot-regression loss of Yang et al. (NeurIPS 2022), in the paper's form, for fixed unit prototypes.
 
-    L = 0.5 * mean_i (w_{y_i} . h_i / ||h_i|| - 1)^2, as ``DRLoss`` in the authors' code
-    (with h and w of unit norm).  With a fixed head using ``normalize="l2"`` and no bias,
-    ``logits[i, y_i] / s`` is exactly ``w_{y_i} . h_i / ||h_i||``, so the loss is computed
-    from the logits alone and plugs in wherever cross-entropy does.  Soft targets (mixed batches) weight
-    each class's term by its share of the target.
+    The paper fixes the feature length, ||h|| = sqrt(E_H), and the prototype length, ||w|| = sqrt(E_W), and
+    regresses the target dot product onto its maximum:
+    L = mean_i (w_{y_i} . h_i - sqrt(E_W E_H))^2 / (2 sqrt(E_W E_H)).
+    Here the head L2-normalises h and multiplies it by the fixed scale s, so E_H = s^2 and E_W = 1, and
+    ``logits[i, y_i]`` is exactly w_{y_i} . h_i:  L = mean_i (logit_i - s)^2 / (2 s) = (s / 2) mean_i (cos_i - 1)^2.
+    The loss is computed from the logits alone and plugs in wherever cross-entropy does.  A learned scale
+    is refused: the feature length is a constant of the loss (a learned one would shrink s to zero).
+    Soft targets (mixed batches) weight each class's term by its share of the target.
     """
 
     def __init__(self, scale: Callable[[], float | torch.Tensor]) -> None:
@@ -309,14 +313,31 @@ class DotRegressionLoss(nn.Module):
         self._scale = scale
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        length = float(self._scale())  # sqrt(E_W E_H)
         if target.is_floating_point():
             # Soft targets [B, K] (mixup / cutmix): the loss expected under the target distribution,
-            # sum_k t_k * 0.5 (cos_k - 1)^2; a mixed pair gives lam * L(a) + (1 - lam) * L(b).
-            cosines = logits.float() / self._scale()
-            return 0.5 * (target.float() * (cosines - 1.0).pow(2)).sum(1).mean()
+            # sum_k t_k (logit_k - s)^2 / (2 s); a mixed pair gives lam * L(a) + (1 - lam) * L(b).
+            return (target.float() * (logits.float() - length).pow(2)).sum(1).mean() / (2.0 * length)
         target_logit = logits.float().gather(1, target.long().unsqueeze(1)).squeeze(1)
-        cosine = target_logit / self._scale()
-        return 0.5 * (cosine - 1.0).pow(2).mean()
+        return (target_logit - length).pow(2).mean() / (2.0 * length)
+
+
+class LogitAdjustedLoss(nn.Module):
+    """Logit-adjusted cross-entropy (Menon et al., ICLR 2021): CE(logits + tau * log(prior), y), with the prior
+    the training class frequencies.  Training against the adjusted logits makes the raw logits, which predict,
+    estimate the balanced (per-class averaged) error: the class-balanced baseline for a learned head."""
+
+    def __init__(self, class_counts: list[int], tau: float = 1.0, label_smoothing: float = 0.0) -> None:
+        super().__init__()
+        # A head output without training samples (a reserved prototype, a class of a later task) gets the prior
+        # of a class with one sample: a finite offset, where log(0) would push that logit to -inf.
+        counts = torch.as_tensor(class_counts, dtype=torch.float64).clamp_min(1.0)
+        self.register_buffer("offsets", (tau * torch.log(counts / counts.sum())).float(), persistent=False)
+        self.label_smoothing = label_smoothing
+
+    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        adjusted = logits.float() + self.offsets.to(logits.device)
+        return F.cross_entropy(adjusted, target, label_smoothing=self.label_smoothing)
 
 
 class FeatureDistillation:
@@ -339,8 +360,20 @@ class FeatureDistillation:
 CRITERIA = ("ce", "dot_regression")
 
 
-def create_criterion(name: str, head: nn.Module, label_smoothing: float = 0.0) -> nn.Module:
-    """Loss ``fn(logits, target) -> scalar`` by name: ``"ce"`` or ``"dot_regression"``."""
+def create_criterion(name: str, head: nn.Module, label_smoothing: float = 0.0, *, logit_adjust: float = 0.0,
+                     class_counts: list[int] | None = None) -> nn.Module:
+    """Loss ``fn(logits, target) -> scalar`` by name: ``"ce"`` or ``"dot_regression"``.
+
+    ``logit_adjust`` > 0 (tau) with ``class_counts`` (training samples per head output): the logit-adjusted
+    cross-entropy, for ``"ce"`` only."""
+    if logit_adjust and name != "ce":
+        raise FixedclsError(f"trainer.logit_adjust={logit_adjust} adjusts cross-entropy, not loss {name!r}: "
+                            f"set trainer.logit_adjust=0 or trainer.loss=ce")
+    if name == "ce" and logit_adjust:
+        if class_counts is None or len(class_counts) != head.num_classes:
+            raise FixedclsError(f"trainer.logit_adjust needs the training count of each of the head's {head.num_classes} "
+                                f"outputs: pass class_counts")
+        return LogitAdjustedLoss(list(class_counts), logit_adjust, label_smoothing)
     if name == "ce":
         return nn.CrossEntropyLoss(label_smoothing=label_smoothing)
     if name == "dot_regression":
@@ -357,6 +390,11 @@ def create_criterion(name: str, head: nn.Module, label_smoothing: float = 0.0) -
         if label_smoothing:
             raise FixedclsError(
                 f"label_smoothing={label_smoothing} has no meaning for loss 'dot_regression': set it to 0 or use loss=ce"
+            )
+        if isinstance(head.scale, nn.Parameter):
+            raise FixedclsError(
+                "loss 'dot_regression' keeps the feature length constant (head.scale), but head.learn_scale=true "
+                "would learn it (and shrink it to 0): set head.learn_scale=false"
             )
         return DotRegressionLoss(lambda: head.scale)
     raise FixedclsError(f"unknown loss {name!r}: choose one of {', '.join(CRITERIA)}")

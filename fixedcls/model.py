@@ -38,12 +38,15 @@ PRETRAINED_FILE_HINT = "model.pretrained_file=<a .safetensors/.pth file, or a fo
 
 
 class Classifier(nn.Module):
-    """backbone (pooled features) -> proj (Linear or Identity) -> head."""
+    """backbone (pooled features) -> proj (Linear or Identity) -> feature_bn (BatchNorm1d or Identity) -> head."""
 
-    def __init__(self, backbone: nn.Module, proj: nn.Module, head: nn.Module) -> None:
+    def __init__(self, backbone: nn.Module, proj: nn.Module, head: nn.Module, feature_bn: nn.Module | None = None) -> None:
         super().__init__()
         self.backbone = backbone
         self.proj = proj
+        # Yang et al. (2022) normalise the features with BatchNorm before the fixed ETF; an Identity holds no
+        # state, so checkpoints without it load unchanged.
+        self.feature_bn = feature_bn if feature_bn is not None else nn.Identity()
         self.head = head
         self.dim = head.dim
         self.num_classes = head.num_classes
@@ -73,8 +76,8 @@ class Classifier(nn.Module):
         return {f"backbone.{name}" for name in own()} if callable(own) else set()
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        """Features h [B, d]: after the projection, before any normalisation the head applies."""
-        return self.proj(self.backbone(x))
+        """Features h [B, d]: after the projection (and head.feature_bn), before any normalisation the head applies."""
+        return self.feature_bn(self.proj(self.backbone(x)))
 
     def forward(
         self, x: torch.Tensor, return_features: bool = False
@@ -352,6 +355,7 @@ def create_model(
     drop_rate: float = 0.0,
     drop_path_rate: float = 0.0,
     pretrained_file: str | None = None,
+    feature_bn: bool = False,
     **head_kwargs: Any,
 ) -> Classifier:
     """Build ``Classifier(timm backbone -> projection -> head)``.
@@ -363,6 +367,7 @@ def create_model(
     ``pretrained_file`` (a weight file or a save_for_hf folder) loads pretrained weights from disk;
     ``pretrained`` alone takes them from the Hugging Face cache, else the hub.  Either way only the
     backbone gets them (it is built without its classifier): the projection and head are fixedcls's.
+    ``feature_bn``: a ``BatchNorm1d(d)`` on the features before the head (the measured h is its output).
     """
     # Check the cheap things first so a config typo fails before the backbone is built.
     if head not in HEADS_LEARNED and head not in polytopes.POLYTOPES:
@@ -378,7 +383,7 @@ def create_model(
             dim = polytopes.natural_dim(head, num_prototypes)
     classifier_head = create_head(head, num_classes, dim, **head_kwargs)
     proj: nn.Module = nn.Identity() if dim == width else nn.Linear(width, dim, bias=False)
-    classifier = Classifier(net, proj, classifier_head)
+    classifier = Classifier(net, proj, classifier_head, nn.BatchNorm1d(dim) if feature_bn else None)
     classifier.weights_source = weights
     return classifier
 

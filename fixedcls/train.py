@@ -27,6 +27,7 @@ from .distributed import World, close_world, init_world, worker_hydra_args
 from .engine import TrainingRun, fit, recorded_keys
 from .errors import FixedclsError
 from .identity import describe_differences, differences, run_identity
+from .imbalance import class_counts, class_groups
 from .loggers import MetricsFile, create_tracker
 from .model import format_param_summary
 from .runtime import autocast_for, choice, resolve_device, seed_everything
@@ -50,7 +51,7 @@ def check_same_experiment(state: dict, meta: dict, resolved: dict, identity: str
     found = [] if same else differences(build.plain_config(build.stored_config(state, path)), resolved)
     listed = describe_differences(found)
     saved = ckpt.meta_of(state)
-    for key in ("head", "num_classes", "dim", "backbone", "head_seed"):
+    for key in ("head", "num_classes", "dim", "backbone", "head_seed", "feature_bn"):
         if key in saved and saved[key] != meta[key]:
             raise FixedclsError(
                 f"checkpoint {path} was trained with {key}={saved[key]} but this run has {key}={meta[key]}"
@@ -154,13 +155,16 @@ def build_training(cfg: DictConfig, run_dir: Path, world: World, device: torch.d
                 f"labels run from {min(labels)} to {max(labels)} but the head has {model.num_classes} outputs: "
                 f"set data.num_classes (or head.num_prototypes) to at least {max(labels) + 1}"
             )
+        train_counts = class_counts(labels, model.num_classes)
+        groups = class_groups(train_counts, cfg.data.imbalance)
         extra_loss = build.init_from_checkpoint(cfg, model, device)  # fine-tuning / feature distillation (CL2R)
         model.to(device)
         if cfg.trainer.channels_last:
             model.to(memory_format=torch.channels_last)
     meta = {"head": cfg.head.name, "num_classes": model.num_classes, "dim": model.dim,
             "backbone": cfg.model.backbone, "head_seed": cfg.head.seed, "identity": identity,
-            "identity_keys": identity_keys, "preprocessing": preprocessing, "weights": model.weights_source}
+            "identity_keys": identity_keys, "preprocessing": preprocessing, "weights": model.weights_source,
+            "feature_bn": bool(cfg.head.feature_bn)}
     if world.is_main:
         log.info(f"{cfg.head.name} head on {cfg.model.backbone}, {cfg.data.name} ({bundle.num_classes} classes), "
                  f"d={model.dim}, {device} {choice(cfg.trainer.precision)}")
@@ -170,6 +174,10 @@ def build_training(cfg: DictConfig, run_dir: Path, world: World, device: torch.d
                  + f"test {len(bundle.test)}; best.pt by {best[0]} ({best[1]})")
         if cfg.data.name in build.IMAGE_FILE_DATASETS or preprocessing["from_model"]:
             log.info(format_preprocessing(preprocessing))
+        if choice(cfg.data.imbalance.type) != "none":
+            log.info(f"long-tailed training split ({choice(cfg.data.imbalance.type)}, ratio {cfg.data.imbalance.ratio:g}): "
+                     f"{train_counts} samples per class; many-shot {groups['many']}, medium {groups['medium']}, "
+                     f"few-shot {groups['few']}")
 
     plan = world.on_main(
         lambda: runs.resolve(cfg.checkpoint.root, cfg.name, cfg.checkpoint.dir, cfg.resume, identity, warn=log.warning))
@@ -194,7 +202,7 @@ def build_training(cfg: DictConfig, run_dir: Path, world: World, device: torch.d
         if resume_state is not None:
             build.check_resume_fits(resume_state, resume_path, model, optimizer)
         scheduler = build.build_scheduler(cfg.sched, optimizer, cfg.trainer.epochs)
-        criterion = build.build_criterion(cfg, model)
+        criterion = build.build_criterion(cfg, model, class_counts=train_counts)
         mixup = build.build_mixup(cfg, model.num_classes)
         ema = build.build_ema(cfg, model)
     trained = model
@@ -241,8 +249,10 @@ def build_training(cfg: DictConfig, run_dir: Path, world: World, device: torch.d
         title=f"{cfg.head.name} ({kind} head), {cfg.model.backbone}, {cfg.data.name}, seed {cfg.seed}",
         run_info={"run_dir": str(run_dir), "checkpoint_dir": str(directory), "head": cfg.head.name,
                   "head_kind": kind, "backbone": cfg.model.backbone, "data": cfg.data.name, "seed": cfg.seed,
-                  "identity": identity, "identity_keys": identity_keys, "branched_from": branched_from},
+                  "identity": identity, "identity_keys": identity_keys, "branched_from": branched_from,
+                  "data/train_class_counts": train_counts, "data/class_groups": groups},
         val_loader=val_loader,
+        class_groups=groups,
     )
 
 

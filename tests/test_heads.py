@@ -232,14 +232,17 @@ def test_cross_entropy_with_label_smoothing():
     assert torch.allclose(criterion(logits, target), F.cross_entropy(logits, target, label_smoothing=0.1))
 
 
-@pytest.mark.parametrize("scale,learn_scale", [(None, False), (16.0, False), (4.0, True)])
-def test_dot_regression_matches_formula(scale, learn_scale):
-    head = create_head("etf", 10, 16, normalize="l2", scale=scale, learn_scale=learn_scale)
+@pytest.mark.parametrize("scale", [None, 16.0, 4.0])
+def test_dot_regression_matches_formula(scale):
+    # The paper's form: features of constant length sqrt(E_H) = s, unit prototypes (E_W = 1),
+    # L = (w_y . h - sqrt(E_W E_H))^2 / (2 sqrt(E_W E_H)).
+    head = create_head("etf", 10, 16, normalize="l2", scale=scale)
     criterion = create_criterion("dot_regression", head)
     h, target = features(), torch.tensor([0, 1, 2, 3, 9, 9])
-    w = polytopes.make("etf", 10, 16)
-    expected = 0.5 * ((F.normalize(h, dim=1) * w[target]).sum(1) - 1).pow(2).mean()
-    assert torch.allclose(criterion(head(h), target), expected, atol=1e-6)
+    w, s = polytopes.make("etf", 10, 16), 1.0 if scale is None else scale
+    dot = (s * F.normalize(h, dim=1) * w[target]).sum(1)
+    expected = ((dot - s) ** 2 / (2 * s)).mean()
+    assert torch.allclose(criterion(head(h), target), expected, atol=1e-5)
     assert list(criterion.parameters()) == []  # the head is not a submodule of the loss
 
 
@@ -252,6 +255,8 @@ def test_dot_regression_validates_the_head():
         create_criterion("dot_regression", create_head("etf", 10, normalize="l2", bias=True))
     with pytest.raises(FixedclsError, match="label_smoothing"):
         create_criterion("dot_regression", create_head("etf", 10, normalize="l2"), label_smoothing=0.1)
+    with pytest.raises(FixedclsError, match="learn_scale=false"):
+        create_criterion("dot_regression", create_head("etf", 10, normalize="l2", scale=4.0, learn_scale=True))
     with pytest.raises(FixedclsError, match="unknown loss"):
         create_criterion("mse", create_head("etf", 10))
 

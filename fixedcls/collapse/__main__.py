@@ -8,6 +8,8 @@ from typing import Sequence
 
 from ..build import load_trained
 from ..cli import output_file, positive_int, run_command, stage_list
+from ..data import targets_of
+from ..imbalance import class_counts, class_groups
 from ..loggers import write_json
 from ..runtime import resolve_device
 from .measure import measure_model
@@ -39,10 +41,13 @@ def measure(args) -> int:
     model.to(device)
     splits = {"train": bundle.train_eval, "test": bundle.test}
     prefixes = {"train": "collapse/", "test": "collapse_test/"}
+    # The run's class groups (a long-tailed run's few-shot classes are the minority of the minority measures).
+    groups = class_groups(class_counts(targets_of(bundle.train), model.num_classes), cfg.data.imbalance)
     results: dict = {}
     for split in (("train", "test") if args.split == "both" else (args.split,)):
         loader = DataLoader(splits[split], batch_size=cfg.data.eval_batch_size, shuffle=False)
-        values = measure_model(model, loader, device=device, max_samples=args.max_samples, layers=args.layers)
+        values = measure_model(model, loader, device=device, max_samples=args.max_samples, layers=args.layers,
+                               minority=groups["few"], majority=groups["many"])
         results.update({prefixes[split] + key: value for key, value in values.items()})
     if args.agop is not None:
         from .. import agop

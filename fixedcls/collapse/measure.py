@@ -11,6 +11,7 @@ import torch
 
 from ..errors import FixedclsError
 from ..runtime import autocast_dtype_of, unwrap
+from .minority import minority_collapse
 from .stats import NC1_KEYS, CollapseAccumulator, ReduceFn
 
 
@@ -141,6 +142,8 @@ def measure_model(
     reduce_fn: ReduceFn | None = None,
     channels_last: bool = False,
     accumulator: CollapseAccumulator | None = None,
+    minority: Sequence[int] = (),
+    majority: Sequence[int] = (),
 ) -> dict[str, float]:
     """Exact collapse measures of ``model`` on the data of ``loader`` (two passes).
 
@@ -161,6 +164,8 @@ def measure_model(
     ``accumulator``: a :class:`CollapseAccumulator` whose pass 1 was already fed with this model's
     features of exactly this loader's samples (e.g. during the test evaluation of the training loop):
     then only pass 2 runs over the loader.  Not with ``max_samples`` or ``layers``.
+    ``minority`` / ``majority``: class ids; when minority is given, adds the minority-collapse measures
+    (:func:`fixedcls.collapse.minority.minority_collapse`) of the class means and the head rows.
     The train/eval state of every submodule is restored afterwards.
     """
     device = torch.device(device)
@@ -227,6 +232,8 @@ def measure_model(
                     for a in layer_accs or []:
                         a.finalize_means(reduce_fn)
             out = acc.compute(weight, bias, reduce_fn=reduce_fn)
+            if minority:
+                out.update(minority_collapse(acc.means, weight, minority, majority, present=acc.counts > 0))
             for i, a in zip(inter.keys if inter is not None and inter.keys else [], layer_accs or []):
                 m = a.compute(None, reduce_fn=reduce_fn)
                 for k in NC1_KEYS:
