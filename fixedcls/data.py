@@ -38,6 +38,9 @@ class DataBundle:
     in_chans: int
     img_size: int
     class_names: Sequence[str]
+    # How one image file becomes a model input, exactly as the evaluation views do it (`preprocessing_spec`);
+    # stored in checkpoints so a trained model can be used without its data.
+    preprocessing: Optional[dict] = None
 
 
 class TensorImages(Dataset):
@@ -176,6 +179,39 @@ def _compose(*fns: Callable) -> Callable:
     return apply
 
 
+def preprocessing_spec(*, in_chans: int, img_size: int, mean: Sequence[float], std: Sequence[float],
+                       crop_pct: Optional[float] = None) -> dict:
+    """The evaluation transform as plain values, in the keys of timm's data config (so a timm export can carry
+    it): resize the shorter side to img_size / crop_pct, centre-crop img_size, scale to [0, 1], normalise.
+
+    Images up to 64 pixels are not cropped (crop_pct 1.0): timm's ImageNet crop would throw most of them away.
+    `image_mode` is the PIL mode a file is converted to first (None: the channels have no image mode).
+    """
+    if crop_pct is None:
+        from timm.data import DEFAULT_CROP_PCT
+
+        crop_pct = 1.0 if img_size <= 64 else DEFAULT_CROP_PCT
+    channels = int(in_chans)
+    return {
+        "input_size": [channels, int(img_size), int(img_size)],
+        "interpolation": "bilinear",
+        "crop_pct": float(crop_pct),
+        "crop_mode": "center",
+        "mean": [float(v) for v in (list(mean) * channels if len(mean) == 1 else mean)],
+        "std": [float(v) for v in (list(std) * channels if len(std) == 1 else std)],
+        "image_mode": IMAGE_MODES.get(channels),
+    }
+
+
+def eval_transform(spec: dict) -> Callable:
+    """PIL image (already in spec["image_mode"]) -> normalised tensor: timm's evaluation transform of `spec`."""
+    from timm.data import create_transform
+
+    return create_transform(input_size=tuple(spec["input_size"]), is_training=False, interpolation=spec["interpolation"],
+                            crop_pct=spec["crop_pct"], crop_mode=spec["crop_mode"], mean=tuple(spec["mean"]),
+                            std=tuple(spec["std"]))
+
+
 def _digits(cfg) -> DataBundle:
     from sklearn.datasets import load_digits
 
@@ -211,6 +247,8 @@ def _digits(cfg) -> DataBundle:
         test=TensorImages(images[test_idx], labels[test_idx], normalize),
         num_classes=10, in_chans=cfg.in_chans, img_size=cfg.img_size,
         class_names=[str(c) for c in range(10)],
+        # An image file of a digit: grey levels scaled to [0, 1] like the bundled 0..16 values divided by 16.
+        preprocessing=preprocessing_spec(in_chans=cfg.in_chans, img_size=cfg.img_size, mean=mean, std=std),
     )
 
 
@@ -271,6 +309,7 @@ def _synthetic(cfg) -> DataBundle:
         test=TensorImages(test_x, test_y),
         num_classes=num_classes, in_chans=cfg.in_chans, img_size=cfg.img_size,
         class_names=[str(c) for c in range(num_classes)],
+        preprocessing=preprocessing_spec(in_chans=cfg.in_chans, img_size=cfg.img_size, mean=[0.0], std=[1.0]),
     )
 
 
@@ -285,24 +324,25 @@ def _require_root(cfg) -> Path:
     return root
 
 
-def _timm_transforms(cfg, in_chans: int):
+def _timm_transforms(cfg, in_chans: int) -> tuple[Callable, Callable, dict]:
+    """(train transform, evaluation transform, the evaluation transform's spec) of CIFAR and image folders."""
     from timm.data import create_transform
 
     mean = tuple(cfg.mean) if cfg.mean else (0.485, 0.456, 0.406)[:in_chans] or (0.5,)
     std = tuple(cfg.std) if cfg.std else (0.229, 0.224, 0.225)[:in_chans] or (0.5,)
-    common = dict(input_size=(in_chans, cfg.img_size, cfg.img_size), mean=mean, std=std)
+    spec = preprocessing_spec(in_chans=in_chans, img_size=cfg.img_size, mean=mean, std=std)
+    eval_tf = eval_transform(spec)
+    if not cfg.augment:
+        return eval_tf, eval_tf, spec
     if cfg.img_size <= 64:  # CIFAR-sized images: timm's ImageNet crop policy would throw most of them away
         import torchvision.transforms as T
 
-        to_tensor = [T.ToTensor(), T.Normalize(mean, std)]
         # Resize first: an image folder's images need not already be img_size (a crop larger than the image fails).
         train_tf = T.Compose([T.Resize(cfg.img_size), T.RandomCrop(cfg.img_size, padding=cfg.img_size // 8),
-                              T.RandomHorizontalFlip()] + to_tensor)
-        eval_tf = T.Compose([T.Resize(cfg.img_size), T.CenterCrop(cfg.img_size)] + to_tensor)
-        return (train_tf if cfg.augment else eval_tf), eval_tf
-    train_tf = create_transform(is_training=cfg.augment, **common)
-    eval_tf = create_transform(is_training=False, **common)
-    return train_tf, eval_tf
+                              T.RandomHorizontalFlip(), T.ToTensor(), T.Normalize(mean, std)])
+        return train_tf, eval_tf, spec
+    train_tf = create_transform(is_training=True, input_size=(in_chans, cfg.img_size, cfg.img_size), mean=mean, std=std)
+    return train_tf, eval_tf, spec
 
 
 def _timm_dataset(cfg, name: str, split: str, transform, root: Path, class_map: Optional[dict] = None):
@@ -319,19 +359,19 @@ def _timm_dataset(cfg, name: str, split: str, transform, root: Path, class_map: 
 
 def _torchvision_cifar(cfg) -> DataBundle:
     root = _require_root(cfg)
-    train_tf, eval_tf = _timm_transforms(cfg, 3)
+    train_tf, eval_tf, spec = _timm_transforms(cfg, 3)
     name = f"torch/{cfg.name}"
     train = _timm_dataset(cfg, name, cfg.train_split, train_tf, root)
     train_eval = _timm_dataset(cfg, name, cfg.train_split, eval_tf, root)
     test = _timm_dataset(cfg, name, cfg.test_split, eval_tf, root)
     classes = list(getattr(train, "classes", []))
     num_classes = len(classes) or (10 if cfg.name == "cifar10" else 100)
-    return DataBundle(train, train_eval, test, num_classes, 3, cfg.img_size, classes)
+    return DataBundle(train, train_eval, test, num_classes, 3, cfg.img_size, classes, preprocessing=spec)
 
 
 def _imagefolder(cfg) -> DataBundle:
     root = _require_root(cfg)
-    train_tf, eval_tf = _timm_transforms(cfg, cfg.in_chans)
+    train_tf, eval_tf, spec = _timm_transforms(cfg, cfg.in_chans)
     train = _timm_dataset(cfg, "", cfg.train_split, train_tf, root)
     classes = sorted(train.reader.class_to_idx, key=train.reader.class_to_idx.get)
     if len(classes) < 2:
@@ -353,7 +393,7 @@ def _imagefolder(cfg) -> DataBundle:
     if any(mapping[name] != index for name, index in test.reader.class_to_idx.items()):
         test = _timm_dataset(cfg, "", cfg.test_split, eval_tf, root, class_map=mapping)
     train, train_eval, test = (ImageFiles(d, IMAGE_MODES[cfg.in_chans]) for d in (train, train_eval, test))
-    return DataBundle(train, train_eval, test, len(classes), cfg.in_chans, cfg.img_size, classes)
+    return DataBundle(train, train_eval, test, len(classes), cfg.in_chans, cfg.img_size, classes, preprocessing=spec)
 
 
 class ImageFiles(Dataset):
@@ -468,6 +508,7 @@ def select_classes(bundle: DataBundle, cfg) -> DataBundle:
         train_eval=LabelSubset(bundle.train_eval, keep, train_targets),
         test=LabelSubset(bundle.test, test_keep, test_targets),
         num_classes=K, in_chans=bundle.in_chans, img_size=bundle.img_size, class_names=bundle.class_names,
+        preprocessing=bundle.preprocessing,
     )
 
 
