@@ -87,15 +87,17 @@ def embed(model: nn.Module, dataset, *, device: torch.device, batch_size: int = 
     return torch.cat(features), torch.cat(labels)
 
 
-def _data_config(base, items: Sequence[str] = ()):
-    """The evaluation data config: `base` (a model's data section) for all classes, then presets / key=value items."""
+def data_config(base, items: Sequence[str] = (), *, all_classes: bool = True):
+    """The evaluation data config: `base` (a model's data section), for all classes unless `all_classes` is
+    False (then the run's own class selection stays), then presets / key=value items."""
     from omegaconf import OmegaConf
     from omegaconf.errors import OmegaConfBaseException
 
     from .config import DataConfig
 
     cfg = OmegaConf.merge(OmegaConf.structured(DataConfig), base)
-    cfg.classes, cfg.old_classes, cfg.rehearsal = None, None, 0
+    if all_classes:
+        cfg.classes, cfg.old_classes, cfg.rehearsal = None, None, 0
     for item in items:
         try:
             if "=" in item:
@@ -153,7 +155,7 @@ def compatibility(checkpoints: Sequence[str | Path], *, query: str = "test", gal
                       "classes": list(cfg.data.classes) if cfg.data.classes is not None else None,
                       "old_classes": list(cfg.data.old_classes) if cfg.data.old_classes is not None else None,
                       "epochs": int(state.get("epoch", 0))})
-    data_cfg = _data_config(models[0][1].data, data)
+    data_cfg = data_config(models[0][1].data, data)
     bundle = create_data(data_cfg)
     for t, (model, cfg) in enumerate(models, 1):
         if in_chans_of(cfg) != bundle.in_chans:
