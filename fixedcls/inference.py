@@ -107,7 +107,7 @@ def _load_checkpoint(path: Path, ema: bool) -> LoadedModel:
             raise FixedclsError(f"checkpoint {file} holds no EMA weights (it was trained with trainer.ema=false): drop --ema / ema=True")
         weights = {key.removeprefix("module."): value for key, value in state["ema"].items()}
     _load_weights(model, weights, file)
-    identity = model_identity(model, file, state)
+    identity = {**model_identity(model, file, state), "ema": bool(ema)}
     return LoadedModel(model=model.eval(), transform=ImageTransform(preprocessing),
                        class_names=_output_names(class_names, model), config=config, preprocessing=preprocessing,
                        spec=spec, identity=identity, path=file)
