@@ -182,6 +182,8 @@ def test_timm_export_is_a_plain_timm_model_with_the_same_logits(trained, tmp_pat
     transform = timm.data.create_transform(**timm.data.resolve_data_config({}, model=plain))
     image = Image.open(loose_images(trained)[0]).convert("RGB")
     assert torch.allclose(transform(image), fixedcls.load(trained["folder"]).transform(image))
+    with pytest.raises(FixedclsError, match="plain timm export"):  # fixedcls.load points to timm for it
+        fixedcls.load(out)
 
 
 def test_onnx_and_torchscript_exports_give_the_same_logits(trained, tmp_path):
