@@ -43,6 +43,19 @@ class DataBundle:
     preprocessing: Optional[dict] = None
 
 
+# A split a command can name -> the DataBundle view that evaluates it (the training split without augmentation).
+SPLIT_VIEWS = {"train": "train_eval", "test": "test", "val": "val"}
+
+
+def evaluation_split(bundle: DataBundle, split: str) -> Dataset:
+    """The samples of a named split, as evaluation sees them; a missing or empty split is a one-line error."""
+    dataset = getattr(bundle, SPLIT_VIEWS.get(split, ""), None)
+    if dataset is None or len(dataset) == 0:
+        present = [name for name, view in SPLIT_VIEWS.items() if getattr(bundle, view, None) is not None]
+        raise FixedclsError(f"this data has no {split} samples: choose a split it has ({', '.join(present)})")
+    return dataset
+
+
 class TensorImages(Dataset):
     """Images held as one float tensor [N, C, H, W] with integer labels."""
 
@@ -324,12 +337,18 @@ def _require_root(cfg) -> Path:
     return root
 
 
+def file_normalization(cfg, in_chans: int) -> tuple[tuple, tuple]:
+    """(mean, std) of CIFAR and image folders: data.mean / data.std, else ImageNet's first in_chans values."""
+    mean = tuple(cfg.mean) if cfg.mean else (0.485, 0.456, 0.406)[:in_chans] or (0.5,)
+    std = tuple(cfg.std) if cfg.std else (0.229, 0.224, 0.225)[:in_chans] or (0.5,)
+    return mean, std
+
+
 def _timm_transforms(cfg, in_chans: int) -> tuple[Callable, Callable, dict]:
     """(train transform, evaluation transform, the evaluation transform's spec) of CIFAR and image folders."""
     from timm.data import create_transform
 
-    mean = tuple(cfg.mean) if cfg.mean else (0.485, 0.456, 0.406)[:in_chans] or (0.5,)
-    std = tuple(cfg.std) if cfg.std else (0.229, 0.224, 0.225)[:in_chans] or (0.5,)
+    mean, std = file_normalization(cfg, in_chans)
     spec = preprocessing_spec(in_chans=in_chans, img_size=cfg.img_size, mean=mean, std=std)
     eval_tf = eval_transform(spec)
     if not cfg.augment:

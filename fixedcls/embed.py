@@ -16,14 +16,13 @@ from typing import Optional, Sequence
 
 from .cli import EXIT_USAGE, output_file, positive_int, run_command
 
-SPLITS = {"train": "train_eval", "test": "test", "val": "val"}
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fixedcls-embed", description=__doc__.split("\n\n")[0])
     parser.add_argument("checkpoint", metavar="CKPT", help="a checkpoint, a run's checkpoint folder, or a fixedcls export")
     parser.add_argument("paths", nargs="*", metavar="PATH", help="image files or folders (instead of --split)")
-    parser.add_argument("--split", choices=tuple(SPLITS), help="a split of the run's data (default train, without PATHs)")
+    parser.add_argument("--split", choices=("train", "test", "val"), help="a split of the run's data (default train, without PATHs)")
     parser.add_argument("--out", type=output_file, required=True, help="the gallery file to write (.safetensors)")
     parser.add_argument("--data", nargs="+", default=[], metavar="NAME|KEY=VALUE",
                         help="change the run's data (a conf/data preset and/or data keys), e.g. --data root=/data/mine")
@@ -38,7 +37,7 @@ def embed_split(loaded, split: str, data_items: Sequence[str], device, batch_siz
     """The gallery of a split of the model's own data, all classes (as fixedcls-compat embeds it)."""
     from . import build
     from .compatibility import data_config, embed
-    from .data import create_data
+    from .data import create_data, evaluation_split
     from .errors import FixedclsError
     from .gallery import Gallery, sample_paths
 
@@ -47,9 +46,7 @@ def embed_split(loaded, split: str, data_items: Sequence[str], device, batch_siz
     cfg = build.stored_config({"config": loaded.config}, loaded.path)
     data_cfg = data_config(cfg.data, data_items)
     bundle = create_data(data_cfg)
-    dataset = getattr(bundle, SPLITS[split], None)
-    if dataset is None or len(dataset) == 0:
-        raise FixedclsError(f"{data_cfg.name} data as configured has no {split} samples: choose --split train or test")
+    dataset = evaluation_split(bundle, split)
     features, labels = embed(loaded.model, dataset, device=device, batch_size=int(batch_size or data_cfg.eval_batch_size))
     return Gallery(features=features, labels=labels, paths=sample_paths(dataset, split),
                    class_names=list(loaded.class_names), identity=loaded.identity, source=f"{data_cfg.name}:{split}")

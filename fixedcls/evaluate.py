@@ -14,7 +14,6 @@ from typing import Optional, Sequence
 
 from .cli import output_file, positive_int, run_command
 
-SPLITS = {"test": "test", "train": "train_eval", "val": "val"}
 COLLAPSE_PREFIX = {"train": "collapse/", "test": "collapse_test/", "val": "collapse_val/"}
 
 
@@ -22,7 +21,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fixedcls-eval", description=__doc__.split("\n\n")[0])
     parser.add_argument("checkpoint", metavar="CKPT", help="a checkpoint, a run's checkpoint folder, or a folder "
                                                            "written by fixedcls-export --format fixedcls")
-    parser.add_argument("--split", choices=tuple(SPLITS), default="test", help="the split to evaluate (default test)")
+    parser.add_argument("--split", choices=("test", "val", "train"), default="test", help="the split to evaluate (default test)")
     parser.add_argument("--data", nargs="+", default=[], metavar="NAME|KEY=VALUE",
                         help="change the run's data: a conf/data preset and/or data keys (e.g. --data root=/data/mine)")
     parser.add_argument("--ema", action="store_true", help="evaluate the EMA weights (trainer.ema=true runs)")
@@ -41,7 +40,7 @@ def evaluate_checkpoint(args) -> dict:
     from . import build
     from .collapse import measure_model
     from .compatibility import data_config
-    from .data import create_data
+    from .data import create_data, evaluation_split
     from .errors import FixedclsError
     from .evaluation import classification_metrics, collect_logits
     from .inference import load
@@ -54,11 +53,7 @@ def evaluate_checkpoint(args) -> dict:
     cfg = build.stored_config({"config": loaded.config}, loaded.path)
     cfg.data = data_config(cfg.data, args.data, all_classes=False)
     bundle = create_data(cfg.data)
-    dataset = getattr(bundle, SPLITS[args.split], None)
-    if dataset is None:
-        raise FixedclsError(f"{cfg.data.name} data as configured has no {args.split} split: choose --split test or train")
-    if len(dataset) == 0:
-        raise FixedclsError(f"the {args.split} split of {cfg.data.name} is empty: choose another --split or --data")
+    dataset = evaluation_split(bundle, args.split)
     if bundle.in_chans != loaded.spec["in_chans"]:
         raise FixedclsError(f"the model takes {loaded.spec['in_chans']}-channel images but this data has {bundle.in_chans}: "
                             f"set --data in_chans={loaded.spec['in_chans']}")

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from . import build
-from .data import IMAGE_EXTENSIONS, eval_transform, preprocessing_spec
+from .data import IMAGE_EXTENSIONS, eval_transform, file_normalization, preprocessing_spec
 from .errors import FixedclsError
 
 log = logging.getLogger("fixedcls")
@@ -124,8 +124,7 @@ def _rebuilt_preprocessing(cfg, file: Path) -> tuple[dict, list[str]]:
         bundle = create_data(data)
         return bundle.preprocessing, list(bundle.class_names)
     in_chans = build.in_chans_of(cfg)
-    mean = list(data.mean) if data.mean else list((0.485, 0.456, 0.406)[:in_chans] or (0.5,))
-    std = list(data.std) if data.std else list((0.229, 0.224, 0.225)[:in_chans] or (0.5,))
+    mean, std = file_normalization(data, in_chans)
     preprocessing = preprocessing_spec(in_chans=in_chans, img_size=data.img_size, mean=mean, std=std)
     names: list[str] = []
     folder = Path(str(data.root or "")).expanduser() / str(data.train_split)
