@@ -65,14 +65,17 @@ class LoadedModel:
     identity: dict = field(default_factory=dict)  # which model this is: checkpoint, epoch, meta, prototype hash
     path: Optional[Path] = None
 
+    def top_classes(self, logits: torch.Tensor, topk: int = 5) -> list[list[tuple[str, float]]]:
+        """The `topk` (class name, probability) pairs of each row of a logits batch."""
+        probabilities = logits.detach().float().softmax(1).cpu()
+        values, indices = probabilities.topk(min(topk, probabilities.shape[1]), dim=1)
+        return [[(self.class_names[i], v) for v, i in zip(vs, ids)] for vs, ids in zip(values.tolist(), indices.tolist())]
+
     def predict(self, images: Iterable, topk: int = 5) -> list[list[tuple[str, float]]]:
         """The `topk` (class name, probability) pairs of each PIL image."""
         batch = torch.stack([self.transform(image) for image in images])
-        device = next(self.model.parameters()).device
         with torch.no_grad():
-            probabilities = self.model(batch.to(device)).float().softmax(1).cpu()
-        values, indices = probabilities.topk(min(topk, probabilities.shape[1]), dim=1)
-        return [[(self.class_names[i], float(v)) for v, i in zip(vs.tolist(), ids.tolist())] for vs, ids in zip(values, indices)]
+            return self.top_classes(self.model(batch.to(next(self.model.parameters()).device)), topk)
 
 
 def load(path: str | Path, device: str | torch.device = "cpu", ema: bool = False) -> LoadedModel:

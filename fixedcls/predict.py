@@ -48,14 +48,10 @@ def predict_files(checkpoint, paths: Sequence[str | Path], *, topk: int = 5, bat
                             f"{', '.join(IMAGE_EXTENSIONS)} files")
     dev = resolve_device(device, key="--device")
     loaded = load(checkpoint, device=dev, ema=ema)
-    k = min(topk, len(loaded.class_names))
     results = []
     with torch.no_grad():
         for names, batch in image_batches(files, loaded.transform, batch_size, on_error or (lambda path, message: None)):
-            probabilities = loaded.model(batch.to(dev)).float().softmax(1).cpu()
-            values, indices = probabilities.topk(k, dim=1)
-            for path, vs, ids in zip(names, values.tolist(), indices.tolist()):
-                results.append((path, [(loaded.class_names[i], v) for v, i in zip(vs, ids)]))
+            results += zip(names, loaded.top_classes(loaded.model(batch.to(dev)), topk))
     return results
 
 

@@ -63,7 +63,7 @@ def trained(tmp_path_factory) -> dict:
     return {
         "folder": run["checkpoint"], "last_row": run["history"], "loose": loose, "tmp": tmp,
         "l2": _train(tmp, "l2", synthetic + ["head=simplex", "head.normalize=l2", "head.scale=10", "seed=0"])["checkpoint"],
-        "plain": _train(tmp, "plain", synthetic + ["head=simplex", "seed=1"])["checkpoint"],
+        "plain": _train(tmp, "plain", synthetic + ["head=simplex", "seed=1", "trainer.ema=true"]),
     }
 
 
@@ -92,10 +92,10 @@ def test_load_needs_no_data_and_names_the_classes(trained):
 
 
 def test_a_checkpoint_without_the_inference_entry_still_loads(trained, tmp_path):
-    state = ckpt.load(ckpt.checkpoint_file(trained["plain"]))
+    state = ckpt.load(ckpt.checkpoint_file(trained["plain"]["checkpoint"]))
     del state["inference"]
     ckpt.atomic_save(state, tmp_path / "old.pt")
-    old, new = fixedcls.load(tmp_path / "old.pt"), fixedcls.load(trained["plain"])
+    old, new = fixedcls.load(tmp_path / "old.pt"), fixedcls.load(trained["plain"]["checkpoint"])
     assert old.class_names == new.class_names == ["0", "1", "2", "3"]
     assert old.preprocessing == new.preprocessing
     x = torch.randn(2, 3, 16, 16)
@@ -114,6 +114,22 @@ def test_load_refuses_what_is_not_a_checkpoint_in_one_line(tmp_path, case):
         fixedcls.load(path)
     assert "\n" not in str(error.value)
     assert {"missing": "does not exist", "not_torch": "corrupt", "not_fixedcls": "not a fixedcls checkpoint"}[case] in str(error.value)
+
+
+def test_ema_weights_load_and_evaluate_as_in_training(trained, tmp_path):
+    from fixedcls.evaluate import main
+
+    plain = trained["plain"]["checkpoint"]
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        assert not torch.equal(fixedcls.load(plain, ema=True).model(x), fixedcls.load(plain).model(x))
+    with pytest.raises(FixedclsError, match="no EMA weights"):
+        fixedcls.load(trained["l2"], ema=True)
+    out = tmp_path / "ema.json"
+    assert main([str(plain), "--ema", "--no-collapse", "--json", str(out), "--device", "cpu"]) == 0
+    result = json.loads(out.read_text())
+    assert result["acc"] == pytest.approx(trained["plain"]["history"]["test/acc_ema"], abs=1e-12)
+    assert result["loss"] == pytest.approx(trained["plain"]["history"]["test/loss_ema"], rel=1e-6)
 
 
 # --------------------------------------------------------------------------- fixedcls-predict
@@ -217,11 +233,11 @@ def test_fixedcls_export_loads_back_for_every_head_and_refuses_an_existing_folde
     assert again.class_names == original.class_names and again.preprocessing == original.preprocessing
     before = sorted((p.name, p.stat().st_mtime_ns) for p in out.iterdir())
     capsys.readouterr()
-    assert main([str(trained["plain"]), "--out", str(out), "--format", "fixedcls"]) == 2
+    assert main([str(trained["plain"]["checkpoint"]), "--out", str(out), "--format", "fixedcls"]) == 2
     assert "--force" in capsys.readouterr().err
     assert sorted((p.name, p.stat().st_mtime_ns) for p in out.iterdir()) == before
-    assert main([str(trained["plain"]), "--out", str(out), "--format", "fixedcls", "--force"]) == 0
-    assert fixedcls.load(out).identity["source"].startswith(str(trained["plain"]))
+    assert main([str(trained["plain"]["checkpoint"]), "--out", str(out), "--format", "fixedcls", "--force"]) == 0
+    assert fixedcls.load(out).identity["source"].startswith(str(trained["plain"]["checkpoint"]))
 
 
 def test_a_head_that_cannot_fold_is_refused_and_nothing_is_left(trained, tmp_path, capsys):
@@ -277,7 +293,7 @@ def test_a_stored_gallery_gives_the_matrix_entry_of_the_two_checkpoints(trained,
     from fixedcls.embed import main as embed
     from fixedcls.gallery import load_gallery
 
-    old, new = trained["l2"], trained["plain"]
+    old, new = trained["l2"], trained["plain"]["checkpoint"]
     gallery = tmp_path / "gallery.safetensors"
     assert embed([str(old), "--split", "train", "--out", str(gallery), "--device", "cpu"]) == 0
     stored = load_gallery(gallery)
