@@ -46,7 +46,7 @@ def folded_classifier(model: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
         raise FixedclsError(f"a fixed head with head.normalize={head.normalize}{learned} L2-normalises its input, so it "
                             f"does not fold into one nn.Linear of a plain timm model: {fix}")
     if isinstance(head, FixedHead):
-        weight = head.prototypes.double() * float(head.scale)
+        weight = head.prototypes.double() * float(torch.as_tensor(head.scale).detach())
     elif isinstance(head, LinearHead):
         weight = head.weight.double()
     else:

@@ -321,3 +321,38 @@ def test_embedding_image_files_labels_them_by_folder(trained, tmp_path):
     stored = load_gallery(out)
     names = ["cat", "dog", "fox"]
     assert [names[int(label)] for label in stored.labels] == [Path(p).parent.name for p in stored.paths]
+
+
+@pytest.mark.parametrize("head, kwargs", [
+    ("simplex", {"scale": 3.0, "bias": True}),       # projection 96 -> 3, fixed scale, bias
+    ("dcube", {"learn_scale": True, "scale": 2.0}),  # a learned scale without normalisation folds too
+    ("learned", {}),                                 # a learned linear head: weight @ projection
+])
+def test_linear_heads_fold_into_one_layer_with_the_same_logits(head, kwargs):
+    from fixedcls.export import folded_classifier, timm_model
+    from fixedcls.model import create_model
+
+    torch.manual_seed(0)
+    model = create_model("test_resnet", head, num_classes=4, dim=3 if head != "learned" else None, **kwargs).eval()
+    if model.head.bias is not None:
+        torch.nn.init.normal_(model.head.bias)
+    x = torch.randn(2, 3, 16, 16)
+    weight, bias = folded_classifier(model)
+    with torch.no_grad():
+        expected = model(x)
+        assert _relative(model.backbone(x) @ weight.T + bias, expected) < 1e-5
+        assert _relative(timm_model(model)(x), expected) < 1e-5
+
+
+@pytest.mark.parametrize("head, kwargs, needle", [
+    ("cosine", {}, "cosine head"),
+    ("simplex", {"normalize": "l2", "learn_scale": True, "scale": 5.0}, "with a learned scale"),
+])
+def test_normalising_heads_do_not_fold(head, kwargs, needle):
+    from fixedcls.export import folded_classifier
+    from fixedcls.model import create_model
+
+    model = create_model("test_resnet", head, num_classes=4, dim=3 if head != "cosine" else None, **kwargs)
+    with pytest.raises(FixedclsError, match=needle) as error:
+        folded_classifier(model)
+    assert "--format fixedcls" in str(error.value)
