@@ -61,19 +61,33 @@ def in_chans_of(cfg) -> int:
     return 3 if cfg.data.name in ("cifar10", "cifar100") else int(cfg.data.in_chans)
 
 
+def model_spec(cfg, *, num_classes: int, in_chans: int, img_size: int) -> dict:
+    """Everything `create_model` needs to build the Classifier a config describes, as plain values (a checkpoint
+    stores it, so a model can be rebuilt without the config schema or the data)."""
+    return {
+        "backbone": str(cfg.model.backbone), "head": str(cfg.head.name), "num_classes": int(num_classes),
+        "dim": cfg.model.dim, "in_chans": int(in_chans), "img_size": int(img_size),
+        "drop_rate": float(cfg.model.drop_rate), "normalize": choice(cfg.head.normalize), "scale": cfg.head.scale,
+        "learn_scale": bool(cfg.head.learn_scale), "bias": cfg.head.bias, "seed": int(cfg.head.seed),
+        "num_prototypes": cfg.head.num_prototypes, "drop_path_rate": float(cfg.model.get("drop_path_rate") or 0.0),
+        "feature_bn": bool(cfg.head.get("feature_bn", False)),
+    }
+
+
+def model_from_spec(spec: dict, *, pretrained: bool = False, pretrained_file: Optional[str] = None) -> Classifier:
+    """The Classifier of a `model_spec` (untrained unless `pretrained` / `pretrained_file` bring the backbone's
+    weights; a spec of an older checkpoint without the newer keys takes their defaults)."""
+    spec = dict(spec)
+    backbone, head, num_classes = spec.pop("backbone"), spec.pop("head"), spec.pop("num_classes")
+    return create_model(backbone, head, num_classes, pretrained=pretrained, pretrained_file=pretrained_file, **spec)
+
+
 def build_model(cfg, *, num_classes: int, in_chans: int, img_size: int, pretrained: Optional[bool] = None) -> Classifier:
     """The Classifier a config describes, with `num_classes` outputs; `pretrained=False` loads no pretrained
     weights at all (neither model.pretrained nor model.pretrained_file: a checkpoint's weights follow)."""
-    return create_model(
-        cfg.model.backbone, cfg.head.name, num_classes, dim=cfg.model.dim,
-        pretrained=cfg.model.pretrained if pretrained is None else pretrained,
-        pretrained_file=cfg.model.get("pretrained_file") if pretrained is not False else None,
-        in_chans=in_chans, img_size=img_size, drop_rate=cfg.model.drop_rate,
-        drop_path_rate=cfg.model.get("drop_path_rate") or 0.0,
-        normalize=choice(cfg.head.normalize), scale=cfg.head.scale, learn_scale=cfg.head.learn_scale,
-        bias=cfg.head.bias, seed=cfg.head.seed, num_prototypes=cfg.head.num_prototypes,
-        feature_bn=cfg.head.feature_bn,
-    )
+    spec = model_spec(cfg, num_classes=num_classes, in_chans=in_chans, img_size=img_size)
+    return model_from_spec(spec, pretrained=cfg.model.pretrained if pretrained is None else pretrained,
+                           pretrained_file=cfg.model.get("pretrained_file") if pretrained is not False else None)
 
 
 # Datasets read from image files through timm's transforms: a pretrained model's preprocessing applies to these.
@@ -115,7 +129,7 @@ def resolve_preprocessing(cfg) -> dict:
     return {**chosen, "from_model": wanted}
 
 
-def _mismatch(model: nn.Module, saved: dict) -> str:
+def mismatch(model: nn.Module, saved: dict) -> str:
     """What differs between a model's state dict and a saved one, in a few words."""
     own = model.state_dict()
     missing = [k for k in own if k not in saved]
@@ -132,7 +146,7 @@ def check_resume_fits(state: dict, path: Path, model: nn.Module, optimizer: torc
     own = model.state_dict()
     saved = state["model"]
     if set(own) != set(saved) or any(tuple(own[k].shape) != tuple(saved[k].shape) for k in own):
-        raise FixedclsError(f"checkpoint {path} holds weights of another model ({_mismatch(model, saved)}): resume it "
+        raise FixedclsError(f"checkpoint {path} holds weights of another model ({mismatch(model, saved)}): resume it "
                             f"with the model.backbone, head and model.dim it was trained with, or start a new run")
     groups = state["optimizer"]["param_groups"]
     sizes, own_sizes = [len(g["params"]) for g in groups], [len(g["params"]) for g in optimizer.param_groups]
@@ -175,7 +189,7 @@ def model_from_checkpoint(path: str | Path) -> tuple[Classifier, DictConfig, dic
         model.load_state_dict(state["model"])
     except RuntimeError:
         raise FixedclsError(f"checkpoint {path} does not match the model its config describes "
-                            f"({_mismatch(model, state['model'])}): it was written by another fixedcls version") from None
+                            f"({mismatch(model, state['model'])}): it was written by another fixedcls version") from None
     return model.eval(), cfg, state, path
 
 
@@ -351,7 +365,7 @@ def init_from_checkpoint(cfg, model: nn.Module, device: torch.device) -> Optiona
         raise FixedclsError(
             f"model.init_from={path} does not fit this model (it holds {saved.get('backbone', '?')} with head "
             f"{saved.get('head', '?')}, {saved.get('num_classes', '?')} outputs, d={saved.get('dim', '?')}; "
-            f"{_mismatch(model, state['model'])}): use the checkpoint's model.backbone, head, model.dim and class count"
+            f"{mismatch(model, state['model'])}): use the checkpoint's model.backbone, head, model.dim and class count"
         ) from None
     log.info(f"initialised from {path}")
     if not weight:

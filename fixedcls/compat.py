@@ -9,6 +9,9 @@
     fixedcls-compat CKPT_1 ... CKPT_T [--json PATH] [--png PATH] [--query SPLIT] [--gallery SPLIT] [--data NAME|KEY=VALUE ...]
         [--metric retrieval|verification] [--pairs N] [--folds K]
 
+    # search a stored gallery (fixedcls-embed OLD_CKPT --out gallery.safetensors) with newer models' queries
+    fixedcls-compat CKPT ... --gallery gallery.safetensors [--json PATH]
+
 The measures live in `fixedcls.compatibility`; this module reports them and runs the generations.
 """
 from __future__ import annotations
@@ -27,7 +30,8 @@ from . import checkpoint as ckpt
 from . import runs
 from .build import plain_config, stored_config
 from .cli import exit_if_jobs_failed, output_file, positive_int, refuse_bad_overrides, run_command, run_job
-from .compatibility import METRICS, compatibility, evaluation_data_config, load_checkpoint, split_classes
+from .compatibility import (METRICS, SPLITS, compatibility, evaluation_data_config, gallery_compatibility, load_checkpoint,
+                            split_classes)
 from .config import conf_dir
 from .errors import FixedclsError
 from .identity import run_identity
@@ -146,6 +150,18 @@ def log_to_tracker(result: dict, logger_cfg, run_dir: Path, png: Optional[Path],
     if png is not None:
         tracker.log_image("compat", png)
     tracker.finish(0)
+
+
+def format_gallery_report(result: dict) -> str:
+    """One line per query model: its top-1 and mAP against the stored gallery (the matrix entry M[t][g])."""
+    source = result["gallery_model"].get("source", "?")
+    lines = [f"queries: {result['query']} ({result['num_query']}), {result['data']}; stored gallery {result['gallery_file']}: "
+             f"{result['gallery_source']} ({result['num_gallery']}), embedded by {source}",
+             f"{'query model':<48}{'top-1 (%)':>10}{'mAP (%)':>10}"]
+    for info, top1, mean_ap in zip(result["models"], result["top1"], result["map"]):
+        cells = ["n/a" if v is None or math.isnan(v) else f"{100 * v:.1f}" for v in (top1, mean_ap)]
+        lines.append(f"{info['checkpoint'][-48:]:<48}{cells[0]:>10}{cells[1]:>10}")
+    return "\n".join(lines)
 
 
 def report(result: dict, *, json_path: Optional[Path], png_path: Optional[Path], title: Optional[str] = None,
@@ -327,7 +343,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--json", type=output_file, help="write the matrices and criteria here")
     parser.add_argument("--png", type=output_file, help="heatmap path (default: next to --json, else compat.png)")
     parser.add_argument("--query", default="test", help="split embedded by the newer model (train or test; default test)")
-    parser.add_argument("--gallery", default="train", help="split embedded by the older model (default train)")
+    parser.add_argument("--gallery", default="train", help="split embedded by the older model (default train), or a "
+                                                           "gallery file written by fixedcls-embed (never re-indexed)")
     parser.add_argument("--data", nargs="+", default=[], metavar="NAME|KEY=VALUE",
                         help="evaluation data instead of the first model's: a conf/data preset and/or data keys "
                              "(e.g. --data cifar10 root=/data/cifar)")
@@ -366,6 +383,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 
 def _measure(args) -> int:
+    if args.gallery not in SPLITS:
+        if not Path(args.gallery).expanduser().is_file():
+            raise FixedclsError(f"--gallery {args.gallery} is neither a split (train, test) nor a gallery file: "
+                                f"name a split, or write the file with fixedcls-embed CKPT --out {args.gallery}")
+        result = gallery_compatibility(args.checkpoints, args.gallery, query=args.query, data=args.data,
+                                       classes=args.classes, device=args.device, batch_size=args.batch_size)
+        print(format_gallery_report(result))
+        if args.json:
+            print(f"wrote {write_json(args.json, result)}")
+        return 0
     result = compatibility(args.checkpoints, query=args.query, gallery=args.gallery, data=args.data,
                            classes=args.classes, device=args.device, batch_size=args.batch_size, metric=args.metric,
                            pairs=args.pairs, folds=args.folds, pair_seed=args.pair_seed)

@@ -202,15 +202,17 @@ def embed(model: nn.Module, dataset, *, device: torch.device, batch_size: int = 
     return torch.cat(features), torch.cat(labels)
 
 
-def evaluation_data_config(base, items: Sequence[str] = ()):
-    """The evaluation data config: `base` (a model's data section) for all classes, then presets / key=value items."""
+def evaluation_data_config(base, items: Sequence[str] = (), *, all_classes: bool = True):
+    """The evaluation data config: `base` (a model's data section), for all classes unless `all_classes` is
+    False (then the run's own class selection stays), then presets / key=value items."""
     from omegaconf import OmegaConf
     from omegaconf.errors import OmegaConfBaseException
 
     from .config import DataConfig
 
     cfg = OmegaConf.merge(OmegaConf.structured(DataConfig), base)
-    cfg.classes, cfg.old_classes, cfg.rehearsal = None, None, 0
+    if all_classes:
+        cfg.classes, cfg.old_classes, cfg.rehearsal = None, None, 0
     for item in items:
         try:
             if "=" in item:
@@ -328,3 +330,58 @@ def compatibility(checkpoints: Sequence[str | Path], *, query: str = "test", gal
         result["M_verification"] = M_ver
         result.update({f"{key}_verification": value for key, value in compatibility_criteria(M_ver).items()})
     return result
+
+
+def gallery_compatibility(checkpoints: Sequence[str | Path], gallery_file: str | Path, *, query: str = "test",
+                          data: Sequence[str] = (), classes: Optional[Sequence[int]] = None, device: str = "auto",
+                          batch_size: Optional[int] = None) -> dict:
+    """Each model's queries searched against a stored gallery (`fixedcls-embed`): the M[t][g] entries of the
+    matrix, g being the model that embedded the gallery, top-1 and mAP, without re-indexing the gallery.
+
+    The queries are the `query` split of the first model's data config (all classes), as `compatibility` takes
+    them; `classes` restricts queries and gallery alike.
+    """
+    from .data import create_data
+    from .gallery import load_gallery, same_feature_space
+    from .inference import model_identity
+    from .runtime import resolve_device
+
+    if not checkpoints:
+        raise FixedclsError("no checkpoints given: pass the checkpoints whose queries search the gallery")
+    gallery = load_gallery(gallery_file)
+    for path in checkpoints:
+        load_checkpoint(path)  # every path checked before any work
+    dev = resolve_device(device, key="--device")
+    g_feats, g_labels = gallery.features, gallery.labels
+    if classes:
+        keep = torch.isin(g_labels, torch.tensor(sorted({int(c) for c in classes})))
+        g_feats, g_labels = g_feats[keep], g_labels[keep]
+        if not len(g_labels):
+            raise FixedclsError(f"the gallery holds no samples of classes {list(classes)}: choose other --classes")
+    infos, top1, mean_ap = [], [], []
+    data_cfg, q_set = None, None
+    for path in checkpoints:
+        model, cfg, state, path = model_from_checkpoint(path)
+        if q_set is None:
+            data_cfg = evaluation_data_config(cfg.data, data)
+            q_set = _split(create_data(data_cfg), query, classes)
+        identity = model_identity(model, path, state)
+        shared = same_feature_space(identity, gallery.identity)
+        if shared is False:
+            log.warning(f"warning: {path} and the gallery's model use different prototypes; their features are not "
+                        f"expected to be compatible")
+        model.to(dev)
+        qf, qy = embed(model, q_set, device=dev, batch_size=int(batch_size or data_cfg.eval_batch_size))
+        model.cpu()
+        scores = retrieval_scores(qf, qy, g_feats, g_labels)
+        if math.isnan(scores[0]):
+            log.warning(f"warning: {path} has feature width {qf.shape[1]} but the gallery {g_feats.shape[1]}: "
+                        f"its entry cannot be measured")
+        top1.append(scores[0])
+        mean_ap.append(scores[1])
+        infos.append({"checkpoint": str(path), "backbone": cfg.model.backbone, "head": cfg.head.name,
+                      "dim": int(model.dim), "epochs": int(state.get("epoch", 0)), "same_prototypes": shared})
+    return {"models": infos, "gallery_file": str(gallery_file), "gallery_model": gallery.identity,
+            "gallery_source": gallery.source, "query": query, "data": data_cfg.name,
+            "classes": sorted({int(c) for c in classes}) if classes else None,
+            "num_query": len(q_set), "num_gallery": int(len(g_labels)), "top1": top1, "map": mean_ap}

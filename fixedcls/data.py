@@ -22,6 +22,8 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from .errors import FixedclsError
 from .imbalance import check_imbalance_config, imbalanced_indices
 
+# The image files fixedcls-predict and fixedcls-embed read from folders.
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tif", ".tiff")
 # The PIL mode an image file is converted to for each data.in_chans (an RGB folder can train a 1-channel model).
 IMAGE_MODES = {1: "L", 3: "RGB"}
 # Synthetic images live in memory as float32 (and the draw briefly needs about twice that): a larger config is
@@ -43,6 +45,22 @@ class DataBundle:
     class_names: Sequence[str]
     val: Optional[Dataset] = None  # held out of training for model selection (checkpoint.best_metric); None: none
     val_source: str = ""  # where the validation split came from, for the log ("12% of train", "folder val/")
+    # How one image file becomes a model input, exactly as the evaluation views do it (`preprocessing_spec`);
+    # stored in checkpoints so a trained model can be used without its data.
+    preprocessing: Optional[dict] = None
+
+
+# A split a command can name -> the DataBundle view that evaluates it (the training split without augmentation).
+SPLIT_VIEWS = {"train": "train_eval", "test": "test", "val": "val"}
+
+
+def evaluation_split(bundle: DataBundle, split: str) -> Dataset:
+    """The samples of a named split, as evaluation sees them; a missing or empty split is a one-line error."""
+    dataset = getattr(bundle, SPLIT_VIEWS.get(split, ""), None)
+    if dataset is None or len(dataset) == 0:
+        present = [name for name, view in SPLIT_VIEWS.items() if getattr(bundle, view, None) is not None]
+        raise FixedclsError(f"this data has no {split} samples: choose a split it has ({', '.join(present)})")
+    return dataset
 
 
 class TensorImages(Dataset):
@@ -210,6 +228,39 @@ def carve(labels: Sequence[int], fractions: Sequence[float], seed: int) -> list[
     return [sorted(part) for part in parts]
 
 
+def preprocessing_spec(*, in_chans: int, img_size: int, mean: Sequence[float], std: Sequence[float],
+                       crop_pct: Optional[float] = None, interpolation: str = "bilinear") -> dict:
+    """The evaluation transform as plain values, in the keys of timm's data config (so a timm export can carry
+    it): resize the shorter side to img_size / crop_pct, centre-crop img_size, scale to [0, 1], normalise.
+
+    Images up to 64 pixels are not cropped (crop_pct 1.0): timm's ImageNet crop would throw most of them away.
+    `image_mode` is the PIL mode a file is converted to first (None: the channels have no image mode).
+    """
+    if crop_pct is None:
+        from timm.data import DEFAULT_CROP_PCT
+
+        crop_pct = 1.0 if img_size <= 64 else DEFAULT_CROP_PCT
+    channels = int(in_chans)
+    return {
+        "input_size": [channels, int(img_size), int(img_size)],
+        "interpolation": str(interpolation),
+        "crop_pct": float(crop_pct),
+        "crop_mode": "center",
+        "mean": [float(v) for v in (list(mean) * channels if len(mean) == 1 else mean)],
+        "std": [float(v) for v in (list(std) * channels if len(std) == 1 else std)],
+        "image_mode": IMAGE_MODES.get(channels),
+    }
+
+
+def eval_transform(spec: dict) -> Callable:
+    """PIL image (already in spec["image_mode"]) -> normalised tensor: timm's evaluation transform of `spec`."""
+    from timm.data import create_transform
+
+    return create_transform(input_size=tuple(spec["input_size"]), is_training=False, interpolation=spec["interpolation"],
+                            crop_pct=spec["crop_pct"], crop_mode=spec["crop_mode"], mean=tuple(spec["mean"]),
+                            std=tuple(spec["std"]))
+
+
 def _digits(cfg) -> DataBundle:
     from sklearn.datasets import load_digits
 
@@ -235,6 +286,8 @@ def _digits(cfg) -> DataBundle:
         class_names=[str(c) for c in range(10)],
         val=TensorImages(images[val_idx], labels[val_idx], normalize) if len(val_idx) else None,
         val_source=f"{_fraction(cfg, 'val_fraction'):g} of the training split (split_seed {cfg.split_seed})",
+        # An image file of a digit: grey levels scaled to [0, 1] like the bundled 0..16 values divided by 16.
+        preprocessing=preprocessing_spec(in_chans=cfg.in_chans, img_size=cfg.img_size, mean=mean, std=std),
     )
 
 
@@ -314,6 +367,7 @@ def _synthetic(cfg) -> DataBundle:
         class_names=[str(c) for c in range(num_classes)],
         val=TensorImages(val_x, val_y) if len(val_y) else None,
         val_source=f"{_fraction(cfg, 'val_fraction'):g} of the training split (split_seed {cfg.split_seed})",
+        preprocessing=preprocessing_spec(in_chans=cfg.in_chans, img_size=cfg.img_size, mean=[0.0], std=[1.0]),
     )
 
 
@@ -346,40 +400,50 @@ def _auto_augment(policy: str, img_size: int, mean: Sequence[float], interpolati
     return build(policy, hparams)
 
 
-def _timm_transforms(cfg, in_chans: int):
-    """(train, eval) transforms of image files: mean/std, interpolation and crop_pct from the data config (filled
-    from a pretrained model's data config before this runs, see build.resolve_preprocessing), timm's defaults
-    where unset; data.auto_augment and data.re_prob in training."""
-    from timm.data import create_transform
-
+def file_normalization(cfg, in_chans: int) -> tuple[tuple, tuple]:
+    """(mean, std) of CIFAR and image folders: data.mean / data.std, else ImageNet's first in_chans values."""
     mean = tuple(cfg.mean) if cfg.mean else (0.485, 0.456, 0.406)[:in_chans] or (0.5,)
     std = tuple(cfg.std) if cfg.std else (0.229, 0.224, 0.225)[:in_chans] or (0.5,)
+    return mean, std
+
+
+def _timm_transforms(cfg, in_chans: int) -> tuple[Callable, Callable, dict]:
+    """(train transform, evaluation transform, the evaluation transform's spec) of CIFAR and image folders.
+
+    mean/std, interpolation and crop_pct come from the data config (filled from a pretrained model's data
+    config before this runs, see build.resolve_preprocessing), timm's defaults where unset; data.auto_augment
+    and data.re_prob in training.  The evaluation transform is timm's, built from the spec a checkpoint stores."""
+    from timm.data import create_transform
+
+    mean, std = file_normalization(cfg, in_chans)
     interpolation = cfg.get("interpolation") or "bilinear"  # create_transform's default
+    spec = preprocessing_spec(in_chans=in_chans, img_size=cfg.img_size, mean=mean, std=std, crop_pct=cfg.get("crop_pct"),
+                              interpolation=interpolation)
+    eval_tf = eval_transform(spec)
+    if not cfg.augment:
+        return eval_tf, eval_tf, spec
     policy, re_prob = cfg.get("auto_augment") or None, float(cfg.get("re_prob") or 0.0)
     try:
-        augment = _auto_augment(policy, cfg.img_size, mean, interpolation) if policy and cfg.augment else None
+        augment = _auto_augment(policy, cfg.img_size, mean, interpolation) if policy else None
     except Exception as error:  # timm asserts on a malformed policy string
         raise FixedclsError(f"data.auto_augment={policy!r} is not a timm augmentation policy ({error or type(error).__name__}): "
                             f"e.g. {AUTO_AUGMENT_EXAMPLES}") from None
-    common = dict(input_size=(in_chans, cfg.img_size, cfg.img_size), mean=mean, std=std, interpolation=interpolation,
-                  crop_pct=cfg.get("crop_pct"))
     if cfg.img_size <= 64:  # CIFAR-sized images: timm's ImageNet crop policy would throw most of them away
         import torchvision.transforms as T
         from timm.data.random_erasing import RandomErasing
         from timm.data.transforms import str_to_interp_mode
 
-        to_tensor = [T.ToTensor(), T.Normalize(mean, std)]
         resize = T.Resize(cfg.img_size, interpolation=str_to_interp_mode(interpolation))
         # Resize first: an image folder's images need not already be img_size (a crop larger than the image fails).
         train_tf = T.Compose([resize, T.RandomCrop(cfg.img_size, padding=cfg.img_size // 8), T.RandomHorizontalFlip()]
-                             + ([augment] if augment else []) + to_tensor
+                             + ([augment] if augment else []) + [T.ToTensor(), T.Normalize(mean, std)]
                              + ([RandomErasing(re_prob, mode="pixel", device="cpu")] if re_prob else []))
-        eval_tf = T.Compose([resize, T.CenterCrop(cfg.img_size)] + to_tensor)
-        return (train_tf if cfg.augment else eval_tf), eval_tf
+        return train_tf, eval_tf, spec
     # timm's own training recipe (random resized crop, flip, colour jitter); "pixel" erasing as timm's train.py.
-    train_tf = create_transform(is_training=cfg.augment, auto_augment=policy, re_prob=re_prob, re_mode="pixel", **common)
-    eval_tf = create_transform(is_training=False, **common)
-    return train_tf, eval_tf
+    train_tf = create_transform(is_training=True, auto_augment=policy, re_prob=re_prob, re_mode="pixel",
+                                input_size=(in_chans, cfg.img_size, cfg.img_size), mean=mean, std=std,
+                                interpolation=interpolation, crop_pct=cfg.get("crop_pct"))
+    return train_tf, eval_tf, spec
 
 
 def _timm_dataset(cfg, name: str, split: str, transform, root: Path, class_map: Optional[dict] = None):
@@ -413,14 +477,15 @@ def _torchvision_cifar(cfg) -> DataBundle:
     if getattr(cfg, "val_split", None):
         raise FixedclsError(f"data.val_split={cfg.val_split}: {cfg.name} has only train and test splits: carve a "
                             f"validation split out of the training images with data.val_fraction=0.1 instead")
-    train_tf, eval_tf = _timm_transforms(cfg, 3)
+    train_tf, eval_tf, spec = _timm_transforms(cfg, 3)
     name = f"torch/{cfg.name}"
     train = _timm_dataset(cfg, name, cfg.train_split, train_tf, root)
     train_eval = _timm_dataset(cfg, name, cfg.train_split, eval_tf, root)
     test = _timm_dataset(cfg, name, cfg.test_split, eval_tf, root)
     classes = list(getattr(train, "classes", []))
     num_classes = len(classes) or (10 if cfg.name == "cifar10" else 100)
-    return _carve_validation(DataBundle(train, train_eval, test, num_classes, 3, cfg.img_size, classes), cfg)
+    return _carve_validation(DataBundle(train, train_eval, test, num_classes, 3, cfg.img_size, classes,
+                                         preprocessing=spec), cfg)
 
 
 # The names a split folder is also found under (timm's own aliases for validation).
@@ -441,7 +506,7 @@ def _split_folder(root: Path, split: str, key: str, fix: str) -> Path:
 
 def _imagefolder(cfg) -> DataBundle:
     root = _require_root(cfg)
-    train_tf, eval_tf = _timm_transforms(cfg, cfg.in_chans)
+    train_tf, eval_tf, spec = _timm_transforms(cfg, cfg.in_chans)
     test_share, val_share = _fraction(cfg, "test_fraction"), _fraction(cfg, "val_fraction")
     if val_share and cfg.val_split:
         raise FixedclsError(f"data.val_split={cfg.val_split} and data.val_fraction={val_share} both name a validation "
@@ -498,7 +563,7 @@ def _imagefolder(cfg) -> DataBundle:
     log.info(f"image folder {root}: train '{cfg.train_split}', test {test_source}"
              + (f", validation {val_source}" if val is not None else ", no validation split"))
     return DataBundle(train, train_eval, test, len(classes), cfg.in_chans, cfg.img_size, classes, val=val,
-                      val_source=val_source)
+                      val_source=val_source, preprocessing=spec)
 
 
 
@@ -637,6 +702,7 @@ def select_classes(bundle: DataBundle, cfg) -> DataBundle:
         test=of_seen_classes(bundle.test),
         num_classes=K, in_chans=bundle.in_chans, img_size=bundle.img_size, class_names=bundle.class_names,
         val=of_seen_classes(bundle.val), val_source=bundle.val_source,
+        preprocessing=bundle.preprocessing,
     )
 
 

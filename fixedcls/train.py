@@ -165,6 +165,10 @@ def build_training(cfg: DictConfig, run_dir: Path, world: World, device: torch.d
             "backbone": cfg.model.backbone, "head_seed": cfg.head.seed, "identity": identity,
             "identity_keys": identity_keys, "preprocessing": preprocessing, "weights": model.weights_source,
             "feature_bn": bool(cfg.head.feature_bn)}
+    # What using the model needs without its data (fixedcls.load): the built dim, not a None that means "natural".
+    inference = {"class_names": [str(name) for name in bundle.class_names], "preprocessing": bundle.preprocessing,
+                 "model": {**build.model_spec(cfg, num_classes=bundle.num_classes, in_chans=bundle.in_chans,
+                                              img_size=bundle.img_size), "dim": int(model.dim)}}
     if world.is_main:
         log.info(f"{cfg.head.name} head on {cfg.model.backbone}, {cfg.data.name} ({bundle.num_classes} classes), "
                  f"d={model.dim}, {device} {choice(cfg.trainer.precision)}")
@@ -245,7 +249,7 @@ def build_training(cfg: DictConfig, run_dir: Path, world: World, device: torch.d
         checkpoints=build.build_checkpoints(cfg.checkpoint, directory, enabled=world.is_main, best=best),
         metrics=MetricsFile(run_dir, enabled=world.is_main), trainer=cfg.trainer, collapse=cfg.collapse,
         device=device, run_dir=run_dir, world=world, tracker=tracker, ema=ema, extra_loss=extra_loss, mixup=mixup,
-        resume_state=resume_state, checkpoint_meta={"config": resolved, "meta": meta},
+        resume_state=resume_state, checkpoint_meta={"config": resolved, "meta": meta, "inference": inference},
         title=f"{cfg.head.name} ({kind} head), {cfg.model.backbone}, {cfg.data.name}, seed {cfg.seed}",
         run_info={"run_dir": str(run_dir), "checkpoint_dir": str(directory), "head": cfg.head.name,
                   "head_kind": kind, "backbone": cfg.model.backbone, "data": cfg.data.name, "seed": cfg.seed,
