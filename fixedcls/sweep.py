@@ -60,13 +60,23 @@ class CompareSweep(Callback):
         self.enabled, self.plots = enabled, plots
 
     def on_multirun_end(self, config, **kwargs: Any) -> None:
-        if not self.enabled:
+        if not self.enabled or _generations_sweep(config):
             return
         sweep_dir = Path(str(config.hydra.sweep.dir))
         try:
             write_comparison(sweep_dir, plots=self.plots)
         except Exception as error:  # the jobs are done and saved: a failed summary must not turn the sweep into a failure
             log.warning(f"fixedcls: no comparison written to {sweep_dir} ({error}); run `fixedcls-compare {sweep_dir}`")
+
+
+def _generations_sweep(config) -> bool:
+    """A `fixedcls-compat train` multirun: its jobs hold model generations and compat.json, not one training run."""
+    try:
+        from omegaconf import OmegaConf
+
+        return bool(OmegaConf.select(config, "generations.tasks", default=None))
+    except Exception:
+        return False
 
 
 def write_comparison(sweep_dir: Path, *, plots: bool = True):
@@ -93,8 +103,10 @@ class FailNanTrials(Callback):
     def on_job_end(self, config, job_return, **kwargs: Any) -> None:
         from hydra.core.utils import JobStatus
 
-        value = getattr(job_return, "_return_value", None)
-        if job_return.status == JobStatus.COMPLETED and isinstance(value, float) and math.isnan(value):
+        if job_return.status != JobStatus.COMPLETED:
+            return
+        value = job_return.return_value
+        if isinstance(value, float) and math.isnan(value):
             overrides = " ".join(job_return.overrides or [])
             job_return.return_value = FixedclsError(f"the job ({overrides}) failed or its optimized_metric was NaN")
             job_return.status = JobStatus.FAILED

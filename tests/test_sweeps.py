@@ -104,6 +104,14 @@ def test_the_comparison_callback_can_be_switched_off(tmp_path):
     assert list(tmp_path.iterdir()) == []
     CompareSweep().on_multirun_end(config=config)  # nothing to compare: a warning, never an exception
     assert list(tmp_path.iterdir()) == []
+    job = tmp_path / "0"
+    job.mkdir()
+    (job / "summary.json").write_text(json.dumps({"final/test/acc": 0.5, "best/test/acc": 0.5}))
+    generations = OmegaConf.merge(config, {"generations": {"tasks": [[0, 1], [2]]}})
+    CompareSweep().on_multirun_end(config=generations)  # fixedcls-compat train: its jobs report in compat.json
+    assert not (tmp_path / "comparison.md").exists()
+    CompareSweep(plots=False).on_multirun_end(config=config)
+    assert (tmp_path / "comparison.md").is_file() and not (tmp_path / "comparison.png").exists()
 
 
 def test_presets_and_search_are_multiruns_and_checked():

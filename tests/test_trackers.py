@@ -128,3 +128,24 @@ def test_the_logger_choice_is_checked():
     with pytest.raises(FixedclsError, match="unknown logger 'mlflow'"):
         create_tracker(OmegaConf.create({"name": "mlflow"}), run_dir=".", resolved_config={})
     assert type(create_tracker(OmegaConf.create({"name": "none", "use": {}}), run_dir=".", resolved_config={})) is Tracker
+
+
+def test_several_trackers_each_get_every_call_even_when_one_fails():
+    calls = []
+
+    class Failing(Tracker):
+        def finish(self, exit_code=0):
+            calls.append(("failing", exit_code))
+            raise OSError("disk full")
+
+    class Recording(Tracker):
+        active, log_model = True, "best"
+
+        def finish(self, exit_code=0):
+            calls.append(("recording", exit_code))
+
+    both = MultiTracker([Failing(), Recording()])
+    assert both.active and both.log_model == "best" and both.run_id is None
+    with pytest.raises(OSError, match="disk full"):
+        both.finish(143)
+    assert calls == [("failing", 143), ("recording", 143)]

@@ -81,8 +81,15 @@ class MultiTracker(Tracker):
         return "all" if "all" in modes else "best" if "best" in modes else "false"
 
     def _each(self, method: str, *args) -> None:
+        """Every tracker gets the call, also when one before it fails; the first failure is raised after."""
+        failures = []
         for tracker in self.trackers:
-            getattr(tracker, method)(*args)
+            try:
+                getattr(tracker, method)(*args)
+            except Exception as error:
+                failures.append(error)
+        if failures:
+            raise failures[0]
 
     def resume(self, history):
         self._each("resume", history)
@@ -105,7 +112,7 @@ class MultiTracker(Tracker):
     def log_checkpoint(self, path, aliases):
         for tracker in self.trackers:
             if tracker.log_model != "false":
-                tracker.log_checkpoint(path, aliases)
+                tracker.log_checkpoint(path, aliases)  # only W&B stores files; it never raises (warns once)
 
     def mark_preempting(self):
         self._each("mark_preempting")
