@@ -354,14 +354,20 @@ class CollapseConfig:
 
 @dataclass
 class LoggerConfig:
-    name: str = "none"  # none or wandb
+    name: str = "none"  # none, wandb, tensorboard or csv (conf/logger/)
     project: str = "fixedcls"
     entity: Optional[str] = None
-    group: Optional[str] = None  # None: the experiment or sweep name
+    group: Optional[str] = None  # None: the preset and its launch (sweep id or time), else the sweep, else the run
     job_type: str = "train"
     tags: List[str] = field(default_factory=list)
     mode: str = "online"  # online, offline, disabled (WANDB_MODE wins)
     dir: Optional[str] = None
+    # Every tracker chosen: conf/logger/<name>.yaml sets use.<name>, so logger=[wandb,tensorboard] turns on both
+    # (`name` is then the last one).
+    use: Dict[str, bool] = field(default_factory=dict)
+    log_model: str = checked("false", one_of("false", "False", "best", "all"),
+                             why="W&B model artifacts: none, best.pt at the end, or every epoch checkpoint")
+    tensorboard_dir: Optional[str] = None  # None: <run dir>/tensorboard
 
 
 @dataclass
@@ -400,6 +406,9 @@ class Config:
     resume: Optional[str] = None  # a checkpoint path, or auto
     experiment: Optional[str] = None  # set by experiment presets; the W&B group by default
     generations: GenerationsConfig = field(default_factory=GenerationsConfig)  # fixedcls-compat train
+    # The summary key a sweep's job returns (Optuna optimises it); None: best/val/acc when the run has a
+    # validation split, else best/test/acc.
+    optimized_metric: Optional[str] = None
 
 
 def register_configs() -> None:

@@ -388,10 +388,13 @@ def end_of_epoch(run: TrainingRun, loop: LoopState, autocast, snapshot: Callable
     loop.epoch_seconds.append(train_seconds)
     state = snapshot(False)
     if world.is_main:
-        run.checkpoints.save_epoch(state, row)
+        best_before = run.checkpoints.best_value
+        epoch_path = run.checkpoints.save_epoch(state, row)
         _tolerate("writing metrics.jsonl", run.metrics.append, row)
         _tolerate("the tracker's log_epoch", run.tracker.log_epoch,
                   {**row, "time/train_s": train_seconds, "time/collapse_s": collapse_seconds})
+        if getattr(run.tracker, "log_model", "false") == "all" and run.checkpoints.enabled:
+            _tolerate("the tracker's log_checkpoint", _log_epoch_checkpoint, run, epoch_path, row["epoch"], best_before)
         log.info(_epoch_line(row, epochs, train_seconds, collapse_seconds))
     world.barrier()
     return row
@@ -449,8 +452,13 @@ def finish(run: TrainingRun, loop: LoopState) -> dict:
         _tolerate("writing summary.json", write_summary, run.run_dir, summary)
         _tolerate("the tracker's log_summary", run.tracker.log_summary, summary)
         if getattr(run.tracker, "active", False):  # a real tracker (W&B): per-class alignment of class means and rows
+            autocast = autocast_for(run.device, run.trainer.precision)
             _tolerate("the tracker's alignment table", nc.log_prototype_alignment, run.tracker, model, run.train_eval_loader,
-                      device=run.device, autocast=autocast_for(run.device, run.trainer.precision))
+                      device=run.device, autocast=autocast)
+            if run.test_loader is not None:
+                _tolerate("the tracker's class results", _log_class_results, run, model, autocast)
+        if getattr(run.tracker, "log_model", "false") == "best" and run.checkpoints.enabled:
+            _tolerate("the tracker's log_checkpoint", _log_best_checkpoint, run, history)
     return summary
 
 
@@ -461,6 +469,52 @@ def best_epoch(history: list[dict], metric: str, mode: str) -> Optional[dict]:
         if is_better(row.get(metric), None if best is None else best[metric], mode):
             best = row
     return best
+
+
+def _log_epoch_checkpoint(run: TrainingRun, path: Optional[Path], epoch: int, best_before: Optional[float]) -> None:
+    """logger.log_model=all: the epoch file, once written, with its aliases (best when it became best.pt)."""
+    run.checkpoints.wait()  # the tracker copies the file: the background write must be complete
+    if path is None or not Path(path).is_file():
+        return
+    became_best = run.checkpoints.best_value is not None and run.checkpoints.best_value != best_before
+    run.tracker.log_checkpoint(Path(path), ["latest", f"epoch-{epoch}"] + (["best"] if became_best else []))
+
+
+def _log_best_checkpoint(run: TrainingRun, history: list[dict]) -> None:
+    """logger.log_model=best: best.pt at the end of the run, named by the epoch it holds."""
+    from .checkpoint import BEST
+
+    path, metric, best = run.checkpoints.directory / BEST, run.checkpoints.best_metric, run.checkpoints.best_value
+    if not path.is_file():
+        return
+    epochs = [row["epoch"] for row in history if best is not None and row.get(metric) == best]
+    aliases = ["best"]
+    if epochs:
+        aliases.append(f"epoch-{epochs[0]}")
+        if history and epochs[0] == history[-1]["epoch"]:
+            aliases.append("latest")
+    run.tracker.log_checkpoint(path, aliases)
+
+
+@torch.no_grad()
+def _log_class_results(run: TrainingRun, model: nn.Module, autocast) -> None:
+    """The test split's labels and predictions for the tracker's per-class accuracy and confusion matrix
+    (under DDP: rank 0's shard of the test split)."""
+    was_training = model.training
+    model.eval()
+    targets, predictions = [], []
+    try:
+        for x, y in run.test_loader:
+            with autocast():
+                logits = model(x.to(run.device, non_blocking=True))
+            targets += y.tolist()
+            predictions += logits.argmax(1).cpu().tolist()
+    finally:
+        model.train(was_training)
+    names = getattr(run.test_loader.dataset, "classes", None)
+    names = [str(n) for n in names] if names is not None and len(names) == model.num_classes else \
+        [str(c) for c in range(model.num_classes)]
+    run.tracker.log_class_results(targets, predictions, names)
 
 
 def summarize(history: list[dict], settings, model: nn.Module, epoch_seconds: list[float], title: str, *,

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import signal
 import sys
 from pathlib import Path
 from typing import Optional
@@ -31,6 +32,8 @@ from .imbalance import class_counts, class_groups
 from .loggers import MetricsFile, create_tracker
 from .model import format_param_summary
 from .runtime import autocast_for, choice, resolve_device, seed_everything
+from .signals import TrainingInterrupted
+from .sweep import job_value, optimized_value
 
 log = logging.getLogger("fixedcls")
 register_configs()
@@ -94,6 +97,14 @@ def train(cfg: DictConfig, run_dir: str | Path) -> TrainResult:
         result.run = run
         exit_code = 0
         return result
+    except TrainingInterrupted as stopped:
+        exit_code = 128 + stopped.signum  # what the process exits with (cli.stop_after_interrupt)
+        if run is not None and stopped.signum != signal.SIGINT:  # a scheduler's stop: requeued, not failed
+            try:
+                run.tracker.mark_preempting()
+            except Exception as error:
+                log.warning(f"warning: the tracker's mark_preempting failed ({type(error).__name__}: {error})")
+        raise
     finally:
         if run is not None:
             try:
@@ -240,6 +251,8 @@ def build_training(cfg: DictConfig, run_dir: Path, world: World, device: torch.d
         if world.is_main:
             run_dir.mkdir(parents=True, exist_ok=True)
     meta["tracker_run_id"] = tracker.run_id
+    if resume_state is not None:
+        tracker.resume(list(resume_state.get("history") or []))
     if world.is_main:
         log.info(f"run directory {run_dir}, checkpoints in {directory}")
     kind = "learned" if not model.head.is_fixed else "fixed"
@@ -263,7 +276,8 @@ def build_training(cfg: DictConfig, run_dir: Path, world: World, device: torch.d
 @hydra.main(version_base="1.3", config_path=str(conf_dir()), config_name="config")
 def hydra_main(cfg: DictConfig):
     run_dir = Path(HydraConfig.get().runtime.output_dir)
-    return run_job(lambda: train(cfg, run_dir).get("final/test/acc"))
+    # The value a sweeper (Optuna) optimises: cfg.optimized_metric of the summary; NaN for a failed job.
+    return job_value(run_job(lambda: optimized_value(train(cfg, run_dir), cfg.get("optimized_metric"))))
 
 
 def main() -> None:
