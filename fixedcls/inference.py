@@ -22,7 +22,8 @@ import torch
 from torch import nn
 
 from . import build
-from .data import IMAGE_EXTENSIONS, eval_transform, file_normalization, preprocessing_spec
+from .data import IMAGE_EXTENSIONS
+from .transforms import eval_transform, file_normalization, preprocessing_spec
 from .errors import FixedclsError
 
 log = logging.getLogger("fixedcls")
