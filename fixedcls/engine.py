@@ -128,6 +128,12 @@ def fit(run: TrainingRun) -> dict:
         split_rng(world.rank)
     _tolerate("writing metrics.jsonl", run.metrics.reset, loop.history)
 
+    def online_state(accumulator) -> dict:
+        """An online accumulator with the epoch's partial sums of every rank (summed: one rank restores them)."""
+        sums = [t.clone() for t in accumulator.state_tensors()]
+        world.all_reduce_sum(sums)
+        return accumulator.state_dict(sums)
+
     def snapshot(mid_epoch: bool) -> dict:
         """The checkpoint of this moment (every rank's RNG gathered when distributed)."""
         rng_ranks = world.all_gather_object(rng_state()) if world.distributed else None
@@ -138,7 +144,7 @@ def fit(run: TrainingRun) -> dict:
             "epoch": loop.epoch, "step_in_epoch": loop.step_in_epoch if mid_epoch else 0,
             "global_step": loop.global_step, "history": loop.history, "running": loop.running.cpu(),
             "nonfinite_in_a_row": loop.nonfinite_in_a_row,  # best_value: set by the checkpoint writer, which owns it
-            **{f"online_{split}": online[split].state_dict() if online else None for split in ("train", "test")},
+            **{f"online_{split}": online_state(online[split]) if online else None for split in ("train", "test")},
             "rng": rng_state(), "rng_ranks": rng_ranks, **run.checkpoint_meta,
         }
 
@@ -165,7 +171,7 @@ def _restore(run: TrainingRun, loop: LoopState, model: nn.Module, scaler, online
     run.checkpoints.best_value = state.get("best_value")
     for split, acc in (online or {}).items():
         if state.get(f"online_{split}"):
-            acc.load_state_dict(state[f"online_{split}"])
+            acc.load_state_dict(state[f"online_{split}"], with_sums=world.rank == 0)
     per_rank = state.get("rng_ranks") or []
     if len(per_rank) == world.world_size:
         set_rng_state(per_rank[world.rank])

@@ -156,3 +156,39 @@ def test_test_split_collapse_equals_a_separate_measurement(tmp_path):
     for key, value in measured.items():
         assert math.isfinite(value), key  # NaN never passes as "measured"
         assert value == pytest.approx(separate[key], rel=1e-6, abs=1e-9), key
+
+
+def test_online_collapse_after_a_mid_epoch_resume_equals_an_uninterrupted_run(tmp_path, monkeypatch, single_process):
+    """The checkpoint carries the online accumulator's partial sums of the epoch, so a run stopped mid-epoch
+    and resumed measures exactly what the uninterrupted run measures (the weights are bit-exact already)."""
+    import os
+    import signal
+
+    from fixedcls.signals import TrainingInterrupted
+    from utils import train_tiny
+
+    settings = ["collapse.mode=online", "collapse.splits=[train]", "data.train_per_class=24", "data.batch_size=8",
+                "trainer.epochs=2", "collapse.plot=false"]
+    whole = train_tiny(tmp_path / "whole", settings)
+    steps_per_epoch = math.ceil(len(whole.run.train_loader.sampler) / 8)
+    create, calls = build.create_criterion, [0]
+
+    def stop_in_epoch_two(*args, **kwargs):
+        criterion = create(*args, **kwargs)
+
+        def loss(logits, target):
+            if torch.is_grad_enabled():
+                calls[0] += 1
+                if calls[0] == steps_per_epoch + 3:  # the third step of epoch 2: its sums are partial
+                    os.kill(os.getpid(), signal.SIGTERM)
+            return criterion(logits, target)
+
+        return loss
+
+    monkeypatch.setattr(build, "create_criterion", stop_in_epoch_two)
+    with pytest.raises(TrainingInterrupted):
+        train_tiny(tmp_path / "stopped", settings)
+    monkeypatch.setattr(build, "create_criterion", create)
+    resumed = train_tiny(tmp_path / "stopped", settings + ["resume=auto"], run_name="again")
+    measures = [key for key in whole if key.startswith("final/collapse/")]
+    assert measures and {key: resumed[key] for key in measures} == {key: whole[key] for key in measures}

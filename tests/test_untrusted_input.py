@@ -91,7 +91,8 @@ def test_compat_logs_a_stored_config_as_text_and_writes_only_where_told(trained,
         return loggers.Tracker()
 
     monkeypatch.setattr(loggers, "create_tracker", capture)
-    assert compat.main([str(path), "--json", str(tmp_path / "out" / "compat.json"), "--logger", "wandb"]) == 0
+    # compatibility needs two models: the poisoned checkpoint against itself
+    assert compat.main([str(path), str(path), "--json", str(tmp_path / "out" / "compat.json"), "--logger", "wandb"]) == 0
     assert seen["cfg"]["tags"] == [TEMPLATE, f"a\\{TEMPLATE}"] and seen["cfg"]["project"] == TEMPLATE
     assert seen["cfg"]["dir"] is None and seen["run_dir"] == tmp_path / "out"  # not the checkpoint's logger.dir
     assert SECRET not in json.dumps(seen["cfg"]) + json.dumps(seen["config"], default=str)

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from typing import Callable, Iterable, Mapping
+from typing import Callable, Iterable, Mapping, Sequence
 
 import torch
 
@@ -502,18 +502,30 @@ class OnlineCollapse:
         self.normsums = torch.zeros(K, d, **kw)  # sum h / ||h||
         self.decisions = torch.zeros(2, **kw)  # [mismatches, scored]
 
+    _SUMS = ("sums", "counts", "scatter", "sqdist", "normsums", "decisions")
+
     def state_tensors(self) -> list[torch.Tensor]:
         """Tensors to all-reduce (SUM, in place) once, after the epoch and before compute()."""
-        return [self.sums, self.counts, self.scatter, self.sqdist, self.normsums, self.decisions]
+        return [getattr(self, name) for name in self._SUMS]
 
-    def state_dict(self) -> dict[str, torch.Tensor]:
-        """The shifts (previous means), so that a resumed run continues well conditioned."""
-        return {"shifts": self.shifts.clone(), "has_shift": self.has_shift.clone()}
+    def state_dict(self, sums: Sequence[torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+        """The shifts (previous means) and the epoch's partial sums, so that a run resumed mid-epoch measures
+        exactly what an uninterrupted run measures.  `sums`: the partial sums to store instead of this
+        process's own (under DDP: their all-reduced copies, see :meth:`state_tensors`)."""
+        sums = list(sums) if sums is not None else self.state_tensors()
+        return {"shifts": self.shifts.clone(), "has_shift": self.has_shift.clone(),
+                **{name: t.clone() for name, t in zip(self._SUMS, sums)}}
 
-    def load_state_dict(self, state: Mapping[str, torch.Tensor]) -> None:
+    def load_state_dict(self, state: Mapping[str, torch.Tensor], *, with_sums: bool = True) -> None:
+        """Restore the shifts, and the partial sums when the state has them and `with_sums` (under DDP one rank
+        takes the all-reduced sums, the others start from zero, so the next all-reduce counts them once)."""
         self.shifts.copy_(state["shifts"])
         self.has_shift.copy_(state["has_shift"])
         self._ncc = _NCC(self.shifts, self.has_shift)
+        self.reset()
+        if with_sums and all(name in state for name in self._SUMS):
+            for name, target in zip(self._SUMS, self.state_tensors()):
+                target.copy_(state[name])
 
     @torch.no_grad()
     def update(self, h: torch.Tensor, y: torch.Tensor, logits: torch.Tensor | None = None) -> None:
