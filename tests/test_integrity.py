@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import hashlib
 import math
+import os
+import re
 import subprocess
 import sys
 import threading
@@ -323,3 +325,18 @@ def test_a_resume_of_another_head_names_the_head_and_every_other_key(one_epoch, 
     message = str(refused.value)
     assert "trained with head=simplex but this run has head=dcube" in message
     assert "head.name: simplex in the checkpoint, dcube now" in message and "optim.lr: 0.1 in the checkpoint, 0.3 now" in message
+
+
+def test_two_launches_in_the_same_second_get_two_sweep_folders(tmp_path):
+    """The sweep folder name carries microseconds: launches started together never write into one folder."""
+    command = [sys.executable, "-m", "fixedcls.train", "-m", "seed=0", *TINY, "trainer.epochs=1", "collapse.every=0",
+               "hydra.callbacks.compare.enabled=false", f"checkpoint.root={tmp_path / 'checkpoints'}"]
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    launches = [subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                for _ in range(2)]
+    for launch in launches:
+        out, err = launch.communicate(timeout=240)
+        assert launch.returncode == 0, err[-2000:]
+    sweeps = sorted(p.name for p in (tmp_path / "multirun").iterdir())
+    assert len(sweeps) == 2, sweeps
+    assert all((tmp_path / "multirun" / name / "0" / "summary.json").is_file() for name in sweeps)
