@@ -20,6 +20,7 @@ from torch import nn
 
 from . import checkpoint as ckpt
 from .config import Config
+from .data import IMAGE_FILE_DATASETS
 from .errors import FixedclsError
 from .heads import FeatureDistillation, create_criterion
 from .model import Classifier, create_model, model_data_config
@@ -90,8 +91,6 @@ def build_model(cfg, *, num_classes: int, in_chans: int, img_size: int, pretrain
                            pretrained_file=cfg.model.get("pretrained_file") if pretrained is not False else None)
 
 
-# Datasets read from image files through timm's transforms: a pretrained model's preprocessing applies to these.
-IMAGE_FILE_DATASETS = ("imagefolder", "cifar10", "cifar100")
 
 
 def uses_pretrained_weights(cfg) -> bool:

@@ -36,6 +36,7 @@ from .config import conf_dir
 from .errors import FixedclsError
 from .identity import run_identity
 from .loggers import jsonable, write_json
+from .runtime import choice
 
 log = logging.getLogger("fixedcls")
 PROTOCOLS = ("cumulative", "finetune")
@@ -305,7 +306,7 @@ def run_generations(cfg, run_dir: str | Path) -> dict:
     g = cfg.generations
     result = compatibility(paths, query=g.query, gallery=g.gallery, data=list(g.eval_data), metric=g.metric,
                            pairs=int(g.pairs), folds=int(g.folds), pair_seed=int(cfg.seed),
-                           device=cfg.trainer.device.value if hasattr(cfg.trainer.device, "value") else str(cfg.trainer.device))
+                           device=choice(cfg.trainer.device))
     result["protocol"] = cfg.generations.protocol
     result["test_acc"] = [row["test_acc"] for row in rows]
     title = f"{cfg.head.name} head, {cfg.generations.protocol}, {cfg.data.name}"

@@ -23,6 +23,9 @@ from .errors import FixedclsError
 from .transforms import (IMAGE_AUGMENTATION, IMAGE_MODES, compose, image_file_transforms, normalizer, preprocessing_spec, random_shift)
 from .imbalance import check_imbalance_config, imbalanced_indices
 
+# Datasets read from image files through timm's transforms: augmentation of files and a pretrained model's
+# preprocessing apply to these only.
+IMAGE_FILE_DATASETS = ("imagefolder", "cifar10", "cifar100")
 # The image files fixedcls-predict and fixedcls-embed read from folders.
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tif", ".tiff")
 # Synthetic images live in memory as float32 (and the draw briefly needs about twice that): a larger config is
@@ -255,7 +258,7 @@ def check_data_config(cfg) -> None:
         )
     if cfg.name in ("cifar10", "cifar100") and cfg.in_chans != 3:
         raise FixedclsError(f"data.in_chans={cfg.in_chans} but {cfg.name} images have 3 channels: set data.in_chans=3")
-    if cfg.name not in ("imagefolder", "cifar10", "cifar100"):
+    if cfg.name not in IMAGE_FILE_DATASETS:
         for key in IMAGE_AUGMENTATION:
             if cfg.get(key):
                 raise FixedclsError(f"data.{key}={cfg.get(key)} augments image files (data=imagefolder, cifar10, "

@@ -128,8 +128,11 @@ def fit(run: TrainingRun) -> dict:
         split_rng(world.rank)
     _tolerate("writing metrics.jsonl", run.metrics.reset, loop.history)
 
-    def online_state(accumulator) -> dict:
-        """An online accumulator with the epoch's partial sums of every rank (summed: one rank restores them)."""
+    def online_state(accumulator, mid_epoch: bool) -> dict:
+        """An online accumulator with the epoch's partial sums of every rank (summed: one rank restores them);
+        at an epoch's end the shifts alone, since the next epoch starts from empty sums (no collective then)."""
+        if not mid_epoch:
+            return accumulator.state_dict(with_sums=False)
         sums = [t.clone() for t in accumulator.state_tensors()]
         world.all_reduce_sum(sums)
         return accumulator.state_dict(sums)
@@ -144,7 +147,7 @@ def fit(run: TrainingRun) -> dict:
             "epoch": loop.epoch, "step_in_epoch": loop.step_in_epoch if mid_epoch else 0,
             "global_step": loop.global_step, "history": loop.history, "running": loop.running.cpu(),
             "nonfinite_in_a_row": loop.nonfinite_in_a_row,  # best_value: set by the checkpoint writer, which owns it
-            **{f"online_{split}": online_state(online[split]) if online else None for split in ("train", "test")},
+            **{f"online_{split}": online_state(online[split], mid_epoch) if online else None for split in ("train", "test")},
             "rng": rng_state(), "rng_ranks": rng_ranks, **run.checkpoint_meta,
         }
 

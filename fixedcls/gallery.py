@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -16,6 +17,7 @@ from typing import Optional
 import torch
 
 from .errors import FixedclsError
+from .loggers import file_mode
 
 GALLERY_FORMAT = "fixedcls-gallery"
 GALLERY_VERSION = 1
@@ -42,13 +44,15 @@ def save_gallery(gallery: Gallery, path: str | Path) -> Path:
                 "paths": json.dumps(gallery.paths), "class_names": json.dumps(list(gallery.class_names)),
                 "identity": json.dumps(gallery.identity)}
     path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(f".{path.name}.partial")
+    fd, partial = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
+    os.close(fd)
     try:
         save_file({"features": gallery.features.float().contiguous(), "labels": gallery.labels.long().contiguous()},
-                  str(partial), metadata=metadata)
+                  partial, metadata=metadata)
+        os.chmod(partial, file_mode())
         os.replace(partial, path)
     finally:
-        partial.unlink(missing_ok=True)
+        Path(partial).unlink(missing_ok=True)
     return path
 
 

@@ -56,21 +56,19 @@ def predict_files(checkpoint, paths: Sequence[str | Path], *, topk: int = 5, bat
 
 
 def write_csv(results, path: Path, topk: int) -> None:
-    """The predictions as CSV, written to a temporary file and renamed, so a failed run leaves no half file."""
-    import os
+    """The predictions as CSV, written atomically (loggers.write_text_atomic), so a failed run leaves no half file."""
+    import io
+
+    from .loggers import write_text_atomic
 
     path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(f".{path.name}.partial")
     k = max((len(top) for _, top in results), default=topk)
-    try:
-        with open(partial, "w", newline="") as f:
-            writer = csv.writer(f)
-            writer.writerow(["path"] + [col for r in range(1, k + 1) for col in (f"class_{r}", f"prob_{r}")])
-            for file, top in results:
-                writer.writerow([str(file)] + [cell for name, p in top for cell in (name, f"{p:.6f}")])
-        os.replace(partial, path)
-    finally:
-        partial.unlink(missing_ok=True)
+    text = io.StringIO(newline="")
+    writer = csv.writer(text)
+    writer.writerow(["path"] + [col for r in range(1, k + 1) for col in (f"class_{r}", f"prob_{r}")])
+    for file, top in results:
+        writer.writerow([str(file)] + [cell for name, p in top for cell in (name, f"{p:.6f}")])
+    write_text_atomic(path, text.getvalue())
 
 
 def _run(args) -> int:

@@ -23,7 +23,7 @@ from . import checkpoint as ckpt
 from . import runs
 from .cli import exit_if_jobs_failed, refuse_bad_overrides, run_job
 from .config import conf_dir, register_configs, validate_config
-from .data import create_data, create_eval_loader, create_loaders, targets_of
+from .data import IMAGE_FILE_DATASETS, create_data, create_eval_loader, create_loaders, targets_of
 from .distributed import World, close_world, init_world, worker_hydra_args
 from .engine import TrainingRun, fit, recorded_keys
 from .errors import FixedclsError
@@ -187,7 +187,7 @@ def build_training(cfg: DictConfig, run_dir: Path, world: World, device: torch.d
         log.info(f"splits: train {len(bundle.train)}, "
                  + (f"validation {len(bundle.val)} ({bundle.val_source}), " if bundle.val is not None else "no validation, ")
                  + f"test {len(bundle.test)}; best.pt by {best[0]} ({best[1]})")
-        if cfg.data.name in build.IMAGE_FILE_DATASETS or preprocessing["from_model"]:
+        if cfg.data.name in IMAGE_FILE_DATASETS or preprocessing["from_model"]:
             log.info(format_preprocessing(preprocessing))
         if choice(cfg.data.imbalance.type) != "none":
             log.info(f"long-tailed training split ({choice(cfg.data.imbalance.type)}, ratio {cfg.data.imbalance.ratio:g}): "

@@ -319,7 +319,9 @@ def plain_epochs(run: dict, checkpoint_path: Path, *, epochs: int = 1) -> Callab
     train over the same loader (same model, optimizer, precision), test accuracy, save a checkpoint."""
     model, optimizer, criterion = run["model"], run["optimizer"], run["criterion"]
     train_loader, test_loader, device = run["train_loader"], run["test_loader"], run["device"]
-    dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[run["precision"]]
+    from fixedcls.runtime import AUTOCAST_DTYPES
+
+    dtype = AUTOCAST_DTYPES[run["precision"]]
     channels_last = run["channels_last"]
 
     def autocast():

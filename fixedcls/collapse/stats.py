@@ -508,13 +508,16 @@ class OnlineCollapse:
         """Tensors to all-reduce (SUM, in place) once, after the epoch and before compute()."""
         return [getattr(self, name) for name in self._SUMS]
 
-    def state_dict(self, sums: Sequence[torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+    def state_dict(self, sums: Sequence[torch.Tensor] | None = None, *, with_sums: bool = True) -> dict[str, torch.Tensor]:
         """The shifts (previous means) and the epoch's partial sums, so that a run resumed mid-epoch measures
         exactly what an uninterrupted run measures.  `sums`: the partial sums to store instead of this
-        process's own (under DDP: their all-reduced copies, see :meth:`state_tensors`)."""
-        sums = list(sums) if sums is not None else self.state_tensors()
-        return {"shifts": self.shifts.clone(), "has_shift": self.has_shift.clone(),
-                **{name: t.clone() for name, t in zip(self._SUMS, sums)}}
+        process's own (under DDP: their all-reduced copies, see :meth:`state_tensors`); `with_sums=False`:
+        the shifts alone (at an epoch's end, where the next epoch starts from empty sums anyway)."""
+        state = {"shifts": self.shifts.clone(), "has_shift": self.has_shift.clone()}
+        if with_sums:
+            sums = list(sums) if sums is not None else self.state_tensors()
+            state.update({name: t.clone() for name, t in zip(self._SUMS, sums)})
+        return state
 
     def load_state_dict(self, state: Mapping[str, torch.Tensor], *, with_sums: bool = True) -> None:
         """Restore the shifts, and the partial sums when the state has them and `with_sums` (under DDP one rank
