@@ -344,6 +344,9 @@ class CollapseConfig:
     mode: CollapseMode = CollapseMode.exact
     splits: List[str] = checked(["train", "test"], Each(one_of("train", "test")))
     max_samples: Optional[int] = checked(None, integer(1))
+    # exact mode: the features of a split are kept for the second statistics pass while they fit this many MB
+    # (one forward pass instead of two; the test split's comes from its evaluation); 0 streams twice
+    cache_mb: float = checked(256.0, real(0), why="megabytes of features kept per split; 0 turns the cache off")
     layers: List[int] = field(default_factory=list)  # backbone stages for deep collapse (negative: from the end)
     thresholds: Dict[str, float] = checked(
         {"nc1": 0.1, "nc2_etf_error": 0.2, "nc3": 0.1, "nc4": 0.01, "proto_cos": 0.9}, Each(real(), "mapping")

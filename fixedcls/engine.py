@@ -318,9 +318,10 @@ def _optimizer_step(run: TrainingRun, loop: LoopState, scaler, base: nn.Module) 
 
 @torch.no_grad()
 def evaluate(model: nn.Module, loader, criterion: Callable, *, device: torch.device, autocast, world: World,
-             channels_last: bool = False, online=None, collapse_means=None) -> dict:
+             channels_last: bool = False, online=None, collapse_means=None, collapse_cache=None) -> dict:
     """Loss and accuracy over a loader (summed across processes); optionally feeds an online collapse estimate,
-    and pass 1 (class means) of an exact `collapse.CollapseAccumulator` with the same forward.
+    and pass 1 (class means) of an exact `collapse.CollapseAccumulator` with the same forward, whose outputs
+    `collapse_cache` (a `collapse.FeatureCache`) keeps for pass 2.
     Returns loss, acc, and class_correct / class_count (lists over the head's outputs)."""
     was_training = model.training
     model.eval()
@@ -341,6 +342,8 @@ def evaluate(model: nn.Module, loader, criterion: Callable, *, device: torch.dev
             online.update(features.detach(), y, logits.detach())
         if collapse_means is not None:
             collapse_means.update_means(features.detach(), y)
+        if collapse_cache is not None:
+            collapse_cache.add(features, y, logits)
     world.all_reduce_sum([totals, per_class])
     model.train(was_training)
     loss_sum, correct, count = totals.tolist()
@@ -363,11 +366,13 @@ def end_of_epoch(run: TrainingRun, loop: LoopState, autocast, snapshot: Callable
     loss_sum, correct, seen = loop.running.tolist()
     row = {"epoch": loop.epoch + 1, "train/loss": loss_sum / max(seen, 1), "train/acc": correct / max(seen, 1)}
     due = collapse_due(settings, loop.epoch, epochs)
-    # Exact collapse of the test split: its pass 1 (class means) rides on this evaluation's forward.
-    test_means = None
+    # Exact collapse of the test split rides on this evaluation's forward: its pass 1 (class means), and the
+    # features that pass 2 reads back from the cache (no extra pass while they fit collapse.cache_mb).
+    test_means = test_cache = None
     if (due and choice(settings.mode) == "exact" and "test" in settings.splits and settings.max_samples is None
             and not settings.layers and getattr(run.model, "module", run.model) is model):
         test_means = nc.CollapseAccumulator(model.num_classes, model.dim, device=run.device)
+        test_cache = nc.FeatureCache(settings.cache_mb)
     if run.val_loader is not None:
         val = evaluate(run.model, run.val_loader, run.criterion, device=run.device, autocast=autocast, world=world,
                        channels_last=channels_last)
@@ -376,7 +381,8 @@ def end_of_epoch(run: TrainingRun, loop: LoopState, autocast, snapshot: Callable
     if online_test is not None:
         online_test.reset()
     test = evaluate(run.model, run.test_loader, run.criterion, device=run.device, autocast=autocast, world=world,
-                    channels_last=channels_last, online=online_test, collapse_means=test_means)
+                    channels_last=channels_last, online=online_test, collapse_means=test_means,
+                    collapse_cache=test_cache)
     row.update({"test/loss": test["loss"], "test/acc": test["acc"], **per_class_row(run, loop, "test", test),
                 "lr": run.optimizer.param_groups[0]["lr"]})
     if run.ema is not None:
@@ -385,7 +391,7 @@ def end_of_epoch(run: TrainingRun, loop: LoopState, autocast, snapshot: Callable
         row.update({"test/loss_ema": test_ema["loss"], "test/acc_ema": test_ema["acc"]})
     measured = time.perf_counter()
     if due:
-        row.update(measure_collapse(run, model, online, test_means))
+        row.update(measure_collapse(run, model, online, test_means, test_cache))
     if settings.agop.layers and collapse_due(settings.agop, loop.epoch, epochs) and world.is_main:
         row.update(measure_agop(run, model))  # no collective inside: rank 0 measures the unwrapped model alone
     collapse_seconds = time.perf_counter() - measured
@@ -409,8 +415,10 @@ def end_of_epoch(run: TrainingRun, loop: LoopState, autocast, snapshot: Callable
     return row
 
 
-def measure_collapse(run: TrainingRun, model: nn.Module, online: Optional[dict], test_means=None) -> dict:
-    """The collapse row of an epoch; `test_means`: the test split's pass 1, already taken by `evaluate`."""
+def measure_collapse(run: TrainingRun, model: nn.Module, online: Optional[dict], test_means=None,
+                     test_cache=None) -> dict:
+    """The collapse row of an epoch; `test_means` and `test_cache`: the test split's pass 1 and its features,
+    already taken by `evaluate`."""
     row: dict = {}
     settings, world, head = run.collapse, run.world, model.head
     minority, majority = run.class_groups.get("few", []), run.class_groups.get("many", [])
@@ -429,6 +437,7 @@ def measure_collapse(run: TrainingRun, model: nn.Module, online: Optional[dict],
                                       reduce_fn=(lambda t: world.all_reduce_sum([t])) if world.distributed else None,
                                       channels_last=run.trainer.channels_last,
                                       accumulator=test_means if split == "test" else None,
+                                      cache=test_cache if split == "test" else None, cache_mb=settings.cache_mb,
                                       minority=minority, majority=majority)
         row.update({prefix + key: value for key, value in values.items()})
     return row

@@ -19,7 +19,7 @@ IDENTITY_EXCLUDES: tuple[str, ...] = (
     "data.root", "data.download",
     # where and how fast it runs, not what it computes (exact resume with other worker counts is tested)
     "trainer.progress", "trainer.threads", "trainer.device", "trainer.compile", "trainer.channels_last",
-    "data.num_workers", "data.eval_batch_size",
+    "data.num_workers", "data.eval_batch_size", "collapse.cache_mb",
     # extending a run to more epochs continues the same experiment
     "trainer.epochs",
     # what is reported, not trained

@@ -521,3 +521,74 @@ def test_naive_reference_matches(N, d, K, absent):
         labels = torch.tensor([0, 1, 2, 4, 6] * (N // 5))
     h, y, W, b = _clustered(N, d, K, seed=17, labels=labels)
     assert_close(naive.naive_nc_metrics(h, y, W, b), nc_metrics(h, y, W, b), rel=1e-6)
+
+
+# ---------------------------------------------------------------------------------------
+# one forward pass: the feature cache
+# ---------------------------------------------------------------------------------------
+class _CountingLoader:
+    """A loader that counts how often it is iterated (one iteration = one forward pass over the split)."""
+
+    def __init__(self, loader):
+        self.loader, self.passes = loader, 0
+        self.dataset, self.batch_size, self.sampler = loader.dataset, loader.batch_size, loader.sampler
+
+    def __iter__(self):
+        self.passes += 1
+        return iter(self.loader)
+
+
+def _same_bits(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for key in a:
+        assert a[key] == b[key] or (math.isnan(a[key]) and math.isnan(b[key])), (key, a[key], b[key])
+
+
+@pytest.mark.parametrize("layers", [None, [1, -1]])
+def test_cached_pass_is_bit_for_bit_the_two_pass_measure(layers):
+    import timm
+
+    torch.manual_seed(0)
+    backbone = timm.create_model("test_resnet", num_classes=0)
+    model = TinyClassifier(backbone, backbone.num_features, 6, 4)
+    g = torch.Generator().manual_seed(3)
+    x, y = torch.randn(70, 3, 16, 16, generator=g), torch.arange(70) % 4
+    streamed_loader = _CountingLoader(DataLoader(TensorDataset(x, y), batch_size=16))
+    cached_loader = _CountingLoader(DataLoader(TensorDataset(x, y), batch_size=16))
+    streamed = measure_model(model, streamed_loader, device="cpu", layers=layers, cache_mb=0)
+    cached = measure_model(model, cached_loader, device="cpu", layers=layers)
+    assert (streamed_loader.passes, cached_loader.passes) == (2, 1)
+    _same_bits(cached, streamed)
+    # a budget too small for the split falls back to the second forward pass, with the same bits
+    small_loader = _CountingLoader(DataLoader(TensorDataset(x, y), batch_size=16))
+    _same_bits(measure_model(model, small_loader, device="cpu", layers=layers, cache_mb=0.001), streamed)
+    assert small_loader.passes == 2
+
+
+def test_feature_cache_empties_itself_past_its_budget():
+    from fixedcls.collapse import FeatureCache
+    from fixedcls.errors import FixedclsError
+
+    h, y, logits = torch.zeros(100, 8), torch.zeros(100, dtype=torch.long), torch.zeros(100, 4)
+    per_batch = h.numel() * 4 + y.numel() * 8 + logits.numel() * 4
+    cache = FeatureCache(2.5 * per_batch / 2**20)
+    cache.add(h, y, logits)
+    cache.add(h, y, logits)
+    assert cache.complete and len(cache.batches) == 2 and cache.nbytes == 2 * per_batch
+    cache.add(h, y, logits)
+    assert not cache.complete and cache.batches == [] and cache.nbytes == 0
+    cache.add(h, y, logits)  # stays off: the caller streams the loader again
+    assert not cache.complete and cache.batches == []
+    assert not FeatureCache(0).complete
+    with pytest.raises(FixedclsError, match="cache_mb must be >= 0"):
+        FeatureCache(-1)
+
+
+def test_cache_without_its_accumulator_is_refused():
+    from fixedcls.collapse import FeatureCache
+    from fixedcls.errors import FixedclsError
+
+    model = _mlp_model()
+    loader = DataLoader(TensorDataset(torch.randn(8, 8), torch.arange(8) % 4), batch_size=4)
+    with pytest.raises(FixedclsError, match="cache= holds the outputs of a pass 1"):
+        measure_model(model, loader, device="cpu", cache=FeatureCache(1))

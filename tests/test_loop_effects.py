@@ -158,6 +158,48 @@ def test_test_split_collapse_equals_a_separate_measurement(tmp_path):
         assert value == pytest.approx(separate[key], rel=1e-6, abs=1e-9), key
 
 
+class CountingLoader:
+    """A loader that counts its passes (one iteration = one forward pass over its split)."""
+
+    def __init__(self, loader):
+        self.loader, self.passes = loader, 0
+        self.dataset, self.sampler, self.batch_size = loader.dataset, loader.sampler, loader.batch_size
+        self.num_workers = loader.num_workers
+
+    def __iter__(self):
+        self.passes += 1
+        return iter(self.loader)
+
+
+def test_exact_collapse_costs_one_train_pass_and_no_test_pass_with_the_same_bits(tmp_path):
+    """collapse.cache_mb keeps the features of the one forward pass; with the cache off every split is
+    streamed twice.  Both runs measure the very same numbers, and the cached run makes two passes fewer."""
+    import dataclasses
+
+    histories, passes = {}, {}
+    for cache_mb in (256, 0):
+        run, _ = prepare(tmp_path, ["collapse.every=1", "collapse.splits=[train,test]", "head=simplex",
+                                    "trainer.epochs=2", f"collapse.cache_mb={cache_mb}"], name=f"cache{cache_mb}")
+        loaders = {name: CountingLoader(getattr(run, name)) for name in ("train_eval_loader", "test_loader")}
+        run_fit(dataclasses.replace(run, **loaders))
+        histories[cache_mb] = _history(run.run_dir)
+        passes[cache_mb] = {name: loader.passes for name, loader in loaders.items()}
+    assert passes[256] == {"train_eval_loader": 2, "test_loader": 2}  # per epoch: one train pass, the evaluation
+    assert passes[0] == {"train_eval_loader": 4, "test_loader": 4}
+    cached, streamed = histories[256], histories[0]
+    assert len(cached) == 2 and any(key.startswith("collapse_test/") for key in cached[0])
+    for row_cached, row_streamed in zip(cached, streamed):
+        for key, value in row_cached.items():
+            if key.startswith(("collapse/", "collapse_test/")):
+                assert value == row_streamed[key] or (math.isnan(value) and math.isnan(row_streamed[key])), key
+
+
+def _history(run_dir) -> list:
+    import json
+
+    return [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines() if line.strip()]
+
+
 def test_online_collapse_after_a_mid_epoch_resume_equals_an_uninterrupted_run(tmp_path, monkeypatch, single_process):
     """The checkpoint carries the online accumulator's partial sums of the epoch, so a run stopped mid-epoch
     and resumed measures exactly what the uninterrupted run measures (the weights are bit-exact already)."""

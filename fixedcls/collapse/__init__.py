@@ -2,14 +2,14 @@
 
 * :mod:`.stats` -- the mathematics: :func:`nc_metrics`, the exact streaming :class:`CollapseAccumulator`
   and the one-pass :class:`OnlineCollapse`, all in float64 with O(K d + d^2) memory;
-* :mod:`.measure` -- a model over a loader: :func:`measure_model` (subsets, backbone stages) and
-  :func:`prototype_alignment`;
+* :mod:`.measure` -- a model over a loader: :func:`measure_model` (subsets, backbone stages, one forward
+  pass while :class:`FeatureCache` holds the features) and :func:`prototype_alignment`;
 * :mod:`.minority` -- :func:`minority_collapse`, the minority-collapse measures of imbalanced training;
 * :mod:`.report` -- :func:`collapse_speed`, :func:`plot_collapse`, :func:`format_table`;
 * ``python -m fixedcls.collapse CHECKPOINT`` -- the command (:mod:`.__main__`).
 """
 from .minority import MINORITY_KEYS, minority_collapse
-from .measure import measure_model, prototype_alignment
+from .measure import FeatureCache, measure_model, prototype_alignment
 from .report import DEFAULT_THRESHOLDS, collapse_speed, format_table, log_prototype_alignment, plot_collapse
 from .stats import METRIC_KEYS, NC1_KEYS, CollapseAccumulator, OnlineCollapse, nc_metrics
 
@@ -21,6 +21,7 @@ __all__ = [
     "CollapseAccumulator",
     "OnlineCollapse",
     "measure_model",
+    "FeatureCache",
     "MINORITY_KEYS",
     "minority_collapse",
     "prototype_alignment",

@@ -1,6 +1,10 @@
 """Measuring a model over a loader: the two exact passes of :class:`CollapseAccumulator` over a
 ``fixedcls`` model's features, on a fixed seeded subset or at backbone stages ("deep collapse"), and the
-per-class alignment of class means with the classifier rows."""
+per-class alignment of class means with the classifier rows.
+
+The two statistics passes need one forward pass only: :class:`FeatureCache` keeps the features of the
+first while they fit a memory budget, and the second pass reads them back (above the budget the model
+runs over the loader twice, as it must without the features)."""
 
 from __future__ import annotations
 
@@ -120,6 +124,38 @@ class _Intermediates:
             ) from exc
 
 
+class FeatureCache:
+    """The outputs of one forward pass over a split (features, labels, logits, pooled stage outputs), kept
+    while they fit ``budget_mb`` megabytes, so the second statistics pass reads them instead of running
+    the model again.
+
+    The cached tensors are the very ones the first pass measured, batch by batch, so the second pass sees
+    bit for bit what a second forward of the same weights gives on a deterministic device, and the
+    float64 statistics and decisions are the same.  Past the budget the cache empties itself and reports
+    ``complete = False``: the caller then runs the model over the loader again.  ``budget_mb=0`` never
+    caches.  The tensors stay where the model put them (GPU memory on a GPU).
+    """
+
+    def __init__(self, budget_mb: float):
+        if budget_mb is None or not budget_mb >= 0:
+            raise FixedclsError(f"collapse: cache_mb must be >= 0 megabytes, got {budget_mb!r}; 0 turns the feature cache off.")
+        self.budget_bytes = int(float(budget_mb) * 2**20)
+        self.batches: list[tuple] = []
+        self.nbytes = 0
+        self.complete = self.budget_bytes > 0
+
+    def add(self, h: torch.Tensor, y: torch.Tensor, logits: torch.Tensor | None = None, pooled: Sequence[torch.Tensor] = ()) -> None:
+        if not self.complete:
+            return
+        entry = (h.detach(), y.detach(), None if logits is None else logits.detach(), [f.detach() for f in pooled])
+        size = sum(t.numel() * t.element_size() for t in (entry[0], entry[1], entry[2], *entry[3]) if t is not None)
+        if self.nbytes + size > self.budget_bytes:
+            self.batches, self.nbytes, self.complete = [], 0, False  # over budget: free it all, stream again
+            return
+        self.batches.append(entry)
+        self.nbytes += size
+
+
 def _split_batch(batch):
     if isinstance(batch, (list, tuple)) and len(batch) >= 2:
         return batch[0], batch[1]
@@ -142,10 +178,13 @@ def measure_model(
     reduce_fn: ReduceFn | None = None,
     channels_last: bool = False,
     accumulator: CollapseAccumulator | None = None,
+    cache: FeatureCache | None = None,
+    cache_mb: float = 256.0,
     minority: Sequence[int] = (),
     majority: Sequence[int] = (),
 ) -> dict[str, float]:
-    """Exact collapse measures of ``model`` on the data of ``loader`` (two passes).
+    """Exact collapse measures of ``model`` on the data of ``loader`` (two statistics passes, one forward
+    pass while the features fit ``cache_mb``).
 
     Runs the model in eval mode under ``torch.no_grad`` (and autocast when
     ``autocast_dtype`` is given), using ``model(x, return_features=True) -> (logits, h)``;
@@ -164,6 +203,10 @@ def measure_model(
     ``accumulator``: a :class:`CollapseAccumulator` whose pass 1 was already fed with this model's
     features of exactly this loader's samples (e.g. during the test evaluation of the training loop):
     then only pass 2 runs over the loader.  Not with ``max_samples`` or ``layers``.
+    ``cache``: with ``accumulator``, the :class:`FeatureCache` filled by that same forward pass (features,
+    labels, logits); when complete, pass 2 reads it and the model does not run at all.
+    ``cache_mb``: the budget of the feature cache of pass 1 (N x (d + K) values plus the pooled stages);
+    ``0`` streams the loader twice.  Both ways give the same bits.
     ``minority`` / ``majority``: class ids; when minority is given, adds the minority-collapse measures
     (:func:`fixedcls.collapse.minority.minority_collapse`) of the class means and the head rows.
     The train/eval state of every submodule is restored afterwards.
@@ -193,6 +236,8 @@ def measure_model(
         if (accumulator.num_classes, accumulator.dim) != (num_classes, dim):
             raise FixedclsError(f"measure_model: the accumulator is for {accumulator.num_classes} classes x {accumulator.dim} dims but the head is {num_classes} x {dim}; build it from model.head.weight.shape.")
         stages = (2,)
+    elif cache is not None:
+        raise FixedclsError("measure_model: cache= holds the outputs of a pass 1 done elsewhere; pass it with that accumulator=, or leave both out.")
 
     modes = [(m, m.training) for m in model.modules()]
     model.eval()
@@ -205,7 +250,8 @@ def measure_model(
                 if int(acc.counts.sum()) == 0 and reduce_fn is None:
                     raise FixedclsError("measure_model: the accumulator saw no samples in pass 1; feed it the loader's features first.")
                 acc.finalize_means(reduce_fn)
-            for stage in stages:
+
+            def forward_batches():
                 for batch in loader:
                     x, y = _split_batch(batch)
                     x = x.to(device, non_blocking=True)
@@ -215,22 +261,27 @@ def measure_model(
                     with ctx():
                         logits, h = model(x, return_features=True)
                         pooled = inter(x) if inter is not None else []
+                    yield h, y, logits, pooled
+
+            if 1 in stages:
+                cache = FeatureCache(cache_mb)
+                for h, y, logits, pooled in forward_batches():
                     if inter is not None and layer_accs is None:
                         layer_accs = [CollapseAccumulator(num_classes, f.shape[1], device=device) for f in pooled]
-                    if stage == 1:
-                        acc.update_means(h, y)
-                        for a, f in zip(layer_accs or [], pooled):
-                            a.update_means(f, y)
-                    else:
-                        acc.update_scatter(h, y, logits)
-                        for a, f in zip(layer_accs or [], pooled):
-                            a.update_scatter(f, y)
-                if stage == 1:
-                    if int(acc.counts.sum()) == 0 and reduce_fn is None:
-                        raise FixedclsError("measure_model: the loader yielded no samples; pass a non-empty loader.")
-                    acc.finalize_means(reduce_fn)
-                    for a in layer_accs or []:
-                        a.finalize_means(reduce_fn)
+                    acc.update_means(h, y)
+                    for a, f in zip(layer_accs or [], pooled):
+                        a.update_means(f, y)
+                    cache.add(h, y, logits, pooled)
+                if int(acc.counts.sum()) == 0 and reduce_fn is None:
+                    raise FixedclsError("measure_model: the loader yielded no samples; pass a non-empty loader.")
+                acc.finalize_means(reduce_fn)
+                for a in layer_accs or []:
+                    a.finalize_means(reduce_fn)
+            # Pass 2 around the fixed class means: the cached outputs of pass 1's forward, or a second forward.
+            for h, y, logits, pooled in (cache.batches if cache is not None and cache.complete else forward_batches()):
+                acc.update_scatter(h, y, logits)
+                for a, f in zip(layer_accs or [], pooled):
+                    a.update_scatter(f, y)
             out = acc.compute(weight, bias, reduce_fn=reduce_fn)
             if minority:
                 out.update(minority_collapse(acc.means, weight, minority, majority, present=acc.counts > 0))
