@@ -70,6 +70,10 @@ def test_cpu_smoke_runs_every_cpu_section_and_names_each_skipped_cuda_section(tm
     for name in ("step/bf16/compile", "loop/bf16/compile"):
         assert "torch.compile is skipped in smoke mode" in skipped[name] and f"skip {name}: torch.compile" in stderr
     assert skipped["train/bf16"].startswith("not selected by --only")
+    # the headline figures of each section that ran, gathered in one place
+    assert set(report["figures"]) == {"train/fp32", "ddp", "step/bf16/eager", "loop/bf16/eager"}
+    assert report["figures"]["train/fp32"]["test/acc"] == result["test/acc"]
+    assert report["figures"]["loop/bf16/eager"]["collapse_overhead_exact"] == loop["collapse_overhead_exact"]
 
 
 def test_a_failed_section_is_one_line_the_next_runs_and_the_exit_status_is_one(tmp_path):
@@ -100,14 +104,17 @@ def test_the_budget_stops_the_running_section_and_skips_the_rest(gpu_check, tmp_
                 gpu_check.Section("slow", lambda folder: time.sleep(30)),
                 gpu_check.Section("after", lambda folder: ran.append(folder.name) or {}),
                 gpu_check.Section("cpu_only", lambda folder: {}, skip="a reason decided up front")]
+    reported = []  # the outcomes known each time the report would be written
     started = time.perf_counter()
-    gpu_check.run_sections(sections, budget_s=1.0, workdir=tmp_path)
+    gpu_check.run_sections(sections, budget_s=1.0, workdir=tmp_path,
+                           after_each=lambda: reported.append([s.name for s in sections if s.outcome]))
     assert time.perf_counter() - started < 10  # the sleeping section was stopped at the budget
     outcome = {s.name: s.outcome for s in sections}
     assert ran == ["quick"] and outcome["quick"]["status"] == "ok" and outcome["quick"]["results"] == {"x": 1}
     assert outcome["slow"]["status"] == "skipped" and outcome["slow"]["reason"].startswith("time budget (1 s): stopped after")
     assert outcome["after"] == {"status": "skipped", "reason": "time budget (1 s spent)"}
     assert outcome["cpu_only"] == {"status": "skipped", "reason": "a reason decided up front"}
+    assert reported == [["quick"], ["quick", "slow"], ["quick", "slow", "after"], ["quick", "slow", "after", "cpu_only"]]
 
 
 @pytest.mark.parametrize("argv,message", [(["--device", "cpu"], "add --smoke"), (["--budget-s", "0"], "positive"),

@@ -114,8 +114,11 @@ def environment(bench, device: torch.device) -> dict:
     if device.type == "cuda":
         props = torch.cuda.get_device_properties(device)
         info.update(compute_capability=f"{props.major}.{props.minor}", device_memory_gib=round(props.total_memory / 2**30, 1),
-                    multiprocessors=props.multi_processor_count, bf16_supported=torch.cuda.is_bf16_supported(),
-                    nccl=".".join(map(str, torch.cuda.nccl.version())))
+                    multiprocessors=props.multi_processor_count, bf16_supported=torch.cuda.is_bf16_supported())
+        try:  # a build without NCCL still measures everything but the DDP section
+            info["nccl"] = ".".join(map(str, torch.cuda.nccl.version()))
+        except (AttributeError, RuntimeError) as error:
+            info["nccl"] = f"unknown ({type(error).__name__}: {error})"
     return info
 
 
@@ -326,11 +329,10 @@ def plan(bench, args, device: torch.device) -> list[Section]:
         sections.append(Section(f"train/{precision}", train_section(device, precision, args.smoke, args.override)))
     nproc = args.nproc or (torch.cuda.device_count() if cuda and torch.cuda.is_available() else 2)
     sections.append(Section("ddp", ddp_section(bench, device, nproc, args.override)))
-    for compiled in (False, True):
+    for compiled in (False, True):  # eager first: the budget cuts compilation (minutes per model) before anything else
         mode = "compile" if compiled else "eager"
         for precision in BENCH_PRECISIONS:
             sections.append(Section(f"step/{precision}/{mode}", step_section(bench, device, precision, compiled, args.smoke)))
-        for precision in BENCH_PRECISIONS:
             sections.append(Section(f"loop/{precision}/{mode}",
                                     loop_section(bench, device, precision, compiled, args.smoke, args.override)))
     patterns = [p.strip() for p in args.only.split(",")] if args.only else None
@@ -355,7 +357,11 @@ def skip_reason(name: str, device: torch.device, args, patterns: Optional[list[s
     return None
 
 
-def run_sections(sections: list[Section], *, budget_s: float, workdir: Path) -> None:
+def run_sections(sections: list[Section], *, budget_s: float, workdir: Path,
+                 after_each: Callable[[], None] = lambda: None) -> None:
+    """Run the sections in order within `budget_s` seconds, each in a folder of its own under `workdir`;
+    `after_each()` is called when a section's outcome is known (main writes the JSON then, so a run killed
+    from outside keeps what it measured)."""
     started = time.perf_counter()
 
     def out_of_time(signum, frame):
@@ -367,11 +373,13 @@ def run_sections(sections: list[Section], *, budget_s: float, workdir: Path) -> 
             if section.skip is not None:
                 section.outcome = {"status": "skipped", "reason": section.skip}
                 say(f"skip {section.name}: {section.skip}")
+                after_each()
                 continue
             left = budget_s - (time.perf_counter() - started)
             if left <= 0:
                 section.outcome = {"status": "skipped", "reason": f"time budget ({budget_s:g} s spent)"}
                 say(f"skip {section.name}: time budget")
+                after_each()
                 continue
             say(f"{section.name} ...")
             folder = workdir / section.name.replace("/", "-")
@@ -395,8 +403,28 @@ def run_sections(sections: list[Section], *, budget_s: float, workdir: Path) -> 
             status = section.outcome["status"]
             detail = section.outcome.get("error") or section.outcome.get("reason") or ""
             say(f"{section.name}: {status} ({section.outcome['seconds']:.1f} s){' - ' + detail if detail else ''}")
+            after_each()
     finally:
         signal.signal(signal.SIGALRM, previous)
+
+
+#: section kind -> the figures gathered into the report's "figures" (everything else stays under "sections").
+HEADLINES = {
+    "train": ("seconds", "test/acc", "collapse/nc1", "collapse_test/nc1", "train_s_per_epoch"),
+    "ddp": ("matches_tests", "seconds", "nproc", "backend", "collapse_max_rel_diff"),
+    "step": ("images_per_second_fixed", "images_per_second_learned", "step_ratio_fixed_vs_learned"),
+    "loop": ("loop_overhead_vs_plain", "collapse_overhead_online", "collapse_overhead_exact", "agop_overhead"),
+}
+
+
+def headline(sections: list[Section]) -> dict:
+    figures = {}
+    for section in sections:
+        results = section.outcome.get("results")
+        if results:
+            keys = HEADLINES[section.name.split("/")[0]]
+            figures[section.name] = {key: results[key] for key in keys if key in results}
+    return figures
 
 
 def report(sections: list[Section], env: dict, args, seconds: float) -> dict:
@@ -404,10 +432,21 @@ def report(sections: list[Section], env: dict, args, seconds: float) -> dict:
         "tool": "tools/gpu_check.py", "started_utc": args.started_utc, "argv": sys.argv[1:],
         "smoke": args.smoke, "budget_s": args.budget_s, "seconds": round(seconds, 2),
         "device_name": env.get("device_name"), "environment": env,
-        "sections": {s.name: s.outcome for s in sections},
+        "figures": headline(sections),
+        "sections": {s.name: s.outcome or {"status": "not run yet"} for s in sections},
         "failed": [s.name for s in sections if s.outcome.get("status") == "failed"],
         "skipped": {s.name: s.outcome["reason"] for s in sections if s.outcome.get("status") == "skipped"},
     }
+
+
+def write_report(sections: list[Section], env: dict, args, started: float) -> dict:
+    """Write the report as it stands (a file replaced whole, never half written) and return it."""
+    results = report(sections, env, args, time.perf_counter() - started)
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    partial = args.json.with_name(args.json.name + ".partial")
+    partial.write_text(json.dumps(results, indent=2, default=str) + "\n")
+    os.replace(partial, args.json)
+    return results
 
 
 def parse_args(argv=None):
@@ -453,10 +492,9 @@ def main(argv=None) -> int:
             # A section stopped at the budget may leave a background checkpoint write behind: clean up what can be.
             workdir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="fixedcls-gpu-check-",
                                                                            ignore_cleanup_errors=True)))
-        run_sections(sections, budget_s=args.budget_s, workdir=workdir)
-    results = report(sections, env, args, time.perf_counter() - started)
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(results, indent=2, default=str) + "\n")
+        run_sections(sections, budget_s=args.budget_s, workdir=workdir,
+                     after_each=lambda: write_report(sections, env, args, started))
+    results = write_report(sections, env, args, started)
     ran = sum(s.outcome.get("status") == "ok" for s in sections)
     say(f"{ran} sections ran, {len(results['skipped'])} skipped, {len(results['failed'])} failed "
         f"in {results['seconds']:.0f} s on {results['device_name']}; results in {args.json}")
