@@ -81,6 +81,14 @@ class BudgetExhausted(BaseException):
     """The time budget ran out inside a section (a BaseException: no `except Exception` in the library swallows it)."""
 
 
+class SectionFailed(Exception):
+    """A section that ran to its end and found a fault: the message is the one line, `results` what it measured."""
+
+    def __init__(self, message: str, results: dict):
+        super().__init__(message)
+        self.results = results
+
+
 @dataclass
 class Section:
     name: str
@@ -226,7 +234,7 @@ def train_section(device: torch.device, precision: str, smoke: bool, extra: list
                      f"checkpoint.root={workdir / 'checkpoints'}", f"hydra.run.dir={workdir / 'run'}", *extra]
         out = launch([sys.executable, "-m", "fixedcls.train", *overrides], workdir)
         if out["exit_code"] != 0:
-            raise RuntimeError(f"exit code {out['exit_code']}: {failure_line(out['output_tail'])}")
+            raise SectionFailed(f"exit code {out['exit_code']}: {failure_line(out['output_tail'])}", out)
         summary = json.loads((workdir / "run" / "summary.json").read_text())
         out.update({key: summary.get(f"final/{key}") for key in
                     ("test/acc", "val/acc", "train/loss", "collapse/nc1", "collapse_test/nc1")})
@@ -245,15 +253,16 @@ def ddp_section(bench, device: torch.device, nproc: int, extra: list[str]) -> Ca
         out.update(nproc=nproc, backend="nccl" if device.type == "cuda" else "gloo")
         if nproc == 1:
             out["note"] = ("one process: torchrun --nproc_per_node=1 is a world of one in fixedcls (no process group, "
-                           "no DDP wrapper; fixedcls.distributed.launch_env), and NCCL refuses two ranks on one GPU")
+                           "no DDP wrapper; fixedcls.distributed.launch_env)"
+                           + ("; NCCL refuses two ranks on one GPU" if device.type == "cuda" else ""))
         if out["exit_code"] != 0:
-            raise RuntimeError(f"exit code {out['exit_code']}: {failure_line(out['output_tail'])}")
+            raise SectionFailed(f"exit code {out['exit_code']}: {failure_line(out['output_tail'])}", out)
         del out["output_tail"]
         checks, details = ddp_checks(bench, workdir, device, nproc)
         out.update(checks=checks, **details, matches_tests=all(checks.values()))
         if not out["matches_tests"]:
-            raise RuntimeError(f"the DDP run differs from what tests/test_distributed.py checks: "
-                               f"{', '.join(k for k, ok in checks.items() if not ok)}")
+            raise SectionFailed(f"the DDP run differs from what tests/test_distributed.py checks: "
+                                f"{', '.join(k for k, ok in checks.items() if not ok)}", out)
         return out
 
     return run
@@ -357,6 +366,10 @@ def skip_reason(name: str, device: torch.device, args, patterns: Optional[list[s
     return None
 
 
+def one_line(error: BaseException) -> str:
+    return (" ".join(str(error).split()) or type(error).__name__)[:2000]
+
+
 def run_sections(sections: list[Section], *, budget_s: float, workdir: Path,
                  after_each: Callable[[], None] = lambda: None) -> None:
     """Run the sections in order within `budget_s` seconds, each in a folder of its own under `workdir`;
@@ -391,9 +404,10 @@ def run_sections(sections: list[Section], *, budget_s: float, workdir: Path,
             except BudgetExhausted:
                 section.outcome = {"status": "skipped",
                                    "reason": f"time budget ({budget_s:g} s): stopped after {time.perf_counter() - begin:.0f} s"}
+            except SectionFailed as failure:
+                section.outcome = {"status": "failed", "error": one_line(failure), "results": failure.results}
             except Exception as error:  # one line per failure; the next section still runs
-                text = " ".join(str(error).split()) or type(error).__name__
-                section.outcome = {"status": "failed", "error": f"{type(error).__name__}: {text}"[:2000]}
+                section.outcome = {"status": "failed", "error": f"{type(error).__name__}: {one_line(error)}"}
                 log = folder / "output.log"
                 if log.is_file():
                     section.outcome["output_tail"] = log.read_text(errors="replace").splitlines()[-20:]
@@ -421,7 +435,7 @@ def headline(sections: list[Section]) -> dict:
     figures = {}
     for section in sections:
         results = section.outcome.get("results")
-        if results:
+        if results and section.outcome["status"] == "ok":
             keys = HEADLINES[section.name.split("/")[0]]
             figures[section.name] = {key: results[key] for key in keys if key in results}
     return figures
