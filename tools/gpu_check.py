@@ -240,6 +240,10 @@ def train_section(device: torch.device, precision: str, smoke: bool, extra: list
                     ("test/acc", "val/acc", "train/loss", "collapse/nc1", "collapse_test/nc1")})
         out.update(epochs=summary.get("epochs"), train_s_per_epoch=summary.get("time/train_s_per_epoch"))
         del out["output_tail"]
+        missing = [key for key in ("test/acc", "collapse/nc1") if out[key] is None]
+        if missing or out["epochs"] != 2:
+            raise SectionFailed(f"summary.json of a 2-epoch run has epochs={out['epochs']} and lacks "
+                                f"{', '.join('final/' + key for key in missing) or 'nothing'}", out)
         return out
 
     return run
