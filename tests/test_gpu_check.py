@@ -68,7 +68,7 @@ def test_cpu_smoke_runs_every_cpu_section_and_names_each_skipped_cuda_section(tm
         assert sections[name]["status"] == "skipped" and "fp16 needs CUDA" in skipped[name]
         assert f"skip {name}: fp16 needs CUDA" in stderr
     for name in ("step/bf16/compile", "loop/bf16/compile"):
-        assert "torch.compile is skipped in smoke mode" in skipped[name] and f"skip {name}: torch.compile" in stderr
+        assert "torch.compile is skipped in a CPU smoke run" in skipped[name] and f"skip {name}: torch.compile" in stderr
     assert skipped["train/bf16"].startswith("not selected by --only")
     # the headline figures of each section that ran, gathered in one place
     assert set(report["figures"]) == {"train/fp32", "ddp", "step/bf16/eager", "loop/bf16/eager"}
