@@ -402,7 +402,7 @@ def run_sections(sections: list[Section], *, budget_s: float, workdir: Path,
             folder = workdir / section.name.replace("/", "-")
             folder.mkdir(parents=True, exist_ok=False)
             begin = time.perf_counter()
-            signal.setitimer(signal.ITIMER_REAL, left)
+            signal.setitimer(signal.ITIMER_REAL, max(left, 1e-3))  # below a microsecond setitimer would disarm
             try:
                 section.outcome = {"status": "ok", "results": section.run(folder)}
             except BudgetExhausted:
