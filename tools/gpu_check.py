@@ -140,9 +140,20 @@ def release(device: torch.device, compiled: bool) -> None:
     next section's models count towards the recompile limit and silently fall back to eager."""
     gc.collect()
     if compiled:
+        from torch._dynamo.utils import counters
+
         torch._dynamo.reset()
+        counters.clear()
     if device.type == "cuda":
         torch.cuda.empty_cache()
+
+
+def dynamo_counts() -> dict:
+    """What torch.compile did since the last release(): graphs compiled and graph breaks (each break runs eager)."""
+    from torch._dynamo.utils import counters
+
+    return {"unique_graphs": counters["stats"]["unique_graphs"], "graph_breaks": sum(counters["graph_break"].values()),
+            "frames_compiled": counters["frames"]["ok"]}
 
 
 def step_section(bench, device: torch.device, precision: str, compiled: bool, smoke: bool) -> Callable[[Path], dict]:
@@ -157,6 +168,8 @@ def step_section(bench, device: torch.device, precision: str, compiled: bool, sm
         try:
             out = bench.bench_step(**sizes, **rounds, device=device, precision=precision, channels_last=True,
                                    compile=compiled)
+            if compiled:
+                out["dynamo"] = dynamo_counts()
         finally:
             release(device, compiled)
         return out
@@ -176,6 +189,8 @@ def loop_section(bench, device: torch.device, precision: str, compiled: bool, sm
             built = bench.build_run([*overrides, *extra], workdir)
             out = bench.bench_loop(built, workdir, rounds=1 if smoke else 3, warmup=1 if compiled or not smoke else 0,
                                    epochs=1 if smoke else 2)
+            if compiled:
+                out["dynamo"] = dynamo_counts()
         finally:
             built = None
             release(device, compiled)
