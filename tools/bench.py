@@ -5,6 +5,7 @@
     python tools/bench.py --quick         # a few minutes on 2 CPU cores
     python tools/bench.py --json bench.json
     python tools/bench.py --device cuda --precision bf16   # GPU variant (adds images/s, ResNet-50 224px)
+    python tools/bench.py --device cuda --precision bf16 --compile   # the same under torch.compile
 
 Every figure is a ratio of two contenders timed in the same process and the same run, with the
 contenders ALTERNATED (the order flips every round; garbage collected before each call) after
@@ -195,10 +196,12 @@ def machine_info(device: torch.device) -> dict:
 # --------------------------------------------------------------------------------------------
 def bench_step(*, backbone: str, img_size: int, in_chans: int, num_classes: int, batch_size: int,
                device: torch.device, precision: str = "fp32", channels_last: bool = False,
-               steps: int = 3, rounds: int = 10, warmup: int = 1, batch: Optional[tuple] = None) -> dict:
+               steps: int = 3, rounds: int = 10, warmup: int = 1, batch: Optional[tuple] = None,
+               compile: bool = False) -> dict:
     """Time `steps` training steps per round for both heads on the same backbone and the same batch.
 
-    `batch` (x, y) defaults to a seeded synthetic batch placed on the device.
+    `batch` (x, y) defaults to a seeded synthetic batch placed on the device.  `compile` wraps each model in
+    torch.compile as trainer.compile=true does; the warm-up rounds then include the compilation, so keep warmup >= 1.
     """
     from fixedcls.build import build_optimizer
     from fixedcls.heads import create_criterion
@@ -226,11 +229,12 @@ def bench_step(*, backbone: str, img_size: int, in_chans: int, num_classes: int,
         model.train()
         optimizer = build_optimizer(optim_cfg, model)
         criterion = create_criterion("ce", model.head)
+        stepped = torch.compile(model) if compile else model
 
         def run_steps():
             for _ in range(steps):
                 with autocast():
-                    logits = model(x)
+                    logits = stepped(x)
                     loss = criterion(logits.float(), y)
                 loss.backward()
                 optimizer.step()
@@ -251,7 +255,7 @@ def bench_step(*, backbone: str, img_size: int, in_chans: int, num_classes: int,
         "images_per_second_learned": batch_size * steps / med["learned"],
         "settings": {"backbone": backbone, "img_size": img_size, "batch_size": batch_size, "num_classes": num_classes,
                      "dim_fixed": fixed_model.dim, "dim_learned": learned_model.dim, "precision": precision,
-                     "channels_last": channels_last, "steps_per_round": steps, "rounds": rounds, "warmup": warmup},
+                     "channels_last": channels_last, "compile": compile, "steps_per_round": steps, "rounds": rounds, "warmup": warmup},
         "raw": times,
     }
 
@@ -592,12 +596,13 @@ def _run(args, device: torch.device) -> dict:
         run_objects = None
         if sections & {"step", "loop"}:
             overrides = [f"model.backbone={backbone}", f"trainer.device={device.type}",
-                         f"trainer.precision={args.precision}", *args.override]
+                         f"trainer.precision={args.precision}", f"trainer.compile={str(args.compile).lower()}", *args.override]
             run_objects = build_run(overrides, workdir)
         if "step" in sections:
             if device.type == "cuda":
                 part = bench_step(**GPU_STEP, device=device, precision=args.precision, channels_last=True,
-                                  steps=args.steps or 5, rounds=args.rounds or (6 if quick else 10), warmup=args.warmup)
+                                  steps=args.steps or 5, rounds=args.rounds or (6 if quick else 10), warmup=args.warmup,
+                                  compile=args.compile)
             else:
                 x, y = next(iter(run_objects["train_loader"]))
                 cfg = run_objects["cfg"]
@@ -605,7 +610,7 @@ def _run(args, device: torch.device) -> dict:
                                   num_classes=run_objects["model"].num_classes, batch_size=x.shape[0],
                                   device=device, precision=args.precision, channels_last=cfg.trainer.channels_last,
                                   steps=args.steps or (3 if quick else 5), rounds=args.rounds or (10 if quick else 20), batch=(x, y),
-                                  warmup=args.warmup)
+                                  warmup=args.warmup, compile=args.compile)
             merge(part, "step")
         if "loop" in sections:
             merge(bench_loop(run_objects, workdir, rounds=args.rounds or (3 if quick else 8), warmup=args.warmup,
@@ -639,6 +644,8 @@ def parse_args(argv=None):
     p.add_argument("--json", type=Path, help="write the results to this JSON file")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"])
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the models of the step and loop figures (trainer.compile=true); warm-up rounds compile")
     p.add_argument("--backbone", help="backbone of the loop/collapse/step figures (default: the default run's)")
     p.add_argument("--rounds", type=int, help="measured rounds per figure")
     p.add_argument("--warmup", type=int, default=1, help="discarded warm-up rounds before the measured ones")
