@@ -160,8 +160,8 @@ def other_processes_load(start: tuple, process_cpu_end: float, wall_start: float
     """Average number of cores other processes kept busy since `start` (process CPU, machine busy seconds).
 
     The load average cannot tell: it counts the benchmark's own threads, so a quiet 2-core machine
-    running a 2-thread benchmark shows a load of 2.  Data-loader worker processes count as other
-    processes (the default run loads in the main process).
+    running a 2-thread benchmark shows a load of 2.  Pass `own_cpu_seconds()` as the process CPU, so the
+    data-loader workers of the workers figure count as the benchmark's own.
     """
     process_cpu_start, busy_start = start
     busy_end = _machine_busy_seconds()
@@ -169,6 +169,12 @@ def other_processes_load(start: tuple, process_cpu_end: float, wall_start: float
         return None
     wall = time.perf_counter() - wall_start
     return max(0.0, (busy_end - busy_start) - (process_cpu_end - process_cpu_start)) / max(wall, 1e-9)
+
+
+def own_cpu_seconds() -> float:
+    """CPU seconds of this process and of its ended child processes (data-loader workers, once joined)."""
+    times = os.times()
+    return time.process_time() + times.children_user + times.children_system
 
 
 def machine_info(device: torch.device) -> dict:
@@ -656,7 +662,7 @@ def _run(args, device: torch.device) -> dict:
     quick = args.quick
     results: dict = {"machine": machine_info(device), "quick": quick, "medians": {}, "cpu_ratios": {}, "settings": {},
                      "notes": []}
-    started, cpu_start = time.perf_counter(), (time.process_time(), _machine_busy_seconds())
+    started, cpu_start = time.perf_counter(), (own_cpu_seconds(), _machine_busy_seconds())
 
     def merge(part: dict, section: str):
         results["medians"].update(part.pop("medians", {}))
@@ -708,7 +714,7 @@ def _run(args, device: torch.device) -> dict:
                                 warmup=args.warmup), "workers")
     if hasattr(os, "getloadavg"):
         results["machine"]["loadavg_end"] = [round(x, 2) for x in os.getloadavg()]
-    other = other_processes_load(cpu_start, time.process_time(), started)
+    other = other_processes_load(cpu_start, own_cpu_seconds(), started)
     if other is not None:
         results["machine"]["other_processes_load"] = round(other, 2)
         if device.type == "cpu" and other > 0.25:
