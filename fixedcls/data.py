@@ -632,6 +632,18 @@ def create_loaders(
     return train, eval_loader(bundle.train_eval), eval_loader(bundle.test)
 
 
+def stop_workers(*loaders: Optional[DataLoader]) -> None:
+    """End the worker processes that persistent loaders keep; iterating such a loader again starts new ones.
+
+    torch ends them only when the loader's iterator is garbage collected, and a finished run's objects can wait
+    for the cycle collector: a sweep of runs in one process would pile up idle workers meanwhile."""
+    for loader in loaders:
+        iterator = getattr(loader, "_iterator", None)  # torch keeps a persistent loader's one iterator there
+        if iterator is not None:
+            iterator._shutdown_workers()
+            loader._iterator = None
+
+
 def create_eval_loader(dataset: Dataset, *, eval_batch_size: int, num_workers: int = 0, seed: int = 0, rank: int = 0,
                        world_size: int = 1, pin_memory: bool = False) -> DataLoader:
     """An evaluation loader (fixed order; sharded without padding in DDP): train-eval, validation, test.

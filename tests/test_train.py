@@ -187,6 +187,16 @@ def test_persistent_workers_augment_every_epoch_as_the_main_process_does():
         assert len(seen) == len(expected) and all(torch.equal(a, b) for a, b in zip(seen, expected))
 
 
+def test_a_finished_run_ends_its_loader_workers(tmp_path):
+    """Persistent workers end with the run, not at some later garbage collection (a sweep in one process would pile
+    them up); the run's loaders still work afterwards."""
+    import multiprocessing
+
+    result = train_tiny(tmp_path, ["data.num_workers=2", "data.val_fraction=0.25", "collapse.every=1"])
+    assert multiprocessing.active_children() == []
+    assert sum(len(y) for _, y in result.run.test_loader) == 16
+
+
 def _cli(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled", "HYDRA_FULL_ERROR": "0"}
     return subprocess.run([sys.executable, "-m", "fixedcls.train", *args], cwd=cwd, env=env,
