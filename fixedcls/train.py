@@ -23,7 +23,7 @@ from . import checkpoint as ckpt
 from . import runs
 from .cli import exit_if_jobs_failed, refuse_bad_overrides, run_job
 from .config import conf_dir, register_configs, validate_config
-from .data import IMAGE_FILE_DATASETS, create_data, create_eval_loader, create_loaders, targets_of
+from .data import IMAGE_FILE_DATASETS, create_data, create_eval_loader, create_loaders, stop_workers, targets_of
 from .distributed import World, close_world, init_world, worker_hydra_args
 from .engine import TrainingRun, fit, recorded_keys
 from .errors import FixedclsError
@@ -112,6 +112,7 @@ def train(cfg: DictConfig, run_dir: str | Path) -> TrainResult:
             except Exception as error:  # a tracker can only warn: the run and its checkpoints are already safe
                 log.warning(f"warning: the tracker's finish failed ({type(error).__name__}: {error})")
             run.checkpoints.close()
+            stop_workers(run.train_loader, run.train_eval_loader, run.test_loader, run.val_loader)
             if exit_code and world.is_main:  # a run that failed before its first checkpoint leaves no empty folder
                 runs.release_if_empty(run.checkpoints.directory)
         close_world(world)

@@ -84,6 +84,39 @@ def test_main_writes_every_key(bench, tmp_path, capsys):
     assert any("scaled linearly" in note for note in results["notes"])
 
 
+def test_workers_figure_runs_from_the_command_line(bench, tmp_path, capsys):
+    path = tmp_path / "bench.json"
+    assert bench.main(["--only", "workers", "--workers-images", "40", "--rounds", "1", "--warmup", "0",
+                       "--json", str(path)]) == 0
+    results = json.loads(path.read_text())
+    assert math.isfinite(results["workers_epoch_speedup_persistent"]) and results["workers_epoch_speedup_persistent"] > 0
+    assert {"epoch_s_workers_persistent", "epoch_s_workers_respawn"} <= set(results["medians"])
+    assert results["settings"]["workers"]["num_workers"] == 2 and results["settings"]["workers"]["test_images"] == 8
+    assert "workers_epoch_speedup_persistent" in capsys.readouterr().out
+
+
+def test_the_respawning_contender_loads_what_the_persistent_loader_loads(bench):
+    """Both contenders of the workers figure must do the same work: same samples, order and augmentation."""
+    import numpy as np
+
+    from fixedcls.data import DataBundle, create_loaders
+    from fixedcls.transforms import random_shift
+
+    def shifted(image):  # random: a sample augmented for another epoch or seed would differ
+        return random_shift(4)(torch.from_numpy(np.asarray(image)).permute(2, 0, 1).float())
+
+    images = bench.CifarSizedImages(24, shifted)
+    bundle = DataBundle(train=images, train_eval=images, test=images, num_classes=10, in_chans=3, img_size=32,
+                        class_names=[str(c) for c in range(10)])
+    persistent, _, _ = create_loaders(bundle, batch_size=8, eval_batch_size=8, num_workers=2, seed=3)
+    respawned = bench.respawning(persistent)
+    assert persistent.persistent_workers and not respawned.persistent_workers
+    for epoch in (0, 1):
+        persistent.sampler.set_epoch(epoch)
+        kept, fresh = [x for x, _ in persistent], [x for x, _ in respawned]
+        assert len(kept) == 3 and all(torch.equal(a, b) for a, b in zip(kept, fresh))
+
+
 def test_other_processes_load_excludes_the_benchmark_itself(bench, monkeypatch):
     import time
 

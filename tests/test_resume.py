@@ -2,8 +2,9 @@
 
 A run stopped at any moment (SIGTERM, SIGINT, SIGUSR1, SIGUSR2 mid-epoch; SIGKILL, also in the
 middle of a checkpoint write; a crash; twice in one epoch; with other numbers of data-loader
-workers) and restarted with `resume=auto` must end with the same weights, bit for bit on CPU, and
-the same metrics.jsonl as a run that was never stopped (one uninterrupted reference run, shared).
+workers, which persist across epochs) and restarted with `resume=auto` must end with the same
+weights, bit for bit on CPU, and the same metrics.jsonl as a run that was never stopped (one
+uninterrupted reference run, shared).
 
 Every run here is a real OS process running the real `fixedcls-train` entry point
 (`fixedcls.train.main` with its own argv, cwd, environment, stdout/stderr, exit code and signals).
@@ -364,6 +365,24 @@ def assert_same_end(run: Path, checkpoints: Path, reference: Path) -> None:
     assert (run / "metrics.jsonl").read_text() == expected
 
 
+# The run sends itself SIGTERM during training step 6 of epoch 1 (of 16), so it stops there at the next update
+# whatever the machine's speed: no sleep, no race with the first epoch's end.
+STOP_AT_STEP_6 = """
+import os, signal, torch, fixedcls.build as _train
+_create = _train.create_criterion
+def _stopping_criterion(*args, **kwargs):
+    criterion = _create(*args, **kwargs)
+    calls = [0]
+    def stop(logits, target):
+        if torch.is_grad_enabled():
+            calls[0] += 1
+            if calls[0] == 6:
+                os.kill(os.getpid(), signal.SIGTERM)
+        return criterion(logits, target)
+    return stop
+_train.create_criterion = _stopping_criterion
+"""
+
 # SIGKILL in the middle of writing the epoch-2 checkpoint (half of it on disk, in the temporary file).
 KILL_IN_WRITE = """
 import io, os, signal, torch
@@ -428,6 +447,20 @@ def test_an_interrupted_run_resumes_bit_for_bit(reference, tmp_path, how):
     assert second.returncode == 0, second.stderr
     assert "resuming from" in second.stdout + second.stderr
     assert not [p for p in checkpoints.iterdir() if p.name.endswith(".tmp")]  # no debris of the killed write
+    assert_same_end(tmp_path / "run2", checkpoints, reference)
+
+
+def test_a_run_stopped_in_its_first_epoch_resumes_bit_for_bit_with_persistent_workers(reference, tmp_path):
+    """Both runs load with 2 worker processes that persist across epochs (the reference used none): the resumed
+    run starts mid-epoch 1 and its workers, started then, augment epoch 2 too; the evaluation loaders keep theirs."""
+    checkpoints = tmp_path / "checkpoints" / NAME
+    first = run_cli(RUN + ["data.num_workers=2", "hydra.run.dir=run1"], tmp_path, prelude=STOP_AT_STEP_6)
+    assert first.returncode == 128 + signal.SIGTERM, first.stderr
+    stopped = load_state(checkpoints / "last.pt")
+    assert (stopped["epoch"], stopped["step_in_epoch"]) == (0, 6)
+    second = run_cli(RUN + ["data.num_workers=2", "hydra.run.dir=run2", "resume=auto"], tmp_path)
+    assert second.returncode == 0, second.stderr
+    assert "resumed at epoch 1 step 6" in second.stdout + second.stderr
     assert_same_end(tmp_path / "run2", checkpoints, reference)
 
 

@@ -13,7 +13,7 @@ from hydra.errors import ConfigCompositionException
 from omegaconf.errors import ConfigKeyError, ValidationError
 
 from fixedcls.collapse import METRIC_KEYS
-from fixedcls.data import EpochSampler, create_data
+from fixedcls.data import EpochIndex, EpochSampler, SeededAugmentation, create_data, create_loaders
 from fixedcls.loggers import read_jsonl
 from utils import CONF_DIR, TINY, compose_config, train_tiny
 
@@ -150,6 +150,51 @@ def test_epoch_sampler_is_seeded_resumable_and_sharded():
     assert {len(list(s)) for s in shards} == {4}  # padded to equal steps
     eval_shards = [list(EpochSampler(10, shuffle=False, rank=r, world_size=3)) for r in range(3)]
     assert sorted(sum(eval_shards, [])) == list(range(10))  # disjoint, unpadded
+
+
+def test_the_training_sampler_hands_each_index_over_with_its_epoch():
+    sampler = EpochSampler(10, seed=3, carry_epoch=True)
+    sampler.set_epoch(4, start=6)
+    keys = list(sampler)
+    assert keys == [EpochIndex(4, i) for i in sampler.epoch_indices()[6:]]
+    bundle = create_data(compose_config(["data.augment=true"]).data)
+    augmented = SeededAugmentation(bundle.train, seed=0)
+    assert torch.equal(augmented[EpochIndex(4, 3)][0], augmented[EpochIndex(4, 3)][0])
+    assert not torch.equal(augmented[EpochIndex(4, 3)][0], augmented[EpochIndex(5, 3)][0])
+    augmented.set_epoch(5)  # a plain index: the epoch set in this process
+    assert torch.equal(augmented[3][0], augmented[EpochIndex(5, 3)][0])
+
+
+def test_persistent_workers_augment_every_epoch_as_the_main_process_does():
+    """Workers started in epoch 0 and kept (persistent_workers) must still see epochs 1 and 2: the epoch travels with
+    the indices, not through the dataset copy a worker holds."""
+    bundle = create_data(compose_config(["data.augment=true"]).data)
+    augmented = SeededAugmentation(bundle.train, seed=5)
+
+    def batches(num_workers: int) -> tuple[list, list]:
+        train, _, test = create_loaders(bundle, batch_size=16, eval_batch_size=16, num_workers=num_workers, seed=5)
+        assert train.persistent_workers == test.persistent_workers == (num_workers > 0)
+        seen, expected = [], []
+        for epoch in range(3):
+            train.sampler.set_epoch(epoch)
+            order = train.sampler.epoch_indices()
+            expected += [torch.stack([augmented[EpochIndex(epoch, i)][0] for i in order[s:s + 16]])
+                         for s in range(0, len(order), 16)] + [x for x, _ in test]
+            seen += [x for x, _ in train] + [x for x, _ in test]
+        return seen, expected
+
+    for seen, expected in (batches(0), batches(2)):
+        assert len(seen) == len(expected) and all(torch.equal(a, b) for a, b in zip(seen, expected))
+
+
+def test_a_finished_run_ends_its_loader_workers(tmp_path):
+    """Persistent workers end with the run, not at some later garbage collection (a sweep in one process would pile
+    them up); the run's loaders still work afterwards."""
+    import multiprocessing
+
+    result = train_tiny(tmp_path, ["data.num_workers=2", "data.val_fraction=0.25", "collapse.every=1"])
+    assert multiprocessing.active_children() == []
+    assert sum(len(y) for _, y in result.run.test_loader) == 16
 
 
 def _cli(args: list[str], cwd: Path) -> subprocess.CompletedProcess:

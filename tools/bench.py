@@ -33,6 +33,12 @@ Figures and targets:
                                 at N=50,000, d=512, K=100, values checked equal (1e-6 rel.)     >= 20
   collapse memory               the streaming measurer's float64 state (O(Kd + d^2)) against the
                                 N x d float32 features it avoids storing (both in MB, and the ratio)
+  workers_epoch_speedup_persistent
+                                an epoch of data loading (5,000 CIFAR-sized synthetic training images with
+                                conf/data/cifar10.yaml's seeded augmentation, then 1,000 test images; num_workers=2,
+                                no model) through loaders that respawn their workers every epoch / through
+                                fixedcls's loaders, whose workers persist                 informative
+                                Not in the default set (about a minute on a busy 2-core machine): --only workers
 """
 from __future__ import annotations
 
@@ -155,8 +161,8 @@ def other_processes_load(start: tuple, process_cpu_end: float, wall_start: float
     """Average number of cores other processes kept busy since `start` (process CPU, machine busy seconds).
 
     The load average cannot tell: it counts the benchmark's own threads, so a quiet 2-core machine
-    running a 2-thread benchmark shows a load of 2.  Data-loader worker processes count as other
-    processes (the default run loads in the main process).
+    running a 2-thread benchmark shows a load of 2.  Pass `own_cpu_seconds()` as the process CPU, so the
+    data-loader workers of the workers figure count as the benchmark's own.
     """
     process_cpu_start, busy_start = start
     busy_end = _machine_busy_seconds()
@@ -164,6 +170,12 @@ def other_processes_load(start: tuple, process_cpu_end: float, wall_start: float
         return None
     wall = time.perf_counter() - wall_start
     return max(0.0, (busy_end - busy_start) - (process_cpu_end - process_cpu_start)) / max(wall, 1e-9)
+
+
+def own_cpu_seconds() -> float:
+    """CPU seconds of this process and of its ended child processes (data-loader workers, once joined)."""
+    times = os.times()
+    return time.process_time() + times.children_user + times.children_system
 
 
 def machine_info(device: torch.device) -> dict:
@@ -517,6 +529,86 @@ def bench_memory(*, N: int = 50_000, d: int = 512, K: int = 100, batch: int = 25
 
 
 # --------------------------------------------------------------------------------------------
+# 6. an epoch of data loading with workers: persistent (fixedcls's loaders) vs respawned every epoch
+# --------------------------------------------------------------------------------------------
+class CifarSizedImages(torch.utils.data.Dataset):
+    """Seeded random 32x32 RGB images as CIFAR holds them (uint8 H x W x C, a PIL image per sample), labels 0..9."""
+
+    def __init__(self, count: int, transform: Callable, seed: int = 0):
+        g = torch.Generator().manual_seed(seed)
+        self.pixels = torch.randint(0, 256, (count, 32, 32, 3), dtype=torch.uint8, generator=g).numpy()
+        self.targets = torch.randint(0, 10, (count,), generator=g).tolist()
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+    def __getitem__(self, index: int):
+        from PIL import Image
+
+        return self.transform(Image.fromarray(self.pixels[index])), self.targets[index]
+
+
+def respawning(loader):
+    """The same loader (dataset, sampler, batch size, workers, generator) with persistent_workers=False: new worker
+    processes at every `iter()`, as fixedcls's loaders had before they kept theirs."""
+    from torch.utils.data import DataLoader
+
+    return DataLoader(loader.dataset, batch_size=loader.batch_size, sampler=loader.sampler, num_workers=loader.num_workers,
+                      pin_memory=loader.pin_memory, persistent_workers=False, generator=loader.generator,
+                      worker_init_fn=loader.worker_init_fn, multiprocessing_context=loader.multiprocessing_context)
+
+
+def bench_workers(*, images: int = 5000, num_workers: int = 2, batch_size: int = 128, epochs: int = 1,
+                  rounds: int = 5, warmup: int = 1) -> dict:
+    """`epochs` epochs of data loading per round, as fit() iterates its loaders (the training split, then the
+    test split), through fixedcls.data.create_loaders with persistent workers and through the same loaders
+    respawning their workers every epoch, alternated.  CIFAR-sized synthetic images (`images` for training, a
+    fifth as many for the test split) with conf/data/cifar10.yaml's seeded training augmentation (random crop with
+    padding, flip, normalisation); no model, so the figure is the loading time alone, where respawning costs most."""
+    from fixedcls.config import register_configs
+    from fixedcls.data import DataBundle, create_loaders
+    from fixedcls.transforms import image_file_transforms
+
+    register_configs()
+    data_cfg = compose(["data=cifar10", "data.root=unused"]).data  # the transforms read no file
+    train_tf, eval_tf, spec = image_file_transforms(data_cfg, 3)
+    train_images = CifarSizedImages(images, train_tf)
+    bundle = DataBundle(train=train_images, train_eval=CifarSizedImages(images, eval_tf),
+                        test=CifarSizedImages(max(1, images // 5), eval_tf, seed=1), num_classes=10, in_chans=3,
+                        img_size=32, class_names=[str(c) for c in range(10)], preprocessing=spec)
+    train, _, test = create_loaders(bundle, batch_size=batch_size, eval_batch_size=2 * batch_size,
+                                    num_workers=num_workers, seed=0)
+    next_epoch = [0]
+
+    def epochs_of(train_loader, test_loader) -> Callable[[], None]:
+        def run_epochs():
+            for _ in range(epochs):
+                train_loader.sampler.set_epoch(next_epoch[0])  # every call loads new epochs (new augmentation)
+                next_epoch[0] += 1
+                for x, _ in train_loader:
+                    x.sum()
+                for x, _ in test_loader:
+                    x.sum()
+
+        return run_epochs
+
+    times = alternate({"persistent": epochs_of(train, test), "respawn": epochs_of(respawning(train), respawning(test))},
+                      rounds=rounds, warmup=warmup)
+    med = medians(times)
+    return {
+        "workers_epoch_speedup_persistent": median_ratio(times, "respawn", "persistent"),
+        "medians": {"epoch_s_workers_persistent": med["persistent"] / epochs,
+                    "epoch_s_workers_respawn": med["respawn"] / epochs},
+        "settings": {"train_images": images, "test_images": len(bundle.test), "image": "3x32x32 uint8 -> PIL",
+                     "augmentation": "conf/data/cifar10.yaml (random crop, flip, normalise; seeded per sample)",
+                     "num_workers": num_workers, "batch_size": batch_size, "epochs_per_round": epochs,
+                     "rounds": rounds, "warmup": warmup},
+        "raw": times,
+    }
+
+
+# --------------------------------------------------------------------------------------------
 # report
 # --------------------------------------------------------------------------------------------
 def verdict(key: str, value: Optional[float]) -> str:
@@ -538,7 +630,8 @@ def format_table(results: dict) -> str:
     if "nc_metrics_equal" in results:
         rows.append(("nc_metrics equal to naive (max rel diff)", f"{results['nc_metrics_max_rel_diff']:.1e}", "",
                      f"<= {NC_REL_TOL:g}", "PASS" if results["nc_metrics_equal"] else "MISS"))
-    for key in ("collapse_memory_mb", "stored_features_mb", "images_per_second_fixed", "images_per_second_learned"):
+    for key in ("collapse_memory_mb", "stored_features_mb", "images_per_second_fixed", "images_per_second_learned",
+                "workers_epoch_speedup_persistent"):
         if key in results:
             rows.append((key, f"{results[key]:.2f}", "", "", "info"))
     for key, value in results.get("medians", {}).items():
@@ -573,7 +666,7 @@ def _run(args, device: torch.device) -> dict:
     quick = args.quick
     results: dict = {"machine": machine_info(device), "quick": quick, "medians": {}, "cpu_ratios": {}, "settings": {},
                      "notes": []}
-    started, cpu_start = time.perf_counter(), (time.process_time(), _machine_busy_seconds())
+    started, cpu_start = time.perf_counter(), (own_cpu_seconds(), _machine_busy_seconds())
 
     def merge(part: dict, section: str):
         results["medians"].update(part.pop("medians", {}))
@@ -621,9 +714,12 @@ def _run(args, device: torch.device) -> dict:
                                    rounds=args.rounds or (4 if quick else 3), warmup=args.warmup, device=device), "nc_metrics")
         if "memory" in sections:
             merge(bench_memory(N=args.nc_n, d=args.nc_d, K=args.nc_k), "memory")
+        if "workers" in sections:
+            merge(bench_workers(images=args.workers_images, rounds=args.rounds or (4 if quick else 8),
+                                warmup=args.warmup), "workers")
     if hasattr(os, "getloadavg"):
         results["machine"]["loadavg_end"] = [round(x, 2) for x in os.getloadavg()]
-    other = other_processes_load(cpu_start, time.process_time(), started)
+    other = other_processes_load(cpu_start, own_cpu_seconds(), started)
     if other is not None:
         results["machine"]["other_processes_load"] = round(other, 2)
         if device.type == "cpu" and other > 0.25:
@@ -652,10 +748,11 @@ def parse_args(argv=None):
     p.add_argument("--steps", type=int, help="training steps per round in the step benchmark")
     p.add_argument("--epochs", type=int, help="epochs per fit() call (and per plain-loop call) in the loop benchmark")
     p.add_argument("--threads", type=int, help="torch.set_num_threads")
-    p.add_argument("--only", help="comma list of sections: step,loop,nc,memory")
+    p.add_argument("--only", help="comma list of sections: step,loop,nc,memory,workers")
     p.add_argument("--nc-n", type=int, default=50_000, help="samples N of the nc_metrics and memory figures")
     p.add_argument("--nc-d", type=int, default=512, help="feature dimension d of the nc_metrics and memory figures")
     p.add_argument("--nc-k", type=int, default=100, help="classes K of the nc_metrics and memory figures")
+    p.add_argument("--workers-images", type=int, default=5000, help="training images of the workers figure")
     p.add_argument("--naive-samples", type=int, help="time the naive reference on this many samples, scaled to N")
     p.add_argument("--raw", action="store_true", help="include every timing in the JSON")
     p.add_argument("--override", action="append", default=[], help="extra Hydra override for the built run")
