@@ -192,7 +192,7 @@ def train_one_epoch(run: TrainingRun, loop: LoopState, scaler, autocast, stop: S
     model, base, loader, world, device, trainer = run.model, unwrap(run.model), run.train_loader, run.world, run.device, run.trainer
     grad_accum, directory = trainer.grad_accum, run.checkpoints.directory
     steps_per_epoch = math.ceil(loader.sampler.num_samples / loader.batch_size)
-    # The sampler hands each index over with this epoch (data.EpochIndex), so persistent workers augment for it.
+    # The sampler hands each index over with this epoch (loaders.EpochIndex), so persistent workers augment for it.
     loader.sampler.set_epoch(loop.epoch, start=loop.step_in_epoch * loader.batch_size)
     if online is not None and loop.step_in_epoch == 0:
         online.reset()

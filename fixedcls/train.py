@@ -23,7 +23,8 @@ from . import checkpoint as ckpt
 from . import runs
 from .cli import exit_if_jobs_failed, refuse_bad_overrides, run_job
 from .config import conf_dir, register_configs, validate_config
-from .data import IMAGE_FILE_DATASETS, create_data, create_eval_loader, create_loaders, stop_workers, targets_of
+from .data import IMAGE_FILE_DATASETS, create_data, targets_of
+from .loaders import create_eval_loader, create_loaders, stop_workers
 from .distributed import World, close_world, init_world, worker_hydra_args
 from .engine import TrainingRun, fit, recorded_keys
 from .errors import FixedclsError

@@ -99,7 +99,8 @@ def test_the_respawning_contender_loads_what_the_persistent_loader_loads(bench):
     """Both contenders of the workers figure must do the same work: same samples, order and augmentation."""
     import numpy as np
 
-    from fixedcls.data import DataBundle, create_loaders
+    from fixedcls.data import DataBundle
+    from fixedcls.loaders import create_loaders
     from fixedcls.transforms import random_shift
 
     def shifted(image):  # random: a sample augmented for another epoch or seed would differ

@@ -21,7 +21,8 @@ from fixedcls.compat import generation_configs, main, run_generations
 from fixedcls.compatibility import (compatibility, compatibility_criteria, retrieval_scores, split_classes,
                                     verification_accuracy, verification_pairs)
 from fixedcls.heads import FeatureDistillation
-from fixedcls.data import SeededAugmentation, create_data, targets_of
+from fixedcls.data import create_data, targets_of
+from fixedcls.loaders import SeededAugmentation
 from fixedcls.errors import FixedclsError
 from fixedcls.model import create_model
 from utils import compose_config

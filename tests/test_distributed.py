@@ -20,7 +20,8 @@ from hydra import compose, initialize_config_dir
 from fixedcls import distributed as fd
 from fixedcls.collapse import measure_model
 from fixedcls.collapse.measure import _subset_loader
-from fixedcls.data import EpochSampler, create_data, create_loaders
+from fixedcls.data import create_data
+from fixedcls.loaders import EpochSampler, create_loaders
 from utils import CONF_DIR, compose_config
 
 # Odd split sizes on purpose: 36 training samples (18 per rank, batches of 16 + 2), 15 test samples

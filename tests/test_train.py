@@ -13,7 +13,8 @@ from hydra.errors import ConfigCompositionException
 from omegaconf.errors import ConfigKeyError, ValidationError
 
 from fixedcls.collapse import METRIC_KEYS
-from fixedcls.data import EpochIndex, EpochSampler, SeededAugmentation, create_data, create_loaders
+from fixedcls.data import create_data
+from fixedcls.loaders import EpochIndex, EpochSampler, SeededAugmentation, create_loaders
 from fixedcls.loggers import read_jsonl
 from utils import CONF_DIR, TINY, compose_config, train_tiny
 

@@ -562,12 +562,13 @@ def respawning(loader):
 def bench_workers(*, images: int = 5000, num_workers: int = 2, batch_size: int = 128, epochs: int = 1,
                   rounds: int = 5, warmup: int = 1) -> dict:
     """`epochs` epochs of data loading per round, as fit() iterates its loaders (the training split, then the
-    test split), through fixedcls.data.create_loaders with persistent workers and through the same loaders
+    test split), through fixedcls.loaders.create_loaders with persistent workers and through the same loaders
     respawning their workers every epoch, alternated.  CIFAR-sized synthetic images (`images` for training, a
     fifth as many for the test split) with conf/data/cifar10.yaml's seeded training augmentation (random crop with
     padding, flip, normalisation); no model, so the figure is the loading time alone, where respawning costs most."""
     from fixedcls.config import register_configs
-    from fixedcls.data import DataBundle, create_loaders
+    from fixedcls.data import DataBundle
+    from fixedcls.loaders import create_loaders
     from fixedcls.transforms import image_file_transforms
 
     register_configs()

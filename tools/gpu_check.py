@@ -291,7 +291,7 @@ def ddp_checks(bench, workdir: Path, device: torch.device, world_size: int) -> t
     """tests/test_distributed.py's checks of a torchrun launch, on the launch folder `workdir`."""
     from fixedcls.build import load_trained
     from fixedcls.collapse import measure_model
-    from fixedcls.data import create_loaders
+    from fixedcls.loaders import create_loaders
 
     checks: dict[str, bool] = {}
     metrics = sorted(workdir.rglob("metrics.jsonl"))

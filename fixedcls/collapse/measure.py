@@ -36,7 +36,7 @@ def _subset_loader(loader, max_samples: int, seed: int):
     subset = Subset(dataset, idx)
     batch_size = loader.batch_size or getattr(loader.batch_sampler, "batch_size", None) or 256
     sampler = None
-    # A sharded loader (DistributedSampler, fixedcls.data.EpochSampler) gets disjoint, unpadded shards of the
+    # A sharded loader (DistributedSampler, fixedcls.loaders.EpochSampler) gets disjoint, unpadded shards of the
     # subset, so the all-reduced measures count every sample exactly once (DistributedSampler would pad).
     shard = loader.sampler
     world_size = getattr(shard, "num_replicas", None) or getattr(shard, "world_size", None) or 1
