@@ -13,7 +13,11 @@ rows of W, as the network does.
 
 Numerics: all statistics are accumulated in float64 from features centred by their class
 mean (never E[hh^T] - mu mu^T), and Sigma_B^+ comes from a float64 symmetric
-eigendecomposition that keeps the top min(d, K-1) eigenpairs (no absolute cut-off).
+eigendecomposition that keeps the top min(d, K-1) eigenpairs (no absolute cut-off).  By default
+the exact accumulator takes its large products (class sums, the d x d scatter, the decision
+products) in float32, but only of residuals already centred in full precision, so a large common
+offset never cancels; ``scatter_dtype=torch.float64`` takes every product in float64 (see
+:class:`CollapseAccumulator` for the precision contract).
 
 Distributed use: every accumulator exposes ``state_tensors()``, a list of float64 tensors
 that must be all-reduced with SUM across processes at fixed points (see each class), and
@@ -63,6 +67,16 @@ _ONEHOT_MAX_CLASSES = 128
 #: The d x d scatter is accumulated as its upper block triangle (blocks of this many columns, ~40% fewer
 #: flops than a full X^T X for large d) and mirrored once in compute().
 _GRAM_BLOCK = 128
+#: Below this feature dimension the products cost less than the float32 conversions around them, so they are
+#: taken in float64 whatever scatter_dtype says (the default digits run, d = 9, stays all-float64 for free).
+_FAST_MIN_DIM = 64
+#: Batches are processed in chunks of this many rows: the [chunk, d] temporaries stay in cache.
+_CHUNK_ROWS = 1024
+#: The fast path adds its float32 d x d scatter into the float64 one every this many rows (fewer d x d
+#: conversions; a float32 sum over this many residual products stays ~1e-7 accurate).
+_GRAM32_ROWS = 8192
+_F32 = torch.float32
+_EPS32 = torch.finfo(_F32).eps
 
 
 def _add_gram_(out: torch.Tensor, x: torch.Tensor) -> None:
@@ -227,6 +241,12 @@ def _decisions(logits: torch.Tensor, num_classes: int) -> torch.Tensor:
     return logits.argmax(dim=1)
 
 
+def _near_tie(scores: torch.Tensor, best: torch.Tensor, tol: torch.Tensor) -> torch.Tensor:
+    """Rows where another score than the best [B] comes within ``tol`` [B] of it (plus float64 rounding)."""
+    slack = 16.0 * torch.finfo(_F64).eps * best.abs()
+    return (scores >= (best - tol - slack).unsqueeze(1)).sum(dim=1) > 1
+
+
 class CollapseAccumulator:
     """Exact two-pass streaming neural-collapse measurement, O(K d + d^2) memory.
 
@@ -240,7 +260,7 @@ class CollapseAccumulator:
 
     Pass 1 accumulates float64 class sums, counts and sums of unit-normalised features.
     Pass 2 accumulates the within-class scatter from features centred by their class mean
-    (X_c^T X_c in float64; for d > 256 only its upper block triangle is accumulated, mirrored in
+    (X_c^T X_c; for d > 256 only its upper block triangle is accumulated, mirrored in
     :meth:`compute`), per-class squared distances (cdnv), per-class pass-2 counts and
     the number of samples whose classifier decision (argmax of the logits, over ALL rows)
     differs from the nearest-class-centre decision (over present classes) for ``nc4``.
@@ -248,19 +268,55 @@ class CollapseAccumulator:
     from the ``weight``/``bias`` keywords of :meth:`update_scatter`; when neither is given,
     ``nc4`` is NaN.
 
+    Precision contract (``scatter_dtype``).  Every statistic is accumulated in float64, and every
+    product is taken of features already centred in full precision, so a large common offset
+    never cancels whatever the dtype:
+
+    * ``torch.float32`` (default, about twice as fast for d >= 64): pass 1 subtracts from each
+      feature a sample of its own class (the first one seen) and sums the small differences with a
+      float32 GEMM per chunk, added to float64 sums with the shifts added back in float64; pass 2
+      subtracts the class mean rounded to float32 (exact for nearby values) and takes the d x d
+      scatter, the squared distances and the decision products of these residuals in float32 per
+      chunk of ``chunk_size`` rows, each chunk's result added into the float64 accumulators and the
+      float32 rounding of the means corrected in float64.  The relative error is that of a float32
+      product of the residuals, about 1e-7 on Sigma_W (and on nc1, cdnv), independent of any
+      offset.  Decisions (``nc4``) equal the float64 ones: a sample whose two best scores are
+      closer than the float32 error bound is decided again in float64.  Below d = 64 the products
+      are taken in float64 anyway (they cost less than the conversions there).
+    * ``torch.float64``: every product in float64 (agreement with a float64 brute force ~1e-14).
+
+    The results are a deterministic function of the sequence of batches (the float32 rounding
+    depends on the batch boundaries, so two streams cut differently agree to ~1e-7, or ~1e-14 with
+    float64).
+
     Distributed: :meth:`state_tensors` returns the tensors of the *current* pass; all-reduce
     them with SUM (i) after pass 1, before :meth:`finalize_means`, and (ii) after pass 2,
     before :meth:`compute` -- or pass ``reduce_fn`` to those two methods, which does exactly
     that.  Each rank must feed a disjoint shard of the data.
     """
 
-    def __init__(self, num_classes: int, dim: int, device: torch.device | str | None = None, *, chunk_size: int = 8192):
+    def __init__(
+        self,
+        num_classes: int,
+        dim: int,
+        device: torch.device | str | None = None,
+        *,
+        chunk_size: int = _CHUNK_ROWS,
+        scatter_dtype: torch.dtype = torch.float32,
+    ):
         self.num_classes = int(num_classes)
         self.dim = int(dim)
         if self.num_classes < 1 or self.dim < 1:
             raise FixedclsError(f"collapse: num_classes and dim must be positive, got {num_classes} and {dim}.")
+        if scatter_dtype not in (torch.float32, torch.float64):
+            raise FixedclsError(
+                f"collapse: scatter_dtype must be torch.float32 (fast, ~1e-7 relative) or torch.float64 "
+                f"(every product in float64), got {scatter_dtype!r}."
+            )
         self.device = torch.device(device) if device is not None else torch.device("cpu")
         self.chunk_size = int(chunk_size)
+        self.scatter_dtype = scatter_dtype
+        self._fast = scatter_dtype == torch.float32 and self.dim >= _FAST_MIN_DIM
         self.reset()
 
     # -- state ---------------------------------------------------------------------
@@ -277,6 +333,14 @@ class CollapseAccumulator:
         self.means: torch.Tensor | None = None
         self._ncc: _NCC | None = None
         self._phase = "means"
+        # Fast path: per-class shifts of pass 1 (a sample of the class; any value works, a near one keeps the
+        # float32 sums accurate), the float32 class means of pass 2 and a reusable float32 d x d product.
+        self._shift = torch.zeros(K, d, **kw)
+        self._has_shift = torch.zeros(K, dtype=torch.bool, device=self.device)
+        self._means32: torch.Tensor | None = None
+        self._gram32: torch.Tensor | None = None  # float32 scatter of the rows since the last fold into float64
+        self._gram32_rows = 0
+        self._rounded_counts = torch.zeros(K, **kw)  # pass-2 samples centred at the float32 means, not yet corrected
 
     @property
     def phase(self) -> str:
@@ -288,18 +352,53 @@ class CollapseAccumulator:
 
         Before :meth:`finalize_means`: the pass-1 tensors (sums, counts, normalised sums).
         After it: the pass-2 tensors (scatter, squared distances, pass-2 counts, decisions).
-        Reduce each list exactly once, at the end of its pass.
+        Reduce each list exactly once, at the end of its pass.  (In pass 2 this first folds the
+        pending float64 correction of the fast path into the scatter, so the tensors are complete.)
         """
         if self._phase == "means":
             return [self.sums, self.counts, self.normsums]
+        self._fold_pending()
         return [self.scatter, self.sqdist, self.counts2, self.decisions]
+
+    def _fold_pending(self) -> None:
+        """Add the fast path's pending float32 scatter to the float64 one, and subtract what centring at the float32-rounded means (c = mu - lo) added: over a whole class
+        sum_i (h_i - c)(h_i - c)^T = sum_i (h_i - mu)(h_i - mu)^T + n_c lo lo^T, since sum_i (h_i - mu) = 0; so
+        subtract n_c lo_c lo_c^T, in float64, once for all the chunks so far (linear in the counts)."""
+        if self._gram32_rows:
+            self.scatter += self._gram32
+            self._gram32.zero_()
+            self._gram32_rows = 0
+        if self._means32 is None or not bool(self._rounded_counts.any()):
+            return
+        assert self.means is not None
+        lo = self.means - self._means32.to(_F64)
+        self.scatter.addmm_((lo * self._rounded_counts.unsqueeze(1)).T, lo, alpha=-1.0)
+        self.sqdist -= self._rounded_counts * (lo * lo).sum(dim=1)
+        self._rounded_counts.zero_()
 
     def _chunks(self, h: torch.Tensor, y: torch.Tensor) -> Iterable[tuple[torch.Tensor, torch.Tensor]]:
         _check_batch(h, y, self.dim)
         y = y.to(self.device, dtype=torch.long)
         _check_labels(y, self.num_classes)
+        # the fast path centres float64 input in float64, anything narrower in float32 (exact for bf16/fp16)
+        dtype = _F32 if self._fast and h.dtype != _F64 else _F64
         for s in range(0, h.shape[0], self.chunk_size):
-            yield h[s : s + self.chunk_size].detach().to(self.device, dtype=_F64), y[s : s + self.chunk_size]
+            yield h[s : s + self.chunk_size].detach().to(self.device, dtype=dtype), y[s : s + self.chunk_size]
+
+    def _onehot_sums(self, weights: Sequence[torch.Tensor | None], yc: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """[len(weights) * K, d]: block j holds sum_{i: y_i = c} weights[j]_i x_i (None: weight 1), in x's dtype."""
+        K, n = self.num_classes, x.shape[0]
+        if self.device.type == "cpu" and K <= _ONEHOT_MAX_CLASSES:
+            # all blocks as ONE GEMM with a (weighted) one-hot matrix: much faster than index_add_ on the CPU
+            rows = torch.arange(n, device=self.device)
+            onehot = torch.zeros(len(weights) * K, n, dtype=x.dtype, device=self.device)
+            for j, w in enumerate(weights):
+                onehot[yc + j * K, rows] = 1.0 if w is None else w.to(x.dtype)
+            return onehot @ x
+        out = torch.zeros(len(weights) * K, x.shape[1], dtype=x.dtype, device=self.device)
+        for j, w in enumerate(weights):
+            out[j * K : (j + 1) * K].index_add_(0, yc, x if w is None else x * w.to(x.dtype).unsqueeze(1))
+        return out
 
     # -- pass 1 --------------------------------------------------------------------
     @torch.no_grad()
@@ -308,21 +407,40 @@ class CollapseAccumulator:
         if self._phase != "means":
             raise RuntimeError("CollapseAccumulator.update_means: pass 1 is over (finalize_means was called); call reset() to start again.")
         K = self.num_classes
-        for h64, yc in self._chunks(h, y):
-            self.counts += torch.bincount(yc, minlength=K).to(_F64)
-            inv_norm = torch.linalg.vector_norm(h64, dim=1).clamp_min(torch.finfo(_F64).tiny).reciprocal()
-            if self.device.type == "cpu" and K <= _ONEHOT_MAX_CLASSES:
-                # [1{y_i = c}; 1{y_i = c} / ||h_i||] @ h: class sums and sums of unit rows in one GEMM.
-                rows = torch.arange(h64.shape[0], device=self.device)
-                onehot = torch.zeros(2 * K, h64.shape[0], dtype=_F64, device=self.device)
-                onehot[yc, rows] = 1.0
-                onehot[yc + K, rows] = inv_norm
-                both = onehot @ h64
+        for hc, yc in self._chunks(h, y):
+            counts = torch.bincount(yc, minlength=K).to(_F64)
+            self.counts += counts
+            inv_norm = torch.linalg.vector_norm(hc, dim=1).clamp_min(torch.finfo(hc.dtype).tiny).reciprocal()
+            if not self._fast:
+                both = self._onehot_sums([None, inv_norm], yc, hc)
                 self.sums += both[:K]
                 self.normsums += both[K:]
-            else:
-                self.sums.index_add_(0, yc, h64)
-                self.normsums.index_add_(0, yc, h64 * inv_norm.unsqueeze(1))
+                continue
+            # sum_i h_i = sum_i (h_i - s_y) + n_c s_c with s_c a sample of class c: the float32 GEMM sums only
+            # differences of the size of the spread, so it keeps their relative accuracy at any offset.
+            self._take_shifts(hc, yc)
+            shift = self._shift.to(hc.dtype)
+            z = (hc - shift.index_select(0, yc)).to(_F32)
+            both = self._onehot_sums([None, inv_norm], yc, z).to(_F64)
+            shift64 = shift.to(_F64)
+            inv_sums = torch.zeros(K, dtype=_F64, device=self.device).index_add_(0, yc, inv_norm.to(_F64))
+            self.sums += both[:K] + counts.unsqueeze(1) * shift64
+            self.normsums += both[K:] + inv_sums.unsqueeze(1) * shift64
+
+    def _take_shifts(self, hc: torch.Tensor, yc: torch.Tensor) -> None:
+        """Give every class of this chunk that has no shift yet its first sample here as shift."""
+        if bool(self._has_shift.all()):
+            return
+        new = torch.zeros_like(self._has_shift)
+        new[yc] = True
+        new &= ~self._has_shift
+        if not bool(new.any()):
+            return
+        first = torch.full((self.num_classes,), hc.shape[0], dtype=torch.long, device=self.device)
+        first.scatter_reduce_(0, yc, torch.arange(hc.shape[0], device=self.device), reduce="amin")
+        classes = new.nonzero().squeeze(1)
+        self._shift[classes] = hc[first[classes]].to(_F64)
+        self._has_shift[classes] = True
 
     @torch.no_grad()
     def finalize_means(self, reduce_fn: ReduceFn | None = None) -> torch.Tensor:
@@ -335,6 +453,8 @@ class CollapseAccumulator:
         present = self.counts > 0
         self.means = self.sums / self.counts.clamp_min(1.0).unsqueeze(1)
         self._ncc = _NCC(self.means, present)
+        if self._fast:
+            self._means32 = self.means.to(_F32)
         self._phase = "scatter"
         return self.means
 
@@ -358,38 +478,107 @@ class CollapseAccumulator:
             )
         assert self.means is not None and self._ncc is not None
         K, ncc = self.num_classes, self._ncc
-        # Every product is taken from the class-centred features xc = h - mu_y (well conditioned):
-        # h.w_c + b_c = xc.w_c + (mu_y.w_c + b_c) and (h - centre).mu_k = xc.mu_k + offsets[y, k], so the
-        # classifier and the nearest-class-centre decisions come from ONE float64 GEMM xc @ [W; M]^T.
+        # Every product is taken from the class-centred features xc = h - c_y, c_y the class mean (or its float32
+        # rounding, the centre of the fast path): h.w_k + b_k = xc.w_k + (c_y.w_k + b_k) and
+        # (h - centre).mu_k = xc.mu_k + (c_y - centre).mu_k, so the classifier and the nearest-class-centre
+        # decisions come from ONE GEMM xc @ [W; M]^T plus a per-class float64 base.
         with_weight = logits is None and weight is not None
+        decide = ncc.ready and (with_weight or logits is not None)
+        fast = self._fast
+        centre = self._means32.to(_F64) if fast and h.dtype != _F64 else self.means  # what _scatter_fast subtracts
         if with_weight:
             _check_weight(weight, bias, self.num_classes, self.dim)
             w64 = weight.detach().to(self.device, _F64)
-            base = self.means @ w64.T
-            if bias is not None:
-                base += bias.detach().to(self.device, _F64)
-        if ncc.ready and (with_weight or logits is not None):
+        if decide:
             rows = torch.cat([w64, ncc.mu]) if with_weight else ncc.mu
-            base = torch.cat([base, ncc.offsets(self.means)], dim=1) if with_weight else ncc.offsets(self.means)
+            bases = [self._decision_base(c, w64 if with_weight else None, bias) for c in (self.means, centre)]
+            rows32 = rows.to(_F32)
         pos = 0
-        for h64, yc in self._chunks(h, y):
+        for hc, yc in self._chunks(h, y):
             if yc.numel() and not bool((self.counts[yc] > 0).all()):
                 raise RuntimeError("CollapseAccumulator.update_scatter: a class seen in pass 2 had no sample in pass 1; feed both passes the same data.")
-            xc = self.means.index_select(0, yc)
-            torch.sub(h64, xc, out=xc)
-            _add_gram_(self.scatter, xc)
-            self.sqdist.index_add_(0, yc, torch.linalg.vector_norm(xc, dim=1).square_())
-            self.counts2 += torch.bincount(yc, minlength=K).to(_F64)
-            b = h64.shape[0]
-            if ncc.ready and (with_weight or logits is not None):
-                products = torch.addmm(base.index_select(0, yc), xc, rows.T)
-                if with_weight:
-                    pred, products = products[:, :K].argmax(dim=1), products[:, K:]
+            counts = torch.bincount(yc, minlength=K).to(_F64)
+            self.counts2 += counts
+            b = hc.shape[0]
+            if fast:
+                xc, xc_norms = self._scatter_fast(hc, yc, counts)
+            else:
+                xc = self.means.index_select(0, yc)
+                torch.sub(hc, xc, out=xc)
+                _add_gram_(self.scatter, xc)
+                self.sqdist.index_add_(0, yc, torch.linalg.vector_norm(xc, dim=1).square_())
+            if decide:
+                pred = None if with_weight else _decisions(logits[pos : pos + b], self.num_classes).to(self.device)
+                if fast:
+                    pred, nearest = self._decide_fast(hc, yc, xc, xc_norms, rows, rows32, bases, pred, ncc, K)
                 else:
-                    pred = _decisions(logits[pos : pos + b], self.num_classes).to(self.device)
-                self.decisions[0] += (pred != ncc.decide(products)).sum()
+                    products = torch.addmm(bases[0].index_select(0, yc), xc, rows.T)
+                    if with_weight:
+                        pred, products = products[:, :K].argmax(dim=1), products[:, K:]
+                    nearest = ncc.decide(products)
+                self.decisions[0] += (pred != nearest).sum()
                 self.decisions[1] += b
             pos += b
+
+    def _decision_base(self, centre: torch.Tensor, w64: torch.Tensor | None, bias: torch.Tensor | None) -> torch.Tensor:
+        """[C, K (+K)]: per class c, c_c.w_k + b_k (with a weight) and (c_c - ncc centre).mu_k, float64."""
+        assert self._ncc is not None
+        offsets = self._ncc.offsets(centre)
+        if w64 is None:
+            return offsets
+        base = centre @ w64.T
+        if bias is not None:
+            base += bias.detach().to(self.device, _F64)
+        return torch.cat([base, offsets], dim=1)
+
+    def _scatter_fast(self, hc: torch.Tensor, yc: torch.Tensor, counts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Pass 2 of one chunk with float32 products; returns the float32 residuals h - c_y and their norms."""
+        assert self.means is not None and self._means32 is not None
+        if hc.dtype == _F64:  # float64 input: centre in float64 at the exact means, round the residual once
+            xc = (hc - self.means.index_select(0, yc)).to(_F32)
+        else:  # h and the rounded means are float32 numbers: their difference rounds once, relative to itself
+            xc = hc - self._means32.index_select(0, yc)
+            self._rounded_counts += counts
+        if self._gram32 is None:
+            self._gram32 = torch.zeros(self.dim, self.dim, dtype=_F32, device=self.device)
+        _add_gram_(self._gram32, xc)
+        self._gram32_rows += xc.shape[0]
+        if self._gram32_rows >= _GRAM32_ROWS:
+            self._fold_pending()
+        norms = torch.linalg.vector_norm(xc, dim=1).to(_F64)
+        self.sqdist.index_add_(0, yc, norms.square())
+        return xc, norms
+
+    def _decide_fast(self, hc, yc, xc, xc_norms, rows, rows32, bases, pred, ncc: _NCC, K: int):
+        """Classifier (when ``pred`` is None) and nearest-centre decisions from float32 products, equal to the
+        float64 ones: rows whose best two scores lie within the float32 error bound are decided again in float64."""
+        exact_base, base = bases
+        products = (xc @ rows32.T).to(_F64) + base.index_select(0, yc)
+        # |fl32(xc.v) - (h - c).v| <= (d + 3) eps32 ||xc|| ||v||: the dot product's rounding, the residual's and v's
+        xc_norm = xc_norms * ((self.dim + 3) * _EPS32 * 1.01)
+        row_norms = torch.linalg.vector_norm(rows, dim=1)
+        ambiguous = torch.zeros(hc.shape[0], dtype=torch.bool, device=self.device)
+        if pred is None:
+            cls = products[:, :K]
+            best, pred = cls.max(dim=1)
+            ambiguous |= _near_tie(cls, best, 2.0 * xc_norm * row_norms[:K].max())
+            products = products[:, K:]
+            row_norms = row_norms[K:]
+        neg_scores = products.mul(2.0).sub_(ncc.mu_sq.unsqueeze(0))  # -(||mu_k||^2 - 2 (h - centre).mu_k)
+        best, nearest = neg_scores.max(dim=1)
+        nearest = ncc.idx[nearest]
+        ambiguous |= _near_tie(neg_scores, best, 4.0 * xc_norm * row_norms.max())
+        if bool(ambiguous.any()):
+            idx = ambiguous.nonzero().squeeze(1)
+            h64 = hc.index_select(0, idx).to(_F64)
+            y_amb = yc.index_select(0, idx)
+            exact = torch.addmm(exact_base.index_select(0, y_amb), h64 - self.means.index_select(0, y_amb), rows.T)
+            if exact.shape[1] > ncc.mu.shape[0]:  # with a weight: the classifier columns come first
+                pred = pred.clone()
+                pred[idx] = exact[:, :K].argmax(dim=1)
+                exact = exact[:, K:]
+            nearest[idx] = ncc.decide(exact)
+        return pred, nearest
 
     # -- results -------------------------------------------------------------------
     @torch.no_grad()
@@ -409,6 +598,7 @@ class CollapseAccumulator:
         if weight is not None:
             _check_weight(weight, bias, self.num_classes, self.dim)
         if self._phase == "scatter":
+            self._fold_pending()
             if reduce_fn is not None:
                 for t in self.state_tensors():
                     reduce_fn(t)
@@ -439,19 +629,23 @@ def nc_metrics(
     labels: torch.Tensor,
     weight: torch.Tensor,
     bias: torch.Tensor | None = None,
+    *,
+    scatter_dtype: torch.dtype = torch.float32,
 ) -> dict[str, float]:
-    """SPEC section 3 measures of in-memory features, exact in float64 for any input dtype.
+    """SPEC section 3 measures of in-memory features, accumulated in float64 for any input dtype.
 
     features [N, d], labels [N] (integers in [0, K)), weight [K, d] (one row per class, as
     ``model.head.weight``), bias [K] or None.  The classifier decision for ``nc4`` is
     argmax_c (w_c.h + b_c) over all rows of ``weight``.  Runs the streaming
-    :class:`CollapseAccumulator` with the whole tensor as one batch.
+    :class:`CollapseAccumulator` with the whole tensor as one batch.  ``scatter_dtype``: the
+    dtype of the products of class-centred features, float32 (~1e-7 relative, immune to
+    offsets) or float64 (~1e-14); see :class:`CollapseAccumulator`.
     """
     if not torch.is_tensor(features) or not torch.is_tensor(labels) or not torch.is_tensor(weight):
         raise FixedclsError("nc_metrics: features, labels and weight must be torch tensors; convert with torch.as_tensor.")
     if weight.dim() != 2:
         raise FixedclsError(f"nc_metrics: weight must have shape [K, d], got {tuple(weight.shape)}; pass model.head.weight.")
-    acc = CollapseAccumulator(weight.shape[0], weight.shape[1], device=features.device)
+    acc = CollapseAccumulator(weight.shape[0], weight.shape[1], device=features.device, scatter_dtype=scatter_dtype)
     acc.update_means(features, labels)
     acc.finalize_means()
     acc.update_scatter(features, labels, weight=weight, bias=bias)
