@@ -235,6 +235,17 @@ def test_float64_option_agrees_with_bruteforce_to_1e12():
         nc_metrics(h, y, W, b, scatter_dtype=torch.float16)
 
 
+def test_reduced_precision_matmuls_fall_back_to_float64_products():
+    h, y, W, b = _offset_cloud(500, 96, 4, offset=100.0, spread=1e-3, seed=24)
+    exact = nc_metrics(h, y, W, b, scatter_dtype=torch.float64)
+    previous = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("medium")  # float32 GEMMs may drop to bf16 / TF32: not good enough
+    try:
+        assert nc_metrics(h, y, W, b) == exact
+    finally:
+        torch.set_float32_matmul_precision(previous)
+
+
 def test_float32_decisions_equal_float64_at_ties():
     # Integer features near 1000: a sample at the midpoint of two class means is exactly as near to both (an NCC
     # tie), and rows 0 and 1 of W differ by 1e-9 (logits 1e-9 apart: one float32 number, two float64 ones, row 1

@@ -279,7 +279,9 @@ class CollapseAccumulator:
       product of the residuals, about 1e-7 on Sigma_W (and on nc1, cdnv), independent of any
       offset.  Decisions (``nc4``) equal the float64 ones: a sample whose two best scores are
       closer than the float32 error bound is decided again in float64.  Below d = 64 the products
-      are taken in float64 anyway (they cost less than the conversions there).
+      are taken in float64 anyway (they cost less than the conversions there), and so they are when
+      float32 matmuls may run in reduced precision (``torch.set_float32_matmul_precision`` other
+      than ``"highest"``, e.g. TF32 on a GPU) at construction.
     * ``torch.float64``: every product in float64 (agreement with a float64 brute force ~1e-14).
 
     The results are a deterministic function of the sequence of batches (the float32 rounding
@@ -313,7 +315,10 @@ class CollapseAccumulator:
         self.device = torch.device(device) if device is not None else torch.device("cpu")
         self.chunk_size = int(chunk_size)
         self.scatter_dtype = scatter_dtype
-        self._fast = scatter_dtype == torch.float32 and self.dim >= _FAST_MIN_DIM
+        # float32 matmuls allowed to run in TF32/bf16 (torch.set_float32_matmul_precision below "highest") would lose
+        # the ~1e-7 of the contract: then every product is float64.
+        full_float32 = torch.get_float32_matmul_precision() == "highest" and not torch.backends.cuda.matmul.allow_tf32
+        self._fast = scatter_dtype == torch.float32 and self.dim >= _FAST_MIN_DIM and full_float32
         self.reset()
 
     # -- state ---------------------------------------------------------------------
