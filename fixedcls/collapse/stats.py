@@ -69,9 +69,11 @@ _GRAM_BLOCK = 128
 _FAST_MIN_DIM = 64
 #: Batches are processed in chunks of this many rows: the [chunk, d] temporaries stay in cache.
 _CHUNK_ROWS = 1024
-#: The fast path adds its float32 d x d scatter into the float64 one every this many rows (fewer d x d
-#: conversions; a float32 sum over this many residual products stays ~1e-7 accurate).
-_GRAM32_ROWS = 8192
+#: The fast path adds its float32 d x d scatter into the float64 one every this many rows (fewer conversions; a
+#: float32 sum over this many residual products stays ~1e-7 accurate), its float32 class sums every
+#: _PENDING_ROWS_MEANS rows (the class means carry into every measure of the means).
+_PENDING_ROWS = 8192
+_PENDING_ROWS_MEANS = 2048
 _F32 = torch.float32
 _EPS32 = torch.finfo(_F32).eps
 
@@ -340,7 +342,14 @@ class CollapseAccumulator:
         self._shift = torch.zeros(K, d, **kw)
         self._has_shift = torch.zeros(K, dtype=torch.bool, device=self.device)
         self._means32: torch.Tensor | None = None
+        self._shift_used: torch.Tensor | None = None  # the shifts in the dtype they are subtracted in
+        self._zsums32 = torch.zeros(K, d, dtype=_F32, device=self.device)  # pending pass-1 sums, see _fold_pending
+        self._znormsums32 = torch.zeros(K, d, dtype=_F32, device=self.device)
+        self._inv_sums = torch.zeros(K, **kw)
+        self._pending_counts = torch.zeros(K, **kw)
+        self._pending_rows = 0
         self._gram32: torch.Tensor | None = None  # float32 scatter of the rows since the last fold into float64
+        self._sqdist32 = torch.zeros(K, dtype=_F32, device=self.device)
         self._gram32_rows = 0
         self._work32: torch.Tensor | None = None
         self._rounded_counts = torch.zeros(K, **kw)  # pass-2 samples centred at the float32 means, not yet corrected
@@ -358,18 +367,31 @@ class CollapseAccumulator:
         Reduce each list exactly once, at the end of its pass.  (In pass 2 this first folds the
         pending float64 correction of the fast path into the scatter, so the tensors are complete.)
         """
+        self._fold_pending()
         if self._phase == "means":
             return [self.sums, self.counts, self.normsums]
-        self._fold_pending()
         return [self.scatter, self.sqdist, self.counts2, self.decisions]
 
     def _fold_pending(self) -> None:
-        """Add the fast path's pending float32 scatter to the float64 one, and subtract what centring at the float32-rounded means (c = mu - lo) added: over a whole class
-        sum_i (h_i - c)(h_i - c)^T = sum_i (h_i - mu)(h_i - mu)^T + n_c lo lo^T, since sum_i (h_i - mu) = 0; so
-        subtract n_c lo_c lo_c^T, in float64, once for all the chunks so far (linear in the counts)."""
+        """Fold the fast path's pending float32 sums into the float64 state.
+
+        Pass 1: sums += sum_i (h_i - s_y) + n_c s_c, normsums += sum_i (h_i - s_y)/||h_i|| + (sum_i 1/||h_i||) s_c.
+        Pass 2: the float32 scatter and squared distances are added, then what centring at the float32-rounded
+        means c = mu - lo added is subtracted: over a whole class sum_i (h_i - c)(h_i - c)^T =
+        sum_i (h_i - mu)(h_i - mu)^T + n_c lo lo^T, since sum_i (h_i - mu) = 0; so n_c lo_c lo_c^T goes, in
+        float64, once for all the chunks so far (it is linear in the counts)."""
+        if self._pending_rows and self._shift_used is not None:
+            shift = self._shift_used.to(_F64)
+            self.sums += self._zsums32.to(_F64).addcmul_(self._pending_counts.unsqueeze(1), shift)
+            self.normsums += self._znormsums32.to(_F64).addcmul_(self._inv_sums.unsqueeze(1), shift)
+            for t in (self._zsums32, self._znormsums32, self._inv_sums, self._pending_counts):
+                t.zero_()
+            self._pending_rows = 0
         if self._gram32_rows:
             self.scatter += self._gram32
+            self.sqdist += self._sqdist32
             self._gram32.zero_()
+            self._sqdist32.zero_()
             self._gram32_rows = 0
         if self._means32 is None or not bool(self._rounded_counts.any()):
             return
@@ -412,36 +434,42 @@ class CollapseAccumulator:
                 self.normsums += normsums
                 continue
             # sum_i h_i = sum_i (h_i - s_y) + n_c s_c with s_c a sample of class c: the float32 sums only take
-            # differences of the size of the spread, so they keep their relative accuracy at any offset.
-            self._take_shifts(hc, yc)
-            shift = self._shift.to(hc.dtype)
-            z = self._residuals(hc, shift, yc)
-            sums, normsums = self._class_sums(z, yc, inv_norm)
-            shift64 = shift.to(_F64)
-            inv_sums = torch.zeros(K, dtype=_F64, device=self.device).index_add_(0, yc, inv_norm.to(_F64))
-            self.sums += sums.to(_F64) + counts.unsqueeze(1) * shift64
-            self.normsums += normsums.to(_F64) + inv_sums.unsqueeze(1) * shift64
+            # differences of the size of the spread, so they keep their relative accuracy at any offset.  They are
+            # pending in float32 for up to _PENDING_ROWS rows, then folded into the float64 sums (_fold_pending).
+            if self._take_shifts(hc, yc) or self._shift_used is None or self._shift_used.dtype != hc.dtype:
+                self._fold_pending()  # the pending sums were taken around the shifts as they were
+                self._shift_used = self._shift.to(hc.dtype)
+            z = self._residuals(hc, self._shift_used, yc)
+            self._zsums32.index_add_(0, yc, z)
+            self._znormsums32.index_add_(0, yc, z.mul_(inv_norm.to(_F32).unsqueeze(1)))
+            self._inv_sums.index_add_(0, yc, inv_norm.to(_F64))
+            self._pending_counts += counts
+            self._pending_rows += hc.shape[0]
+            if self._pending_rows >= _PENDING_ROWS_MEANS:
+                self._fold_pending()
 
-    def _take_shifts(self, hc: torch.Tensor, yc: torch.Tensor) -> None:
-        """Give every class of this chunk that has no shift yet its first sample here as shift."""
+    def _take_shifts(self, hc: torch.Tensor, yc: torch.Tensor) -> bool:
+        """Give every class of this chunk that has no shift yet its first sample here as shift; True if any."""
         if bool(self._has_shift.all()):
-            return
+            return False
         new = torch.zeros_like(self._has_shift)
         new[yc] = True
         new &= ~self._has_shift
         if not bool(new.any()):
-            return
+            return False
         first = torch.full((self.num_classes,), hc.shape[0], dtype=torch.long, device=self.device)
         first.scatter_reduce_(0, yc, torch.arange(hc.shape[0], device=self.device), reduce="amin")
         classes = new.nonzero().squeeze(1)
         self._shift[classes] = hc[first[classes]].to(_F64)
         self._has_shift[classes] = True
+        return True
 
     @torch.no_grad()
     def finalize_means(self, reduce_fn: ReduceFn | None = None) -> torch.Tensor:
         """End pass 1: (optionally all-reduce the pass-1 state) and fix the class means."""
         if self._phase != "means":
             raise RuntimeError("CollapseAccumulator.finalize_means: already called; call reset() to start again.")
+        self._fold_pending()
         if reduce_fn is not None:
             for t in self.state_tensors():
                 reduce_fn(t)
@@ -490,15 +518,21 @@ class CollapseAccumulator:
             if fast:
                 plan = self._fast_decision_plan(rows, self._decision_base(centre, w64 if with_weight else None, bias),
                                                 rows, exact_base, with_weight)
+        _check_batch(h, y, self.dim)
+        y_all = y.to(self.device, dtype=torch.long)
+        _check_labels(y_all, K)
+        counts = torch.bincount(y_all, minlength=K).to(_F64)
+        if bool(((counts > 0) & (self.counts == 0)).any()):
+            raise RuntimeError("CollapseAccumulator.update_scatter: a class seen in pass 2 had no sample in pass 1; feed both passes the same data.")
+        self.counts2 += counts
+        if fast and h.dtype != _F64:
+            self._rounded_counts += counts  # centred at the float32 means: see _fold_pending
+        mismatches = torch.zeros((), dtype=torch.long, device=self.device)
         pos = 0
-        for hc, yc in self._chunks(h, y):
-            if yc.numel() and not bool((self.counts[yc] > 0).all()):
-                raise RuntimeError("CollapseAccumulator.update_scatter: a class seen in pass 2 had no sample in pass 1; feed both passes the same data.")
-            counts = torch.bincount(yc, minlength=K).to(_F64)
-            self.counts2 += counts
+        for hc, yc in self._chunks(h, y_all):
             b = hc.shape[0]
             if fast:
-                xc, xc_norms = self._scatter_fast(hc, yc, counts)
+                xc, xc_norms = self._scatter_fast(hc, yc)
             else:
                 xc = self.means.index_select(0, yc)
                 torch.sub(hc, xc, out=xc)
@@ -513,9 +547,11 @@ class CollapseAccumulator:
                     if with_weight:
                         pred, products = products[:, :K].argmax(dim=1), products[:, K:]
                     nearest = ncc.decide(products)
-                self.decisions[0] += (pred != nearest).sum()
-                self.decisions[1] += b
+                mismatches += (pred != nearest).sum()
             pos += b
+        if decide:
+            self.decisions[0] += mismatches
+            self.decisions[1] += y_all.shape[0]
 
     def _decision_base(self, centre: torch.Tensor, w64: torch.Tensor | None, bias: torch.Tensor | None) -> torch.Tensor:
         """[C, K (+K)]: per class c, c_c.w_k + b_k (with a weight) and (c_c - ncc centre).mu_k, float64."""
@@ -550,44 +586,42 @@ class CollapseAccumulator:
         base = base.clone()
         rows[ncc_cols] *= 2.0
         base[:, ncc_cols] = 2.0 * base[:, ncc_cols] - self._ncc.mu_sq.unsqueeze(0)
-        blocks = [slice(0, K), ncc_cols] if with_weight else [ncc_cols]
-        row_norms = [float(torch.linalg.vector_norm(rows[b], dim=1).max()) for b in blocks]
-        base_max = [base[:, b].abs().amax(dim=1).to(_F32) for b in blocks]
-        return rows.to(_F32), base.to(_F32), row_norms, base_max, rows64, exact_base
+        # |score error| <= (d + 4) eps32 ||xc|| ||v|| (the product, the residual's and v's rounding, the addition)
+        # + 2 eps32 max_k |base[y, k]| (its rounding and the addition's); twice that between two scores.
+        tolerances = [(2.0 * (self.dim + 4) * _EPS32 * float(torch.linalg.vector_norm(rows[b], dim=1).max()),
+                       (4.0 * _EPS32 * base[:, b].abs().amax(dim=1)).to(_F32))
+                      for b in ([slice(0, K), ncc_cols] if with_weight else [ncc_cols])]
+        return rows.to(_F32), base.to(_F32), tolerances, rows64, exact_base
 
-    def _scatter_fast(self, hc: torch.Tensor, yc: torch.Tensor, counts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _scatter_fast(self, hc: torch.Tensor, yc: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Pass 2 of one chunk with float32 products; returns the float32 residuals h - c_y and their norms."""
         assert self.means is not None and self._means32 is not None
         if hc.dtype == _F64:  # float64 input: centre in float64 at the exact means, round the residual once
             xc = self._residuals(hc, self.means, yc)
         else:  # h and the rounded means are float32 numbers: their difference rounds once, relative to itself
             xc = self._residuals(hc, self._means32, yc)
-            self._rounded_counts += counts
         if self._gram32 is None:
             self._gram32 = torch.zeros(self.dim, self.dim, dtype=_F32, device=self.device)
         _add_gram_(self._gram32, xc)
         self._gram32_rows += xc.shape[0]
-        if self._gram32_rows >= _GRAM32_ROWS:
+        if self._gram32_rows >= _PENDING_ROWS:
             self._fold_pending()
-        norms = torch.linalg.vector_norm(xc, dim=1).to(_F64)
-        self.sqdist.index_add_(0, yc, norms.square())
+        norms = torch.linalg.vector_norm(xc, dim=1)
+        self._sqdist32.index_add_(0, yc, norms.square())
         return xc, norms
 
     def _decide_fast(self, hc, yc, xc, xc_norms, plan, pred, ncc: _NCC, K: int):
         """Classifier (when ``pred`` is None) and nearest-centre decisions from float32 scores, equal to the float64
         ones: rows where another score comes within the float32 error bound of the best are decided in float64."""
-        rows32, base32, row_norms, base_max, rows64, exact_base = plan
+        rows32, base32, tolerances, rows64, exact_base = plan
         scores = torch.addmm(base32.index_select(0, yc), xc, rows32.T)  # maximise: [h.w_k + b_k | 2 h.mu_k - ||mu_k||^2]
-        # |score error| <= (d + 4) eps32 ||xc|| ||v|| (the product, the residual's and v's rounding, the addition)
-        # + 2 eps32 max_k |base[y, k]| (its rounding and the addition's): twice that between two scores.
-        unit = (self.dim + 4) * _EPS32 * xc_norms.to(_F32)
         blocks = [("cls", slice(0, K)), ("ncc", slice(K, None))] if pred is None else [("ncc", slice(None))]
         ambiguous = torch.zeros(hc.shape[0], dtype=torch.bool, device=self.device)
-        for j, (name, cols) in enumerate(blocks):
+        for (name, cols), (per_norm, per_class) in zip(blocks, tolerances):
             block = scores[:, cols]
             best, arg = block.max(dim=1)
-            tol = 2.0 * (unit * row_norms[j] + 2.0 * _EPS32 * base_max[j].index_select(0, yc))
-            ambiguous |= (block >= (best - tol).unsqueeze(1)).sum(dim=1) > 1
+            threshold = best.sub_(per_class.index_select(0, yc).add_(xc_norms, alpha=per_norm))
+            ambiguous |= (block >= threshold.unsqueeze(1)).sum(dim=1) > 1
             if name == "cls":
                 pred = arg
             else:
