@@ -276,8 +276,9 @@ class CollapseAccumulator:
       float32 per chunk, added to float64 sums with the shifts added back in float64; pass 2
       subtracts the class mean rounded to float32 (exact for nearby values) and takes the d x d
       scatter, the squared distances and the decision products of these residuals in float32 per
-      chunk of ``chunk_size`` rows, each chunk's result added into the float64 accumulators and the
-      float32 rounding of the means corrected in float64.  The relative error is that of a float32
+      chunk of ``chunk_size`` rows, their float32 sums added into the float64 accumulators every
+      few thousand rows and the float32 rounding of the means corrected in float64.  The float32
+      class sums err by ~1e-6 of a class mean's own sampling error.  The relative error is that of a float32
       product of the residuals, about 1e-7 on Sigma_W (and on nc1, cdnv), independent of any
       offset.  Decisions (``nc4``) equal the float64 ones: a sample whose two best scores are
       closer than the float32 error bound is decided again in float64.  Below d = 64 the products
