@@ -67,8 +67,9 @@ _GRAM_BLOCK = 128
 #: Below this feature dimension the products cost less than the float32 conversions around them, so they are
 #: taken in float64 whatever scatter_dtype says (the default digits run, d = 9, stays all-float64 for free).
 _FAST_MIN_DIM = 64
-#: Batches are processed in chunks of this many rows: the [chunk, d] temporaries stay in cache.
-_CHUNK_ROWS = 1024
+#: Batches are processed in chunks of this many rows: the [chunk, d] temporaries stay in (L3) cache, and there are
+#: few chunks -- each op of a chunk is an OpenMP barrier, which stalls on a machine whose cores are busy.
+_CHUNK_ROWS = 4096
 #: The fast path adds its float32 d x d scatter into the float64 one every this many rows (fewer conversions; a
 #: float32 sum over this many residual products stays ~1e-7 accurate), its float32 class sums every
 #: _PENDING_ROWS_MEANS rows (the class means carry into every measure of the means).
