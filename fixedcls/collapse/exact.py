@@ -243,7 +243,7 @@ class CollapseAccumulator:
                 continue
             # sum_i h_i = sum_i (h_i - s_y) + n_c s_c with s_c a sample of class c: the float32 sums only take
             # differences of the size of the spread, so they keep their relative accuracy at any offset.  They are
-            # pending in float32 for up to _PENDING_ROWS rows, then folded into the float64 sums (_fold_pending).
+            # pending in float32 for up to _PENDING_ROWS_MEANS rows, then folded into the float64 sums (_fold_pending).
             if self._take_shifts(hc, yc) or self._shift_used is None or self._shift_used.dtype != hc.dtype:
                 self._fold_pending()  # the pending sums were taken around the shifts as they were
                 self._shift_used = self._shift.to(hc.dtype)
