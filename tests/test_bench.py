@@ -29,7 +29,8 @@ def bench():
 
 TOY_RUN = [o for o in TINY if not o.startswith(("trainer.epochs", "trainer.progress"))]
 FIGURES = ("step_ratio_fixed_vs_learned", "loop_overhead_vs_plain", "collapse_overhead_online",
-           "collapse_overhead_exact", "agop_overhead", "nc_metrics_speedup_vs_naive")
+           "collapse_overhead_exact", "agop_overhead", "nc_metrics_speedup_vs_naive",
+           "nc_metrics_speedup_vs_float32_streaming")
 
 
 def test_alternate_rotates_and_ratios_are_medians(bench):
@@ -50,11 +51,27 @@ def test_step_benchmark_runs(bench):
 
 
 def test_nc_metrics_benchmark_checks_equal_values(bench):
-    # d > 256 and K > 128 take the blocked-scatter and index_add paths of the accumulator; K = 5 the one-hot path.
+    # d = 300 takes the accumulator's float32 products and its blocked scatter (d > 256); d = 16 the float64 ones.
     for N, d, K in ((400, 300, 150), (300, 16, 5)):
-        out = bench.bench_nc_metrics(N=N, d=d, K=K, naive_samples=N // 2, rounds=1, warmup=0)
+        out = bench.bench_nc_metrics(N=N, d=d, K=K, naive_samples=N // 2, rounds=2, warmup=0)
         assert out["nc_metrics_equal"], out["nc_metrics_max_rel_diff"]
         assert out["settings"]["naive_scaled"] and "scaled linearly" in out["note_naive"]
+        # the float32 contender ran in the same alternation, on all N samples, and computes the same measures
+        assert len(out["raw"]["float32"]) == len(out["raw"]["nc_metrics"]) == 2
+        key = "nc_metrics_speedup_vs_float32_streaming"
+        assert out[key] == bench.median_ratio(out["raw"], "float32", "nc_metrics") > 0 and out["cpu_ratios"][key] > 0
+        assert 0 <= out["float32_streaming_max_rel_diff"] < 1e-3
+        assert out["medians"]["float32_streaming_s"] > 0
+
+
+def test_float32_contender_matches_nc_metrics_where_float32_suffices(bench):
+    from fixedcls.collapse import METRIC_KEYS, nc_metrics
+
+    h, y, W, b = bench.collapse_features(3000, 96, 12, seed=3)
+    y[y == 11] = 10  # an absent class: left out by both
+    fast, f32 = nc_metrics(h, y, W, b), bench.load_float32().float32_nc_metrics(h, y, W, b, batch_size=256)
+    assert set(METRIC_KEYS) <= set(f32)
+    assert bench.max_rel_diff(fast, f32) < 1e-5
 
 
 def test_memory_figure(bench):
@@ -77,9 +94,10 @@ def test_main_writes_every_key(bench, tmp_path, capsys):
         assert isinstance(results[key], float) and math.isfinite(results[key]), key
         assert key in table
     assert results["nc_metrics_equal"] is True
+    assert "float32 streaming vs nc_metrics" in table and results["float32_streaming_max_rel_diff"] < 1e-3
     assert {"cpu", "cores", "torch", "device"} <= set(results["machine"])
     assert {"epoch_s_fit", "epoch_s_plain", "epoch_s_fit_online", "epoch_s_fit_exact", "step_s_fixed",
-            "step_s_learned", "nc_metrics_s", "naive_s"} <= set(results["medians"])
+            "step_s_learned", "nc_metrics_s", "naive_s", "float32_streaming_s"} <= set(results["medians"])
     assert set(FIGURES) <= set(results["targets"]) and results["quick"] is True
     assert any("scaled linearly" in note for note in results["notes"])
 

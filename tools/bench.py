@@ -31,6 +31,11 @@ Figures and targets:
                                 collapse.agop defaults) / collapse off                          <= 1.25
   nc_metrics_speedup_vs_naive   tools/naive_collapse.naive_nc_metrics / fixedcls.collapse.nc_metrics
                                 at N=50,000, d=512, K=100, values checked equal (1e-6 rel.)     >= 20
+  nc_metrics_speedup_vs_float32_streaming
+                                tools/float32_collapse.float32_nc_metrics (the fastest public way: batches
+                                of 1,024, one-hot GEMM class sums, (X - M[y])^T (X - M[y]), decisions, all
+                                float32) / fixedcls.collapse.nc_metrics (float64 accumulation), same sizes,
+                                alternated with the naive one; its max rel. difference is reported  >= 1.0
   collapse memory               the streaming measurer's float64 state (O(Kd + d^2)) against the
                                 N x d float32 features it avoids storing (both in MB, and the ratio)
   workers_epoch_speedup_persistent
@@ -72,6 +77,7 @@ TARGETS: dict[str, tuple[str, float]] = {
     "collapse_overhead_exact": ("<=", 1.35),
     "agop_overhead": ("<=", 1.25),
     "nc_metrics_speedup_vs_naive": (">=", 20.0),
+    "nc_metrics_speedup_vs_float32_streaming": (">=", 1.0),
     "memory_ratio_features_over_measurer": (">=", 1.0),
 }
 NC_REL_TOL = 1e-6
@@ -406,13 +412,21 @@ def bench_loop(run: dict, workdir: Path, *, rounds: int = 5, warmup: int = 1, ep
 
 
 # --------------------------------------------------------------------------------------------
-# 4. nc_metrics vs the naive notebook-style computation
+# 4. nc_metrics vs the naive notebook-style computation and the float32 streaming one
 # --------------------------------------------------------------------------------------------
-def load_naive():
-    spec = importlib.util.spec_from_file_location("naive_collapse", ROOT / "tools" / "naive_collapse.py")
+def _load_tool(name: str):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "tools" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def load_naive():
+    return _load_tool("naive_collapse")
+
+
+def load_float32():
+    return _load_tool("float32_collapse")
 
 
 def collapse_features(N: int, d: int, K: int, seed: int = 0):
@@ -440,27 +454,30 @@ def max_rel_diff(a: dict, b: dict) -> float:
 
 def bench_nc_metrics(*, N: int = 50_000, d: int = 512, K: int = 100, naive_samples: Optional[int] = None,
                      rounds: int = 3, warmup: int = 1, device: torch.device = torch.device("cpu")) -> dict:
-    """Time fixedcls.collapse.nc_metrics and the naive reference, alternated.
+    """Time fixedcls.collapse.nc_metrics, the naive reference and the float32 streaming one, alternated.
 
     `naive_samples` < N times the naive computation on the first naive_samples rows and scales its time
     linearly to N (it is linear in N: per-batch, per-class and per-sample loops); the values are then
-    compared on that subset.
+    compared on that subset.  The float32 streaming contender always runs on all N samples.
     """
     from fixedcls.collapse import nc_metrics
 
     naive = load_naive().naive_nc_metrics
+    float32_streaming = load_float32().float32_nc_metrics
     h, y, W, b = collapse_features(N, d, K)
     hd, yd, Wd, bd = (t.to(device) for t in (h, y, W, b))
     n_naive = N if naive_samples is None else min(int(naive_samples), N)
     scale = N / n_naive
     hs, ys = h[:n_naive], y[:n_naive]
     sync = _sync(device)
-    for _ in range(warmup):  # warm nc_metrics only: the naive numpy loops have nothing to warm, and take a minute
+    for _ in range(warmup):  # warm the torch contenders only: the naive numpy loops have nothing to warm, and take a minute
         nc_metrics(hd, yd, Wd, bd)
+        float32_streaming(hd, yd, Wd, bd)
     cpu: dict = {}
     last: dict = {}  # the values of the last timed call of each
     times = alternate({"nc_metrics": lambda: last.__setitem__("fast", nc_metrics(hd, yd, Wd, bd)),
-                       "naive": lambda: last.__setitem__("naive", naive(hs, ys, W, b))},
+                       "naive": lambda: last.__setitem__("naive", naive(hs, ys, W, b)),
+                       "float32": lambda: last.__setitem__("float32", float32_streaming(hd, yd, Wd, bd))},
                       rounds=rounds, warmup=0, sync=sync, cpu_times=cpu)
     fast_values = last["fast"] if n_naive == N else nc_metrics(hd[:n_naive], yd[:n_naive], Wd, bd)
     naive_values = last["naive"]
@@ -469,12 +486,16 @@ def bench_nc_metrics(*, N: int = 50_000, d: int = 512, K: int = 100, naive_sampl
     med = medians(times)
     out = {
         "nc_metrics_speedup_vs_naive": speedup,
+        "nc_metrics_speedup_vs_float32_streaming": median_ratio(times, "float32", "nc_metrics"),
         "cpu_ratios": {"nc_metrics_speedup_vs_naive": statistics.median(
-            scale * a / b for a, b in zip(cpu["naive"], cpu["nc_metrics"]))},
+            scale * a / b for a, b in zip(cpu["naive"], cpu["nc_metrics"])),
+            "nc_metrics_speedup_vs_float32_streaming": median_ratio(cpu, "float32", "nc_metrics")},
         "nc_metrics_max_rel_diff": diff,
         "nc_metrics_equal": bool(diff <= NC_REL_TOL),
+        # informative: how far the float32 computation lands from the float64-accumulated values
+        "float32_streaming_max_rel_diff": max_rel_diff(last["fast"], last["float32"]),
         "medians": {"nc_metrics_s": med["nc_metrics"], "naive_s": med["naive"] * scale,
-                    "naive_s_measured": med["naive"]},
+                    "naive_s_measured": med["naive"], "float32_streaming_s": med["float32"]},
         "settings": {"N": N, "d": d, "K": K, "naive_samples": n_naive, "naive_scaled": n_naive < N,
                      "device": str(device), "rounds": rounds, "warmup": warmup},
         "raw": times,
@@ -631,6 +652,9 @@ def format_table(results: dict) -> str:
     if "nc_metrics_equal" in results:
         rows.append(("nc_metrics equal to naive (max rel diff)", f"{results['nc_metrics_max_rel_diff']:.1e}", "",
                      f"<= {NC_REL_TOL:g}", "PASS" if results["nc_metrics_equal"] else "MISS"))
+    if "float32_streaming_max_rel_diff" in results:
+        rows.append(("float32 streaming vs nc_metrics (max rel diff)", f"{results['float32_streaming_max_rel_diff']:.1e}",
+                     "", "", "info"))
     for key in ("collapse_memory_mb", "stored_features_mb", "images_per_second_fixed", "images_per_second_learned",
                 "workers_epoch_speedup_persistent"):
         if key in results:

@@ -1,7 +1,9 @@
 """Neural-collapse measures (SPEC section 3), split by job:
 
-* :mod:`.stats` -- the mathematics: :func:`nc_metrics`, the exact streaming :class:`CollapseAccumulator`
-  and the one-pass :class:`OnlineCollapse`, all in float64 with O(K d + d^2) memory;
+* :mod:`.stats` -- the mathematics: the measures from float64 statistics and the one-pass
+  :class:`OnlineCollapse`, O(K d + d^2) memory;
+* :mod:`.exact` -- :func:`nc_metrics` and the exact streaming :class:`CollapseAccumulator` (float64 sums,
+  products of centred residuals in float32 or float64);
 * :mod:`.measure` -- a model over a loader: :func:`measure_model` (subsets, backbone stages, one forward
   pass while :class:`FeatureCache` holds the features) and :func:`prototype_alignment`;
 * :mod:`.minority` -- :func:`minority_collapse`, the minority-collapse measures of imbalanced training;
@@ -11,7 +13,8 @@
 from .minority import MINORITY_KEYS, minority_collapse
 from .measure import FeatureCache, measure_model, prototype_alignment
 from .report import DEFAULT_THRESHOLDS, collapse_speed, format_table, log_prototype_alignment, plot_collapse
-from .stats import METRIC_KEYS, NC1_KEYS, CollapseAccumulator, OnlineCollapse, nc_metrics
+from .exact import CollapseAccumulator, nc_metrics
+from .stats import METRIC_KEYS, NC1_KEYS, OnlineCollapse
 
 __all__ = [
     "METRIC_KEYS",

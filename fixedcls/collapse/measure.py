@@ -16,7 +16,8 @@ import torch
 from ..errors import FixedclsError
 from ..runtime import autocast_dtype_of, unwrap
 from .minority import minority_collapse
-from .stats import NC1_KEYS, CollapseAccumulator, ReduceFn
+from .exact import CollapseAccumulator
+from .stats import NC1_KEYS, ReduceFn
 
 
 def _subset_loader(loader, max_samples: int, seed: int):

@@ -1,10 +1,9 @@
-"""The neural-collapse statistics (SPEC section 3): exact float64 accumulators and ``nc_metrics``.
+"""The neural-collapse statistics (SPEC section 3): the measures from float64 statistics, shared checks.
 
-* :func:`nc_metrics` -- functional entry point on in-memory features (it feeds the whole
-  tensor to a :class:`CollapseAccumulator` as one batch, so there is one code path).
-* :class:`CollapseAccumulator` -- exact two-pass streaming measurement
-  (pass 1: class means; pass 2: scatter around the class means, NCC decisions).
+* :func:`_metrics_from_stats` -- every SPEC measure from class means, counts, the scatter, ...
 * :class:`OnlineCollapse` -- an approximate one-pass measure fed from the training forward.
+* the exact two-pass :class:`~fixedcls.collapse.exact.CollapseAccumulator` and ``nc_metrics`` live in
+  :mod:`.exact`.
 
 Notation (SPEC): K classes *present* in the data, mu_c class means, mu_G = mean_c mu_c
 (unweighted), M-dot rows mu_c - mu_G, W rows w_c.  Classes with no sample are left out of
@@ -13,7 +12,11 @@ rows of W, as the network does.
 
 Numerics: all statistics are accumulated in float64 from features centred by their class
 mean (never E[hh^T] - mu mu^T), and Sigma_B^+ comes from a float64 symmetric
-eigendecomposition that keeps the top min(d, K-1) eigenpairs (no absolute cut-off).
+eigendecomposition that keeps the top min(d, K-1) eigenpairs (no absolute cut-off).  By default
+the exact accumulator takes its large products (class sums, the d x d scatter, the decision
+products) in float32, but only of residuals already centred in full precision, so a large common
+offset never cancels; ``scatter_dtype=torch.float64`` takes every product in float64 (see
+:class:`CollapseAccumulator` for the precision contract).
 
 Distributed use: every accumulator exposes ``state_tensors()``, a list of float64 tensors
 that must be all-reduced with SUM across processes at fixed points (see each class), and
@@ -24,8 +27,7 @@ in place, e.g. ``lambda t: torch.distributed.all_reduce(t, op=torch.distributed.
 from __future__ import annotations
 
 import math
-import warnings
-from typing import Callable, Iterable, Mapping, Sequence
+from typing import Callable, Mapping, Sequence
 
 import torch
 
@@ -57,31 +59,6 @@ ReduceFn = Callable[[torch.Tensor], object]
 
 _F64 = torch.float64
 _NAN = float("nan")
-#: Class sums of a chunk are taken as one float64 GEMM with a one-hot matrix (on CPU) up to this many
-#: classes -- much faster than index_add_ there; beyond it index_add_ is cheaper.
-_ONEHOT_MAX_CLASSES = 128
-#: The d x d scatter is accumulated as its upper block triangle (blocks of this many columns, ~40% fewer
-#: flops than a full X^T X for large d) and mirrored once in compute().
-_GRAM_BLOCK = 128
-
-
-def _add_gram_(out: torch.Tensor, x: torch.Tensor) -> None:
-    """out += x^T x on the upper block triangle only (blocks of _GRAM_BLOCK); see _mirror_gram."""
-    d = x.shape[1]
-    if d <= 2 * _GRAM_BLOCK:
-        out.addmm_(x.T, x)
-        return
-    for i in range(0, d, _GRAM_BLOCK):
-        out[i : i + _GRAM_BLOCK, i:].addmm_(x[:, i : i + _GRAM_BLOCK].T, x[:, i:])
-
-
-def _mirror_gram(g: torch.Tensor) -> torch.Tensor:
-    """The full symmetric matrix from an upper-block-triangle accumulation of _add_gram_."""
-    if g.shape[0] <= 2 * _GRAM_BLOCK:
-        return g
-    return torch.triu(g) + torch.triu(g, diagonal=1).T
-
-
 def _unit_rows(x: torch.Tensor) -> torch.Tensor:
     """Rows divided by their L2 norm; zero rows stay zero (cosine with them is 0)."""
     return x / x.norm(dim=1, keepdim=True).clamp_min(torch.finfo(x.dtype).tiny)
@@ -225,237 +202,6 @@ def _decisions(logits: torch.Tensor, num_classes: int) -> torch.Tensor:
             f"collapse: logits must have shape [B, {num_classes}] (one column per row of W), got {tuple(logits.shape)}; pass the head's output."
         )
     return logits.argmax(dim=1)
-
-
-class CollapseAccumulator:
-    """Exact two-pass streaming neural-collapse measurement, O(K d + d^2) memory.
-
-    Usage::
-
-        acc = CollapseAccumulator(num_classes, dim, device)
-        for h, y in batches: acc.update_means(h, y)           # pass 1
-        acc.finalize_means()                                   # (all-reduce pass-1 state first)
-        for h, y, logits in batches: acc.update_scatter(h, y, logits)   # pass 2
-        metrics = acc.compute(weight, bias)                    # (all-reduce pass-2 state first)
-
-    Pass 1 accumulates float64 class sums, counts and sums of unit-normalised features.
-    Pass 2 accumulates the within-class scatter from features centred by their class mean
-    (X_c^T X_c in float64; for d > 256 only its upper block triangle is accumulated, mirrored in
-    :meth:`compute`), per-class squared distances (cdnv), per-class pass-2 counts and
-    the number of samples whose classifier decision (argmax of the logits, over ALL rows)
-    differs from the nearest-class-centre decision (over present classes) for ``nc4``.
-    When ``logits`` is None in pass 2, the decision is computed as ``h @ weight.T + bias``
-    from the ``weight``/``bias`` keywords of :meth:`update_scatter`; when neither is given,
-    ``nc4`` is NaN.
-
-    Distributed: :meth:`state_tensors` returns the tensors of the *current* pass; all-reduce
-    them with SUM (i) after pass 1, before :meth:`finalize_means`, and (ii) after pass 2,
-    before :meth:`compute` -- or pass ``reduce_fn`` to those two methods, which does exactly
-    that.  Each rank must feed a disjoint shard of the data.
-    """
-
-    def __init__(self, num_classes: int, dim: int, device: torch.device | str | None = None, *, chunk_size: int = 8192):
-        self.num_classes = int(num_classes)
-        self.dim = int(dim)
-        if self.num_classes < 1 or self.dim < 1:
-            raise FixedclsError(f"collapse: num_classes and dim must be positive, got {num_classes} and {dim}.")
-        self.device = torch.device(device) if device is not None else torch.device("cpu")
-        self.chunk_size = int(chunk_size)
-        self.reset()
-
-    # -- state ---------------------------------------------------------------------
-    def reset(self) -> None:
-        """Forget everything and start again at pass 1."""
-        K, d, kw = self.num_classes, self.dim, {"dtype": _F64, "device": self.device}
-        self.sums = torch.zeros(K, d, **kw)
-        self.counts = torch.zeros(K, **kw)
-        self.normsums = torch.zeros(K, d, **kw)
-        self.scatter = torch.zeros(d, d, **kw)
-        self.sqdist = torch.zeros(K, **kw)
-        self.counts2 = torch.zeros(K, **kw)
-        self.decisions = torch.zeros(2, **kw)  # [mismatches, scored samples]
-        self.means: torch.Tensor | None = None
-        self._ncc: _NCC | None = None
-        self._phase = "means"
-
-    @property
-    def phase(self) -> str:
-        """'means' (pass 1), 'scatter' (pass 2) or 'done' (computed)."""
-        return self._phase
-
-    def state_tensors(self) -> list[torch.Tensor]:
-        """The float64 tensors of the current pass, to be all-reduced with SUM in place.
-
-        Before :meth:`finalize_means`: the pass-1 tensors (sums, counts, normalised sums).
-        After it: the pass-2 tensors (scatter, squared distances, pass-2 counts, decisions).
-        Reduce each list exactly once, at the end of its pass.
-        """
-        if self._phase == "means":
-            return [self.sums, self.counts, self.normsums]
-        return [self.scatter, self.sqdist, self.counts2, self.decisions]
-
-    def _chunks(self, h: torch.Tensor, y: torch.Tensor) -> Iterable[tuple[torch.Tensor, torch.Tensor]]:
-        _check_batch(h, y, self.dim)
-        y = y.to(self.device, dtype=torch.long)
-        _check_labels(y, self.num_classes)
-        for s in range(0, h.shape[0], self.chunk_size):
-            yield h[s : s + self.chunk_size].detach().to(self.device, dtype=_F64), y[s : s + self.chunk_size]
-
-    # -- pass 1 --------------------------------------------------------------------
-    @torch.no_grad()
-    def update_means(self, h: torch.Tensor, y: torch.Tensor) -> None:
-        """Pass 1: add a batch of features h [B, d] with labels y [B]."""
-        if self._phase != "means":
-            raise RuntimeError("CollapseAccumulator.update_means: pass 1 is over (finalize_means was called); call reset() to start again.")
-        K = self.num_classes
-        for h64, yc in self._chunks(h, y):
-            self.counts += torch.bincount(yc, minlength=K).to(_F64)
-            inv_norm = torch.linalg.vector_norm(h64, dim=1).clamp_min(torch.finfo(_F64).tiny).reciprocal()
-            if self.device.type == "cpu" and K <= _ONEHOT_MAX_CLASSES:
-                # [1{y_i = c}; 1{y_i = c} / ||h_i||] @ h: class sums and sums of unit rows in one GEMM.
-                rows = torch.arange(h64.shape[0], device=self.device)
-                onehot = torch.zeros(2 * K, h64.shape[0], dtype=_F64, device=self.device)
-                onehot[yc, rows] = 1.0
-                onehot[yc + K, rows] = inv_norm
-                both = onehot @ h64
-                self.sums += both[:K]
-                self.normsums += both[K:]
-            else:
-                self.sums.index_add_(0, yc, h64)
-                self.normsums.index_add_(0, yc, h64 * inv_norm.unsqueeze(1))
-
-    @torch.no_grad()
-    def finalize_means(self, reduce_fn: ReduceFn | None = None) -> torch.Tensor:
-        """End pass 1: (optionally all-reduce the pass-1 state) and fix the class means."""
-        if self._phase != "means":
-            raise RuntimeError("CollapseAccumulator.finalize_means: already called; call reset() to start again.")
-        if reduce_fn is not None:
-            for t in self.state_tensors():
-                reduce_fn(t)
-        present = self.counts > 0
-        self.means = self.sums / self.counts.clamp_min(1.0).unsqueeze(1)
-        self._ncc = _NCC(self.means, present)
-        self._phase = "scatter"
-        return self.means
-
-    # -- pass 2 --------------------------------------------------------------------
-    @torch.no_grad()
-    def update_scatter(
-        self,
-        h: torch.Tensor,
-        y: torch.Tensor,
-        logits: torch.Tensor | None = None,
-        *,
-        weight: torch.Tensor | None = None,
-        bias: torch.Tensor | None = None,
-    ) -> None:
-        """Pass 2: add the same samples again, with the classifier's logits [B, K] if known."""
-        if self._phase != "scatter":
-            raise RuntimeError(
-                "CollapseAccumulator.update_scatter: call finalize_means() after pass 1 first"
-                if self._phase == "means"
-                else "CollapseAccumulator.update_scatter: compute() was called; call reset() to start again."
-            )
-        assert self.means is not None and self._ncc is not None
-        K, ncc = self.num_classes, self._ncc
-        # Every product is taken from the class-centred features xc = h - mu_y (well conditioned):
-        # h.w_c + b_c = xc.w_c + (mu_y.w_c + b_c) and (h - centre).mu_k = xc.mu_k + offsets[y, k], so the
-        # classifier and the nearest-class-centre decisions come from ONE float64 GEMM xc @ [W; M]^T.
-        with_weight = logits is None and weight is not None
-        if with_weight:
-            _check_weight(weight, bias, self.num_classes, self.dim)
-            w64 = weight.detach().to(self.device, _F64)
-            base = self.means @ w64.T
-            if bias is not None:
-                base += bias.detach().to(self.device, _F64)
-        if ncc.ready and (with_weight or logits is not None):
-            rows = torch.cat([w64, ncc.mu]) if with_weight else ncc.mu
-            base = torch.cat([base, ncc.offsets(self.means)], dim=1) if with_weight else ncc.offsets(self.means)
-        pos = 0
-        for h64, yc in self._chunks(h, y):
-            if yc.numel() and not bool((self.counts[yc] > 0).all()):
-                raise RuntimeError("CollapseAccumulator.update_scatter: a class seen in pass 2 had no sample in pass 1; feed both passes the same data.")
-            xc = self.means.index_select(0, yc)
-            torch.sub(h64, xc, out=xc)
-            _add_gram_(self.scatter, xc)
-            self.sqdist.index_add_(0, yc, torch.linalg.vector_norm(xc, dim=1).square_())
-            self.counts2 += torch.bincount(yc, minlength=K).to(_F64)
-            b = h64.shape[0]
-            if ncc.ready and (with_weight or logits is not None):
-                products = torch.addmm(base.index_select(0, yc), xc, rows.T)
-                if with_weight:
-                    pred, products = products[:, :K].argmax(dim=1), products[:, K:]
-                else:
-                    pred = _decisions(logits[pos : pos + b], self.num_classes).to(self.device)
-                self.decisions[0] += (pred != ncc.decide(products)).sum()
-                self.decisions[1] += b
-            pos += b
-
-    # -- results -------------------------------------------------------------------
-    @torch.no_grad()
-    def compute(
-        self,
-        weight: torch.Tensor | None = None,
-        bias: torch.Tensor | None = None,
-        *,
-        reduce_fn: ReduceFn | None = None,
-    ) -> dict[str, float]:
-        """The SPEC measures.  ``weight`` [K, d] (model.head.weight) or None for the
-        weight-free family only (nc1, nc1_trace, cdnv, nc2_equinorm, nc2_equiangle,
-        nc2_maxangle, nc2_etf_error, nc4).  ``bias`` is only checked: decisions for nc4
-        were taken in pass 2.  ``reduce_fn`` all-reduces the pass-2 state first (once)."""
-        if self._phase == "means":
-            raise RuntimeError("CollapseAccumulator.compute: run pass 1, finalize_means() and pass 2 first.")
-        if weight is not None:
-            _check_weight(weight, bias, self.num_classes, self.dim)
-        if self._phase == "scatter":
-            if reduce_fn is not None:
-                for t in self.state_tensors():
-                    reduce_fn(t)
-            self._phase = "done"
-            if not torch.equal(self.counts2, self.counts):
-                warnings.warn(
-                    "collapse: pass 2 saw different samples per class than pass 1 "
-                    f"({int(self.counts2.sum())} vs {int(self.counts.sum())} samples); measure with a loader "
-                    "without shuffle/drop_last/random augmentation.",
-                    RuntimeWarning,
-                    stacklevel=2,
-                )
-        assert self.means is not None
-        return _metrics_from_stats(
-            means=self.means,
-            counts=self.counts2,
-            scatter=_mirror_gram(self.scatter),
-            sqdist=self.sqdist,
-            normsums=self.normsums,
-            mismatches=float(self.decisions[0]),
-            scored=float(self.decisions[1]),
-            weight=weight,
-        )
-
-
-def nc_metrics(
-    features: torch.Tensor,
-    labels: torch.Tensor,
-    weight: torch.Tensor,
-    bias: torch.Tensor | None = None,
-) -> dict[str, float]:
-    """SPEC section 3 measures of in-memory features, exact in float64 for any input dtype.
-
-    features [N, d], labels [N] (integers in [0, K)), weight [K, d] (one row per class, as
-    ``model.head.weight``), bias [K] or None.  The classifier decision for ``nc4`` is
-    argmax_c (w_c.h + b_c) over all rows of ``weight``.  Runs the streaming
-    :class:`CollapseAccumulator` with the whole tensor as one batch.
-    """
-    if not torch.is_tensor(features) or not torch.is_tensor(labels) or not torch.is_tensor(weight):
-        raise FixedclsError("nc_metrics: features, labels and weight must be torch tensors; convert with torch.as_tensor.")
-    if weight.dim() != 2:
-        raise FixedclsError(f"nc_metrics: weight must have shape [K, d], got {tuple(weight.shape)}; pass model.head.weight.")
-    acc = CollapseAccumulator(weight.shape[0], weight.shape[1], device=features.device)
-    acc.update_means(features, labels)
-    acc.finalize_means()
-    acc.update_scatter(features, labels, weight=weight, bias=bias)
-    return acc.compute(weight, bias)
 
 
 class OnlineCollapse:
