@@ -621,13 +621,13 @@ def _same_bits(a: dict, b: dict) -> None:
         assert a[key] == b[key] or (math.isnan(a[key]) and math.isnan(b[key])), (key, a[key], b[key])
 
 
-@pytest.mark.parametrize("layers", [None, [1, -1]])
-def test_cached_pass_is_bit_for_bit_the_two_pass_measure(layers):
+@pytest.mark.parametrize("layers, dim", [(None, 6), ([1, -1], 6), (None, 96)])  # d = 96: float32 products
+def test_cached_pass_is_bit_for_bit_the_two_pass_measure(layers, dim):
     import timm
 
     torch.manual_seed(0)
     backbone = timm.create_model("test_resnet", num_classes=0)
-    model = TinyClassifier(backbone, backbone.num_features, 6, 4)
+    model = TinyClassifier(backbone, backbone.num_features, dim, 4)
     g = torch.Generator().manual_seed(3)
     x, y = torch.randn(70, 3, 16, 16, generator=g), torch.arange(70) % 4
     streamed_loader = _CountingLoader(DataLoader(TensorDataset(x, y), batch_size=16))
