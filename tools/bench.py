@@ -121,6 +121,35 @@ def median_ratio(times: dict[str, list[float]], numerator: str, denominator: str
     return statistics.median(a / b for a, b in zip(times[numerator], times[denominator]))
 
 
+def spread(values: list[float]) -> dict:
+    """Median, quartiles and interquartile range of per-round values (one value: a spread of 0)."""
+    values = sorted(values)
+    q1, _, q3 = statistics.quantiles(values, n=4, method="inclusive") if len(values) > 1 else (values[0],) * 3
+    return {"median": statistics.median(values), "q1": q1, "q3": q3, "iqr": q3 - q1, "rounds": len(values)}
+
+
+def ratio_stats(times: dict[str, list[float]], numerator: str, denominator: str, *, scale: float = 1.0) -> dict:
+    """How far one ratio figure can be trusted: the median of the per-round ratios (the figure) with their
+    quartiles and interquartile range, and the ratio of the two contenders' medians.  A wide IQR, or a ratio
+    of medians far from the median ratio, says the rounds scatter (a disk flush or another process landing
+    in one contender's turn) and the figure holds only to about that width.  `scale` multiplies every ratio
+    (a contender timed on a subset and scaled to the whole)."""
+    per_round = [scale * a / b for a, b in zip(times[numerator], times[denominator])]
+    return {**spread(per_round),
+            "ratio_of_medians": scale * statistics.median(times[numerator]) / statistics.median(times[denominator])}
+
+
+def add_figure(out: dict, key: str, times: dict, cpu: Optional[dict], numerator: str, denominator: str, *,
+               scale: float = 1.0) -> None:
+    """Put one ratio figure into a section's result: the figure (median per-round ratio), its `ratio_stats`
+    (wall time) and, when process CPU times were taken, the same median ratio in CPU time."""
+    stats = ratio_stats(times, numerator, denominator, scale=scale)
+    out[key] = stats["median"]
+    out.setdefault("ratio_stats", {})[key] = stats
+    if cpu is not None:
+        out.setdefault("cpu_ratios", {})[key] = ratio_stats(cpu, numerator, denominator, scale=scale)["median"]
+
+
 def medians(times: dict[str, list[float]]) -> dict[str, float]:
     return {name: statistics.median(ts) for name, ts in times.items()}
 
@@ -243,9 +272,10 @@ def bench_step(*, backbone: str, img_size: int, in_chans: int, num_classes: int,
     cpu: dict = {}
     times = alternate({"fixed": fixed, "learned": learned}, rounds=rounds, warmup=warmup, sync=_sync(device), cpu_times=cpu)
     med = medians(times)
+    out: dict = {}
+    add_figure(out, "step_ratio_fixed_vs_learned", times, cpu, "fixed", "learned")
     return {
-        "step_ratio_fixed_vs_learned": median_ratio(times, "fixed", "learned"),
-        "cpu_ratios": {"step_ratio_fixed_vs_learned": median_ratio(cpu, "fixed", "learned")},
+        **out,
         "medians": {"step_s_fixed": med["fixed"] / steps, "step_s_learned": med["learned"] / steps},
         "images_per_second_fixed": batch_size * steps / med["fixed"],
         "images_per_second_learned": batch_size * steps / med["learned"],
@@ -292,11 +322,14 @@ def build_run(overrides: list[str], workdir: Path) -> dict:
             "channels_last": bool(cfg.trainer.channels_last), "collapse": cfg.collapse}
 
 
-def fit_epochs(run: dict, collapse_every: int, mode: str = "exact", *, epochs: int = 1, agop_layers=()) -> Callable[[], dict]:
+def fit_epochs(run: dict, collapse_every: int, mode: str = "exact", *, epochs: int = 1, agop_layers=(),
+               write_checkpoints: bool = True) -> Callable[[], dict]:
     """`epochs` epochs of the real training loop (one fit() call), collapse measured every epoch or off.
 
     Several epochs per call, as in a real run: fit()'s once-per-call costs are spread over them, and an
     epoch checkpoint written in the background overlaps the next epoch (fit waits only for the last).
+    `write_checkpoints=False` gives fit a writer built with ``enabled=False`` (what every rank but rank 0
+    gets under DDP): the loop is unchanged, only the epoch files are not written.
     """
     import copy
 
@@ -309,14 +342,15 @@ def fit_epochs(run: dict, collapse_every: int, mode: str = "exact", *, epochs: i
     collapse.every, collapse.mode, collapse.plot = collapse_every, mode, False
     collapse.agop.layers = list(agop_layers)
     # built the same way as train() builds it (background writes as configured)
-    checkpoints = build_checkpoints(cfg.checkpoint, training.checkpoints.directory)
+    checkpoints = build_checkpoints(cfg.checkpoint, training.checkpoints.directory, enabled=write_checkpoints)
     return lambda: fit(dataclasses.replace(training, checkpoints=checkpoints, trainer=trainer, collapse=collapse,
                                            resume_state=None))
 
 
-def plain_epochs(run: dict, checkpoint_path: Path, *, epochs: int = 1) -> Callable[[], None]:
-    """A minimal hand-written PyTorch loop doing the same work as fit() without collapse, `epochs` times:
-    train over the same loader (same model, optimizer, precision), test accuracy, save a checkpoint."""
+def plain_epochs(run: dict, *, epochs: int = 1) -> Callable[[], None]:
+    """A minimal hand-written PyTorch loop doing the same work as fit() without collapse and without
+    checkpoints, `epochs` times: train over the same loader (same model, optimizer, precision), test accuracy.
+    Its counterpart is fit() with its checkpoint writes off; what a durable checkpoint costs is its own figure."""
     model, optimizer, criterion = run["model"], run["optimizer"], run["criterion"]
     train_loader, test_loader, device = run["train_loader"], run["test_loader"], run["device"]
     from fixedcls.runtime import AUTOCAST_DTYPES
@@ -353,18 +387,88 @@ def plain_epochs(run: dict, checkpoint_path: Path, *, epochs: int = 1) -> Callab
                     with autocast():
                         correct += (model(x).argmax(1) == y).sum()
             model.train()
-            torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "loss": float(loss_sum),
-                        "acc": int(correct)}, checkpoint_path)
+            float(loss_sum), int(correct)  # the epoch's figures reach Python, as fit's metrics row does
 
     return train_epochs
 
 
+def checkpoint_write_breakdown(state: dict, directory: Path, *, repeats: int = 5) -> dict:
+    """Milliseconds of each step of one durable epoch checkpoint of `state`, each the median of `repeats`
+    calls made one after another (not alternated: these are absolute costs, they say where the write cost
+    goes).  `serialise` is torch.save into memory (pickling, the zip records and their CRC32);
+    `crc32` is zlib's CRC32 over the same bytes, for scale; `page_cache_write` is torch.save into a new
+    file (what a plain loop pays); `fsync` is the flush of that file to the disk; `atomic_save` is the
+    whole durable write of fixedcls (temporary file, fsync, rename, directory fsync); `links` is
+    last.pt and best.pt pointed at it."""
+    import io
+    import zlib
+
+    from fixedcls import checkpoint as ckpt
+
+    directory.mkdir(parents=True, exist_ok=True)
+    raw = io.BytesIO()
+    torch.save(state, raw)
+    data = raw.getvalue()
+    target = directory / "breakdown.pt"
+
+    def timed(fn: Callable[[], object]) -> float:
+        samples = []
+        for _ in range(repeats):
+            gc.collect()
+            if hasattr(os, "sync"):
+                os.sync()
+            start = time.perf_counter()
+            fn()
+            samples.append(time.perf_counter() - start)
+        return 1000 * statistics.median(samples)
+
+    def page_cache_write():
+        with open(target, "wb") as f:
+            torch.save(state, f)
+
+    def fsync_after_write() -> float:
+        page_cache_write()
+        start = time.perf_counter()
+        fd = os.open(target, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        return time.perf_counter() - start
+
+    fsync_samples = []
+    for _ in range(repeats):
+        os.sync()
+        fsync_samples.append(fsync_after_write())
+    staging: dict = {}
+    out = {
+        "bytes": len(data),
+        "snapshot_copy_fresh": timed(lambda: ckpt.snapshot(state)),
+        "snapshot_copy_reused": timed(lambda: staging.__setitem__("s", ckpt.snapshot(state, reuse=staging.get("s")))),
+        "serialise": timed(lambda: torch.save(state, io.BytesIO())),
+        "crc32": timed(lambda: zlib.crc32(data)),
+        "page_cache_write": timed(page_cache_write),
+        "fsync": 1000 * statistics.median(fsync_samples),
+        "atomic_save": timed(lambda: ckpt.atomic_save(state, target)),
+        "links": timed(lambda: (ckpt._link_or_copy(target, directory / ckpt.LAST),
+                                ckpt._link_or_copy(target, directory / ckpt.BEST))),
+    }
+    return {key: value if key == "bytes" else round(value, 2) for key, value in out.items()}
+
+
 def bench_loop(run: dict, workdir: Path, *, rounds: int = 5, warmup: int = 1, epochs: int = 3, collapse: bool = True,
                loop: bool = True, agop: bool = True) -> dict:
-    """fit() runs of `epochs` epochs with collapse off / online / exact and the plain loop, alternated round by round."""
+    """fit() runs of `epochs` epochs with collapse off / online / exact and the plain loop, alternated round by round.
+
+    The loop figure compares like with like: `fit_nowrite` (fit with its epoch checkpoints not written) /
+    `plain` (no torch.save either).  The durable checkpoint write is a figure of its own: `fit` (writes as
+    configured, background by default) minus `fit_nowrite`, in seconds per epoch and as a share of a plain
+    epoch, with a breakdown of one write timed step by step.  The collapse figures compare with `fit`.
+    """
     contenders: dict[str, Callable] = {}  # in this order, each ratio's two contenders run back to back or one apart
     if loop:
-        contenders["plain"] = plain_epochs(run, workdir / "plain.pt", epochs=epochs)
+        contenders["plain"] = plain_epochs(run, epochs=epochs)
+        contenders["fit_nowrite"] = fit_epochs(run, 0, epochs=epochs, write_checkpoints=False)
     contenders["fit"] = fit_epochs(run, 0, epochs=epochs)
     if collapse:
         contenders["fit_online"] = fit_epochs(run, 1, "online", epochs=epochs)
@@ -373,19 +477,31 @@ def bench_loop(run: dict, workdir: Path, *, rounds: int = 5, warmup: int = 1, ep
         contenders["fit_agop"] = fit_epochs(run, 0, epochs=epochs, agop_layers=AGOP_STAGES)
     cpu: dict = {}
     times = alternate(contenders, rounds=rounds, warmup=warmup, sync=_sync(run["device"]), cpu_times=cpu)
-    out: dict = {"medians": {f"epoch_s_{k}": v / epochs for k, v in medians(times).items()}, "raw": times, "cpu_ratios": {}}
-    for key, num, den in (("loop_overhead_vs_plain", "fit", "plain"), ("collapse_overhead_online", "fit_online", "fit"),
+    out: dict = {"medians": {f"epoch_s_{k}": v / epochs for k, v in medians(times).items()}, "raw": times}
+    for key, num, den in (("loop_overhead_vs_plain", "fit_nowrite", "plain"),
+                          ("loop_with_checkpoints_vs_plain", "fit", "plain"),
+                          ("collapse_overhead_online", "fit_online", "fit"),
                           ("collapse_overhead_exact", "fit_exact", "fit"), ("agop_overhead", "fit_agop", "fit")):
         if num in times and den in times:
-            out[key] = median_ratio(times, num, den)
-            out["cpu_ratios"][key] = median_ratio(cpu, num, den)
+            add_figure(out, key, times, cpu, num, den)
+    if loop:
+        plain_epoch = statistics.median(times["plain"]) / epochs
+        write = spread([(a - b) / epochs for a, b in zip(times["fit"], times["fit_nowrite"])])
+        out["checkpoint_write_s_per_epoch"] = write["median"]
+        out["checkpoint_write_share_of_plain_epoch"] = write["median"] / plain_epoch
+        out["checkpoint_write_spread"] = {**write, "plain_epoch_s": plain_epoch}
+        last = run["training"].checkpoints.directory / "last.pt"
+        if last.is_file():
+            from fixedcls.checkpoint import load
+
+            out["checkpoint_write_ms"] = checkpoint_write_breakdown(load(last), workdir / "breakdown")
     cfg = run["cfg"]
     out["settings"] = {"backbone": cfg.model.backbone, "data": cfg.data.name, "img_size": cfg.data.img_size,
                        "batch_size": cfg.data.batch_size, "eval_batch_size": cfg.data.eval_batch_size,
                        "head": cfg.head.name, "precision": run["precision"], "device": str(run["device"]),
                        "collapse_splits": list(run["collapse"].splits), "steps_per_epoch": len(run["train_loader"]),
                        "epochs_per_round": epochs, "checkpoint_background": bool(cfg.checkpoint.background),
-                       "rounds": rounds, "warmup": warmup}
+                       "checkpoint_every": int(cfg.checkpoint.every), "rounds": rounds, "warmup": warmup}
     return out
 
 
@@ -449,12 +565,10 @@ def bench_nc_metrics(*, N: int = 50_000, d: int = 512, K: int = 100, naive_sampl
     fast_values = last["fast"] if n_naive == N else nc_metrics(hd[:n_naive], yd[:n_naive], Wd, bd)
     naive_values = last["naive"]
     diff = max_rel_diff(fast_values, naive_values)
-    speedup = statistics.median(scale * t_naive / t_fast for t_naive, t_fast in zip(times["naive"], times["nc_metrics"]))
     med = medians(times)
-    out = {
-        "nc_metrics_speedup_vs_naive": speedup,
-        "cpu_ratios": {"nc_metrics_speedup_vs_naive": statistics.median(
-            scale * a / b for a, b in zip(cpu["naive"], cpu["nc_metrics"]))},
+    out: dict = {}
+    add_figure(out, "nc_metrics_speedup_vs_naive", times, cpu, "naive", "nc_metrics", scale=scale)
+    out.update({
         "nc_metrics_max_rel_diff": diff,
         "nc_metrics_equal": bool(diff <= NC_REL_TOL),
         "medians": {"nc_metrics_s": med["nc_metrics"], "naive_s": med["naive"] * scale,
@@ -462,7 +576,7 @@ def bench_nc_metrics(*, N: int = 50_000, d: int = 512, K: int = 100, naive_sampl
         "settings": {"N": N, "d": d, "K": K, "naive_samples": n_naive, "naive_scaled": n_naive < N,
                      "device": str(device), "rounds": rounds, "warmup": warmup},
         "raw": times,
-    }
+    })
     if n_naive < N:
         out["note_naive"] = (f"naive_nc_metrics timed on {n_naive} of {N} samples and scaled linearly x{scale:g}; "
                              f"values compared on those {n_naive} samples")
@@ -567,13 +681,15 @@ def run(args) -> dict:
 
 def _run(args, device: torch.device) -> dict:
     quick = args.quick
-    results: dict = {"machine": machine_info(device), "quick": quick, "medians": {}, "cpu_ratios": {}, "settings": {},
+    results: dict = {"machine": machine_info(device), "quick": quick, "medians": {}, "cpu_ratios": {}, "ratio_stats": {},
+                     "settings": {},
                      "notes": []}
     started, cpu_start = time.perf_counter(), (time.process_time(), _machine_busy_seconds())
 
     def merge(part: dict, section: str):
         results["medians"].update(part.pop("medians", {}))
         results["cpu_ratios"].update(part.pop("cpu_ratios", {}))
+        results["ratio_stats"].update(part.pop("ratio_stats", {}))
         results["settings"][section] = part.pop("settings", {})
         raw = part.pop("raw", None)
         if args.raw and raw is not None:
