@@ -638,22 +638,42 @@ def verdict(key: str, value: Optional[float]) -> str:
 
 
 def format_table(results: dict) -> str:
-    rows = [("figure", "value (wall)", "cpu-time ratio", "target", "verdict")]
-    cpu = results.get("cpu_ratios", {})
+    columns = ("figure", "value (wall)", "IQR of rounds", "ratio of medians", "cpu-time ratio", "target", "verdict")
+    rows = [columns]
+    cpu, stats = results.get("cpu_ratios", {}), results.get("ratio_stats", {})
+
+    def number(value: float) -> str:
+        return f"{value:.3f}" if value < 100 else f"{value:.1f}"
+
+    def figure_row(key: str, target: str = "", verdict_text: str = "info") -> tuple:
+        spread_of = stats.get(key, {})
+        return (key, number(results[key]), number(spread_of["iqr"]) if "iqr" in spread_of else "",
+                number(spread_of["ratio_of_medians"]) if "ratio_of_medians" in spread_of else "",
+                number(cpu[key]) if key in cpu else "", target, verdict_text)
+
     for key, (op, target) in TARGETS.items():
         if key in results:
-            value = results[key]
-            rows.append((key, f"{value:.3f}" if value < 100 else f"{value:.1f}",
-                         f"{cpu[key]:.3f}" if key in cpu else "", f"{op} {target:g}", verdict(key, value)))
+            rows.append(figure_row(key, f"{op} {target:g}", verdict(key, results[key])))
+    for key in (k for k in stats if k not in TARGETS and k in results):  # ratios without a target
+        rows.append(figure_row(key))
+    if "checkpoint_write_s_per_epoch" in results:
+        write = results.get("checkpoint_write_spread", {})
+        rows.append(("checkpoint_write_s_per_epoch (fit - fit_nowrite)", f"{results['checkpoint_write_s_per_epoch']:.4f}",
+                     f"{write['iqr']:.4f}" if "iqr" in write else "", "", "", "", "info"))
+        rows.append(("checkpoint_write_share_of_plain_epoch", f"{results['checkpoint_write_share_of_plain_epoch']:.3f}",
+                     "", "", "", "", "info"))
+    for key, value in results.get("checkpoint_write_ms", {}).items():
+        rows.append((f"checkpoint write: {key}" + ("" if key == "bytes" else " (ms)"),
+                     f"{value}" if key == "bytes" else f"{value:.1f}", "", "", "", "", "info"))
     if "nc_metrics_equal" in results:
-        rows.append(("nc_metrics equal to naive (max rel diff)", f"{results['nc_metrics_max_rel_diff']:.1e}", "",
+        rows.append(("nc_metrics equal to naive (max rel diff)", f"{results['nc_metrics_max_rel_diff']:.1e}", "", "", "",
                      f"<= {NC_REL_TOL:g}", "PASS" if results["nc_metrics_equal"] else "MISS"))
     for key in ("collapse_memory_mb", "stored_features_mb", "images_per_second_fixed", "images_per_second_learned"):
         if key in results:
-            rows.append((key, f"{results[key]:.2f}", "", "", "info"))
+            rows.append((key, f"{results[key]:.2f}", "", "", "", "", "info"))
     for key, value in results.get("medians", {}).items():
-        rows.append((f"median {key}", f"{value:.4f}", "", "", "info"))
-    widths = [max(len(r[i]) for r in rows) for i in range(5)]
+        rows.append((f"median {key}", f"{value:.4f}", "", "", "", "", "info"))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(columns))]
     lines = [" | ".join(c.ljust(w) for c, w in zip(row, widths)) for row in rows]
     lines.insert(1, "-+-".join("-" * w for w in widths))
     return "\n".join(lines)
