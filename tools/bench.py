@@ -494,7 +494,8 @@ def bench_loop(run: dict, workdir: Path, *, rounds: int = 5, warmup: int = 1, ep
         if last.is_file():
             from fixedcls.checkpoint import load
 
-            out["checkpoint_write_ms"] = checkpoint_write_breakdown(load(last), workdir / "breakdown")
+            out["checkpoint_write_ms"] = checkpoint_write_breakdown(load(last), workdir / "breakdown",
+                                                                    repeats=max(3, rounds))
     cfg = run["cfg"]
     out["settings"] = {"backbone": cfg.model.backbone, "data": cfg.data.name, "img_size": cfg.data.img_size,
                        "batch_size": cfg.data.batch_size, "eval_batch_size": cfg.data.eval_batch_size,
