@@ -449,9 +449,11 @@ def measure_agop(run: TrainingRun, model: nn.Module) -> dict:
 def finish(run: TrainingRun, loop: LoopState) -> dict:
     """The run's summary, plot and end-of-run tracker tables (rank 0 writes them)."""
     model, history = unwrap(run.model), loop.history
+    epochs = run.trainer.epochs
     summary = {**run.run_info, **summarize(history, run.collapse, model, loop.epoch_seconds, run.title,
                                            best_metric=run.checkpoints.best_metric,
-                                           best_mode=run.checkpoints.best_mode)}
+                                           best_mode=run.checkpoints.best_mode,
+                                           written=lambda epoch: run.checkpoints.writes_epoch(epoch, epochs))}
     summary.update({f"final/{split}/class_acc": accuracy for split, accuracy in loop.class_accuracy.items()})
     if run.world.is_main:
         if run.collapse.plot and any(k.startswith(("collapse", "agop/")) for row in history for k in row):
@@ -528,16 +530,19 @@ def _log_class_results(run: TrainingRun, model: nn.Module, autocast) -> None:
 
 
 def summarize(history: list[dict], settings, model: nn.Module, epoch_seconds: list[float], title: str, *,
-              best_metric: str = "test/acc", best_mode: str = "max") -> dict:
+              best_metric: str = "test/acc", best_mode: str = "max",
+              written: Callable[[int], bool] = lambda epoch: True) -> dict:
     """The run summary. `best/*` describe the epoch `best_metric` chose (best.pt): its `best/<metric>`,
     `best/epoch`, and the test figures of that epoch (`best/test/acc` is the test accuracy at the best
-    validation epoch when the metric is val/acc), never the maximum over the test split's epochs."""
+    validation epoch when the metric is val/acc), never the maximum over the test split's epochs.
+    `written(epoch)`: whether that epoch's checkpoint was written (checkpoint.every), the only ones best.pt
+    can be."""
     from .model import param_summary
 
     summary: dict = {"title": title, "epochs": len(history)}
     if history:
         summary.update({f"final/{k}": v for k, v in history[-1].items() if k != "epoch"})
-        best = best_epoch(history, best_metric, best_mode)
+        best = best_epoch([row for row in history if written(row["epoch"])], best_metric, best_mode)
         summary["best/metric"] = best_metric
         if best is not None:
             summary["best/epoch"] = best["epoch"]
