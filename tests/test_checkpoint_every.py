@@ -64,6 +64,10 @@ def test_every_two_writes_the_even_epochs_and_the_last(whole):
     folder = whole["folder"]
     assert sorted(p.name for p in folder.glob("*.pt")) == ["best.pt", "epoch_0002.pt", "epoch_0003.pt", "last.pt"]
     assert ckpt.load(folder / "epoch_0002.pt")["epoch"] == 2 and ckpt.load(folder / "last.pt")["epoch"] == 3
+    # the last file was copied into the staging tensors of the one before: it holds the final weights, not those
+    live, saved = whole["summary"].run.model.state_dict(), ckpt.load(folder / "last.pt")["model"]
+    assert all(torch.equal(live[k], saved[k]) for k in live)
+    assert not all(torch.equal(saved[k], v) for k, v in ckpt.load(folder / "epoch_0002.pt")["model"].items())
     history = rows(whole["run"])
     assert [row["epoch"] for row in history] == [1, 2, 3]  # every epoch is still evaluated and logged
     # best.pt: the best of the written epochs (2 and 3), a tie keeping the earlier one
