@@ -27,8 +27,8 @@ Figures and targets:
   loop_overhead_vs_plain        a 4-epoch fixedcls.engine.fit call with its epoch checkpoints not written
                                 (collapse off; everything built by fixedcls.train.build_training, the writer
                                 with enabled=False) / a minimal hand-written PyTorch loop doing the same work
-                                (same model, loaders, precision, optimizer: train, test accuracy; no
-                                torch.save either)                                       <= 1.05
+                                (same model, loaders, precision, optimizer: train, validation and test
+                                accuracy; no torch.save either)                          <= 1.05
   checkpoint_write_s_per_epoch  what the durable epoch checkpoint costs: fit (writes as configured, in the
                                 background by default) minus fit without writes, seconds per epoch (median
                                 over rounds, with its IQR), and as a share of a plain epoch; with the
@@ -364,10 +364,13 @@ def fit_epochs(run: dict, collapse_every: int, mode: str = "exact", *, epochs: i
 
 def plain_epochs(run: dict, *, epochs: int = 1) -> Callable[[], None]:
     """A minimal hand-written PyTorch loop doing the same work as fit() without collapse and without
-    checkpoints, `epochs` times: train over the same loader (same model, optimizer, precision), test accuracy.
-    Its counterpart is fit() with its checkpoint writes off; what a durable checkpoint costs is its own figure."""
+    checkpoints, `epochs` times: train over the same loader (same model, optimizer, precision), then the
+    accuracy of the validation split (when the run has one: the default digits run does, and fit evaluates
+    it every epoch) and of the test split.  Its counterpart is fit() with its checkpoint writes off; what a
+    durable checkpoint costs is its own figure."""
     model, optimizer, criterion = run["model"], run["optimizer"], run["criterion"]
     train_loader, test_loader, device = run["train_loader"], run["test_loader"], run["device"]
+    eval_loaders = [loader for loader in (run["training"].val_loader, test_loader) if loader is not None]
     from fixedcls.runtime import AUTOCAST_DTYPES
 
     dtype = AUTOCAST_DTYPES[run["precision"]]
@@ -393,16 +396,18 @@ def plain_epochs(run: dict, *, epochs: int = 1) -> Callable[[], None]:
                 optimizer.zero_grad(set_to_none=True)
                 loss_sum += loss.detach()
             model.eval()
-            correct = torch.zeros((), device=device, dtype=torch.long)
-            with torch.no_grad():
-                for x, y in test_loader:
-                    x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-                    if channels_last:
-                        x = x.contiguous(memory_format=torch.channels_last)
-                    with autocast():
-                        correct += (model(x).argmax(1) == y).sum()
+            for loader in eval_loaders:
+                correct = torch.zeros((), device=device, dtype=torch.long)
+                with torch.no_grad():
+                    for x, y in loader:
+                        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+                        if channels_last:
+                            x = x.contiguous(memory_format=torch.channels_last)
+                        with autocast():
+                            correct += (model(x).argmax(1) == y).sum()
+                int(correct)  # the accuracy reaches Python, as fit's metrics row does
             model.train()
-            float(loss_sum), int(correct)  # the epoch's figures reach Python, as fit's metrics row does
+            float(loss_sum)
 
     return train_epochs
 
