@@ -336,7 +336,7 @@ def build_checkpoints(cfg, directory: Path, *, enabled: bool = True, best: tuple
     """The checkpoint writer of `checkpoint.*` (close() it when done: it may own a writer thread); `best`: the
     (metric, mode) of `best_selection`."""
     return ckpt.CheckpointWriter(directory, keep=cfg.keep, best_metric=best[0], best_mode=best[1], enabled=enabled,
-                                 background=cfg.background)
+                                 background=cfg.background, every=cfg.every)
 
 
 def init_from_checkpoint(cfg, model: nn.Module, device: torch.device) -> Optional[Callable]:

@@ -325,6 +325,9 @@ class CheckpointConfig:
     # max, min, or auto (losses and NC measures shrink, accuracies and cosines grow)
     best_mode: str = checked("auto", one_of("auto", "max", "min"))
     background: bool = True  # write epoch checkpoints in a thread while the next epoch trains (still atomic)
+    # epoch checkpoints after every N-th epoch and the last (a stop signal always writes last.pt); best.pt is
+    # the best of the written epochs
+    every: int = checked(1, integer(1), why="epochs between epoch checkpoints (the last epoch is always written)")
 
 
 @dataclass

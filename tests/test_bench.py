@@ -43,6 +43,23 @@ def test_alternate_rotates_and_ratios_are_medians(bench):
     assert bench.verdict("nc_metrics_speedup_vs_naive", 3.0) == "MISS"
 
 
+def test_ratio_stats_report_the_spread_of_the_rounds_and_the_ratio_of_medians(bench):
+    times = {"fit": [2.0, 3.0, 2.2, 2.1, 9.0], "plain": [2.0, 2.0, 2.0, 2.0, 2.0]}
+    stats = bench.ratio_stats(times, "fit", "plain")
+    # per-round ratios 1.0, 1.5, 1.1, 1.05, 4.5: median 1.1, quartiles 1.05 and 1.5; medians 2.2 / 2.0
+    assert stats["median"] == pytest.approx(1.1) and stats["median"] == bench.median_ratio(times, "fit", "plain")
+    assert (stats["q1"], stats["q3"]) == (pytest.approx(1.05), pytest.approx(1.5))
+    assert stats["iqr"] == pytest.approx(0.45) and stats["ratio_of_medians"] == pytest.approx(1.1)
+    assert bench.ratio_stats({"a": [3.0], "b": [2.0]}, "a", "b", scale=2.0) == {
+        "median": 3.0, "q1": 3.0, "q3": 3.0, "iqr": 0.0, "rounds": 1, "ratio_of_medians": 3.0}
+    out: dict = {}
+    bench.add_figure(out, "loop_overhead_vs_plain", times, {"fit": [1.0] * 5, "plain": [2.0] * 5}, "fit", "plain")
+    assert out["loop_overhead_vs_plain"] == pytest.approx(1.1) and out["cpu_ratios"]["loop_overhead_vs_plain"] == 0.5
+    assert out["ratio_stats"]["loop_overhead_vs_plain"] == stats
+    table = bench.format_table(out)
+    assert "IQR of rounds" in table.splitlines()[0] and "0.450" in table
+
+
 def test_step_benchmark_runs(bench):
     out = bench.bench_step(backbone="test_resnet", img_size=16, in_chans=3, num_classes=4, batch_size=4,
                            device=torch.device("cpu"), steps=1, rounds=1, warmup=0)
@@ -96,8 +113,16 @@ def test_main_writes_every_key(bench, tmp_path, capsys):
     assert results["nc_metrics_equal"] is True
     assert "float32 streaming vs nc_metrics" in table and results["float32_streaming_max_rel_diff"] < 1e-3
     assert {"cpu", "cores", "torch", "device"} <= set(results["machine"])
-    assert {"epoch_s_fit", "epoch_s_plain", "epoch_s_fit_online", "epoch_s_fit_exact", "step_s_fixed",
-            "step_s_learned", "nc_metrics_s", "naive_s", "float32_streaming_s"} <= set(results["medians"])
+    assert {"epoch_s_fit", "epoch_s_fit_nowrite", "epoch_s_plain", "epoch_s_fit_online", "epoch_s_fit_exact",
+            "step_s_fixed", "step_s_learned", "nc_metrics_s", "naive_s", "float32_streaming_s"} <= set(results["medians"])
+    # every ratio figure carries its spread over the rounds and the ratio of the contenders' medians
+    assert set(FIGURES) | {"loop_with_checkpoints_vs_plain"} <= set(results["ratio_stats"])
+    assert all({"iqr", "ratio_of_medians"} <= set(stats) for stats in results["ratio_stats"].values())
+    # the durable checkpoint write is its own figure (fit - fit without writes), with a step-by-step breakdown
+    assert math.isfinite(results["checkpoint_write_s_per_epoch"]) and "checkpoint_write_s_per_epoch" in table
+    assert {"snapshot_copy_fresh", "snapshot_copy_reused", "serialise", "crc32", "page_cache_write", "fsync",
+            "atomic_save", "links"} <= set(results["checkpoint_write_ms"])
+    assert results["checkpoint_write_ms"]["bytes"] > 0
     assert set(FIGURES) <= set(results["targets"]) and results["quick"] is True
     assert any("scaled linearly" in note for note in results["notes"])
 
