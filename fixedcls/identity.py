@@ -15,7 +15,7 @@ from typing import Any, Mapping
 #: Keys (or whole sections, ending in ".") left out of a run's identity, with the reason for each group.
 IDENTITY_EXCLUDES: tuple[str, ...] = (
     # names and paths: the same experiment under another name, folder or resume mode
-    "name", "resume", "experiment", "checkpoint.root", "checkpoint.dir", "checkpoint.keep", "checkpoint.background",
+    "name", "resume", "experiment", "checkpoint.root", "checkpoint.dir", "checkpoint.keep", "checkpoint.every", "checkpoint.background",
     "data.root", "data.download",
     # where and how fast it runs, not what it computes (exact resume with other worker counts is tested)
     "trainer.progress", "trainer.threads", "trainer.device", "trainer.compile", "trainer.channels_last",

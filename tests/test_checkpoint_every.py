@@ -5,19 +5,16 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import signal
 from pathlib import Path
 
 import pytest
 import torch
 
-from fixedcls import build
 from fixedcls import checkpoint as ckpt
 from fixedcls.config import validate_config
 from fixedcls.errors import FixedclsError
 from fixedcls.signals import TrainingInterrupted
-from utils import compose_config, train_tiny
+from utils import compose_config, sigterm_at_training_step, train_tiny
 
 EVERY = ["trainer.epochs=3", "checkpoint.every=2", "checkpoint.keep=5", "checkpoint.background=true",
          "collapse.every=0", "collapse.plot=false", "trainer.threads=1", "data.batch_size=8",
@@ -88,24 +85,10 @@ def test_resuming_a_file_written_every_two_epochs_is_bit_exact(whole, tmp_path):
 
 def test_a_stop_between_written_epochs_leaves_a_resumable_last_pt(whole, tmp_path, monkeypatch):
     steps_per_epoch = math.ceil(len(whole["summary"].run.train_loader.sampler) / 8)
-    create, calls = build.create_criterion, [0]
-
-    def stop_in_epoch_two(*args, **kwargs):
-        criterion = create(*args, **kwargs)
-
-        def loss(logits, target):
-            if torch.is_grad_enabled():
-                calls[0] += 1
-                if calls[0] == steps_per_epoch + 2:  # epoch 1 was not written (every=2): only last.pt will be
-                    os.kill(os.getpid(), signal.SIGTERM)
-            return criterion(logits, target)
-
-        return loss
-
-    monkeypatch.setattr(build, "create_criterion", stop_in_epoch_two)
+    restore = sigterm_at_training_step(monkeypatch, steps_per_epoch + 2)  # epoch 1 was not written (every=2): only last.pt will be
     with pytest.raises(TrainingInterrupted) as stopped:
         train_tiny(tmp_path, EVERY)
-    monkeypatch.setattr(build, "create_criterion", create)
+    restore()
     folder = stopped.value.checkpoint.parent
     assert sorted(p.name for p in folder.glob("*.pt")) == ["last.pt"]
     state = ckpt.load(folder / "last.pt")

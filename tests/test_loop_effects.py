@@ -20,7 +20,7 @@ from fixedcls.distributed import World
 from fixedcls.engine import fit
 from fixedcls.runtime import unwrap
 from fixedcls.train import build_training
-from utils import compose_config
+from utils import compose_config, sigterm_at_training_step
 
 SMALL = ["data.num_classes=4", "data.train_per_class=6", "data.test_per_class=3", "data.batch_size=12",
          "trainer.epochs=1", "trainer.threads=1", "collapse.every=0", "collapse.plot=false", "sched.name=none",
@@ -203,9 +203,6 @@ def _history(run_dir) -> list:
 def test_online_collapse_after_a_mid_epoch_resume_equals_an_uninterrupted_run(tmp_path, monkeypatch, single_process):
     """The checkpoint carries the online accumulator's partial sums of the epoch, so a run stopped mid-epoch
     and resumed measures exactly what the uninterrupted run measures (the weights are bit-exact already)."""
-    import os
-    import signal
-
     from fixedcls.signals import TrainingInterrupted
     from utils import train_tiny
 
@@ -213,24 +210,10 @@ def test_online_collapse_after_a_mid_epoch_resume_equals_an_uninterrupted_run(tm
                 "trainer.epochs=2", "collapse.plot=false"]
     whole = train_tiny(tmp_path / "whole", settings)
     steps_per_epoch = math.ceil(len(whole.run.train_loader.sampler) / 8)
-    create, calls = build.create_criterion, [0]
-
-    def stop_in_epoch_two(*args, **kwargs):
-        criterion = create(*args, **kwargs)
-
-        def loss(logits, target):
-            if torch.is_grad_enabled():
-                calls[0] += 1
-                if calls[0] == steps_per_epoch + 3:  # the third step of epoch 2: its sums are partial
-                    os.kill(os.getpid(), signal.SIGTERM)
-            return criterion(logits, target)
-
-        return loss
-
-    monkeypatch.setattr(build, "create_criterion", stop_in_epoch_two)
+    restore = sigterm_at_training_step(monkeypatch, steps_per_epoch + 3)  # the third step of epoch 2: its sums are partial
     with pytest.raises(TrainingInterrupted):
         train_tiny(tmp_path / "stopped", settings)
-    monkeypatch.setattr(build, "create_criterion", create)
+    restore()
     resumed = train_tiny(tmp_path / "stopped", settings + ["resume=auto"], run_name="again")
     measures = [key for key in whole if key.startswith("final/collapse/")]
     assert measures and {key: resumed[key] for key in measures} == {key: whole[key] for key in measures}

@@ -53,3 +53,32 @@ def checkpoint_folder(overrides: list[str] = (), *, tiny: bool = True) -> str:
 
     cfg = compose_config(overrides, tiny=tiny)
     return run_base(str(cfg.name), run_identity(plain_config(cfg))[0])
+
+
+def sigterm_at_training_step(monkeypatch, step: int):
+    """Make the next run built in this process send itself SIGTERM at its `step`-th training step (counted
+    from 1), as a scheduler's stop would: the loss of every criterion `fixedcls.build.create_criterion` makes
+    counts the steps that have gradients.  Returns the function that puts the plain criterion back."""
+    import os
+    import signal
+
+    import torch
+
+    from fixedcls import build
+
+    create, calls = build.create_criterion, [0]
+
+    def stopping_criterion(*args, **kwargs):
+        criterion = create(*args, **kwargs)
+
+        def loss(logits, target):
+            if torch.is_grad_enabled():
+                calls[0] += 1
+                if calls[0] == step:
+                    os.kill(os.getpid(), signal.SIGTERM)
+            return criterion(logits, target)
+
+        return loss
+
+    monkeypatch.setattr(build, "create_criterion", stopping_criterion)
+    return lambda: monkeypatch.setattr(build, "create_criterion", create)
