@@ -59,7 +59,7 @@ def test_identity_ignores_bookkeeping_and_covers_the_experiment():
 
     for key, value in (("name", "other"), ("trainer.epochs", 9), ("checkpoint.root", "/elsewhere"), ("resume", "auto"),
                        ("trainer.threads", 1), ("logger.project", "p"), ("data.num_workers", 2),
-                       ("generations.protocol", "finetune")):
+                       ("generations.protocol", "finetune"), ("checkpoint.every", 3), ("collapse.cache_mb", 0.0)):
         assert changed(key, value) == base[0], key
     for key, value in (("optim.lr", 0.3), ("seed", 1), ("head.name", "dcube"), ("data.val_fraction", 0.2),
                        ("checkpoint.best_metric", "val/loss")):
