@@ -25,7 +25,7 @@ Figures and targets:
 
   step_ratio_fixed_vs_learned   training-step time, fixed simplex head / learned head (same backbone,
                                 same batch)                                              <= 1.03
-  loop_overhead_vs_plain        a fixedcls.engine.fit call of 4 epochs (3 with --quick) with its epoch checkpoints not written
+  loop_overhead_vs_plain        a 4-epoch fixedcls.engine.fit call with its epoch checkpoints not written
                                 (collapse off; everything built by fixedcls.train.build_training, the writer
                                 with enabled=False) / a minimal hand-written PyTorch loop doing the same work
                                 (same model, loaders, precision, optimizer: train, validation and test
@@ -895,10 +895,10 @@ def _run(args, device: torch.device) -> dict:
                                   warmup=args.warmup, compile=args.compile)
             merge(part, "step")
         if "loop" in sections:
-            # --quick: five rounds of 3-epoch calls rather than three of 4 (about as long): a median of five
-            # per-round ratios is not moved by one disturbed round, a median of three was (1.07 amid 1.01s)
+            # --quick takes five rounds, not three: a median of five per-round ratios is not moved by one
+            # disturbed round, a median of three was (a loop figure of 1.07 amid runs of 1.01)
             merge(bench_loop(run_objects, workdir, rounds=args.rounds or (5 if quick else 8), warmup=args.warmup,
-                             epochs=args.epochs or (3 if quick else 4)), "loop")
+                             epochs=args.epochs or 4), "loop")
         if "nc" in sections:
             merge(bench_nc_metrics(N=args.nc_n, d=args.nc_d, K=args.nc_k,
                                    naive_samples=(args.naive_samples or (5000 if quick else None)),
