@@ -15,3 +15,17 @@ os.environ.setdefault("WANDB_SILENT", "true")
 import torch  # noqa: E402
 
 torch.set_num_threads(1)
+
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture
+def single_process(monkeypatch):
+    """A one-process run whatever launch variables leaked here; the thread count is put back afterwards.
+    Modules whose every test trains in-process use it with `pytestmark = pytest.mark.usefixtures(...)`."""
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(key, raising=False)
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)

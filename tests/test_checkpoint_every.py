@@ -23,13 +23,7 @@ EVERY = ["trainer.epochs=3", "checkpoint.every=2", "checkpoint.keep=5", "checkpo
          "checkpoint.best_metric=train/loss", "checkpoint.best_mode=max"]
 
 
-@pytest.fixture(autouse=True)
-def single_process(monkeypatch):
-    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        monkeypatch.delenv(key, raising=False)
-    threads = torch.get_num_threads()
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_process")  # conftest.py
 
 
 @pytest.fixture(scope="module")

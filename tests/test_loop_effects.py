@@ -27,14 +27,7 @@ SMALL = ["data.num_classes=4", "data.train_per_class=6", "data.test_per_class=3"
          "optim.name=sgd", "optim.lr=0.5", "optim.momentum=0.9", "optim.weight_decay=0", "head=learned"]
 
 
-@pytest.fixture(autouse=True)
-def single_process(monkeypatch):
-    """A one-process run whatever launch variables leaked here; the thread count is put back afterwards."""
-    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        monkeypatch.delenv(key, raising=False)
-    threads = torch.get_num_threads()
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_process")  # conftest.py
 
 
 def prepare(tmp_path: Path, overrides: list[str], name: str = "run"):
