@@ -244,16 +244,50 @@ def _require_root(cfg) -> Path:
     return root
 
 
-def _timm_dataset(cfg, name: str, split: str, transform, root: Path, class_map: Optional[dict] = None):
+def _timm_dataset(cfg, name: str, split: str, transform, root: Path, class_map: Optional[dict] = None,
+                  search_split: bool = True):
     from timm.data import create_dataset
 
     try:
-        dataset = create_dataset(name, root=str(root), split=split, download=cfg.download, is_training=False,
-                                 class_map=class_map)
+        dataset = create_dataset(name, root=str(root), split=split, search_split=search_split, download=cfg.download,
+                                 is_training=False, class_map=class_map)
     except Exception as error:  # timm/torchvision raise many types for a bad folder
         raise FixedclsError(f"cannot read {cfg.name} split '{split}' under data.root={root}: {error}".replace("\n", " ")) from error
     dataset.transform = transform
     return dataset
+
+
+def _folder_dataset(cfg, folder: Path, split: str, transform, class_map: Optional[dict] = None):
+    """The images of exactly `folder`. timm's create_dataset joins a split to its root and silently falls back
+    to the root itself when that path is missing (a relative split under a relative root is joined twice), so the
+    folder is handed over as the root, with the split search off."""
+    return _timm_dataset(cfg, "", split, transform, folder, class_map=class_map, search_split=False)
+
+
+def _image_files_under(folder: Path) -> set[str]:
+    """The image files timm's folder reader finds under `folder` (it follows links and walks every level)."""
+    from timm.data.readers.reader_image_folder import get_img_extensions
+
+    extensions = {e.lower() for e in get_img_extensions()}
+    return {os.path.realpath(os.path.join(here, name)) for here, _, names in os.walk(folder, followlinks=True)
+            for name in names if os.path.splitext(name)[1].lower() in extensions}
+
+
+def _check_split_files(splits: dict[str, tuple[Path, object]]) -> None:
+    """Each split holds exactly the image files of its own folder, and no file is in two splits: a split that read
+    another folder (or the root) would train and test on the same images without a word."""
+    seen: dict[str, str] = {}
+    for split, (folder, dataset) in splits.items():
+        files = {os.path.realpath(path) for path, _ in dataset.reader.samples}
+        expected = _image_files_under(folder)
+        if files != expected:
+            raise FixedclsError(f"the '{split}' split read {len(files)} images where its folder {folder} holds "
+                                f"{len(expected)}: name each split's own folder under data.root")
+        for path in files:
+            if path in seen:
+                raise FixedclsError(f"image {path} is in both the '{seen[path]}' and the '{split}' split: a model "
+                                    f"would be tested on images it trained on; give each split its own files")
+            seen[path] = split
 
 
 def _carve_validation(bundle: DataBundle, cfg) -> DataBundle:
@@ -311,7 +345,7 @@ def _imagefolder(cfg) -> DataBundle:
                             f"split: keep one (set the other to null / 0)")
     train_dir = _split_folder(root, cfg.train_split, "data.train_split",
                               "lay out <root>/train/<class>/<image>, or name the training folder with data.train_split")
-    train = _timm_dataset(cfg, "", str(train_dir), train_tf, root)
+    train = _folder_dataset(cfg, train_dir, cfg.train_split, train_tf)
     classes = sorted(train.reader.class_to_idx, key=train.reader.class_to_idx.get)
     if len(classes) < 2:
         raise FixedclsError(
@@ -319,15 +353,16 @@ def _imagefolder(cfg) -> DataBundle:
             f"(lay out <root>/<split>/<class>/<image>)"
         )
     mapping = dict(train.reader.class_to_idx)
-    train_eval = ImageFiles(_timm_dataset(cfg, "", str(train_dir), eval_tf, root), IMAGE_MODES[cfg.in_chans])
+    train_eval = ImageFiles(_folder_dataset(cfg, train_dir, cfg.train_split, eval_tf), IMAGE_MODES[cfg.in_chans])
     held_out_folders: list[Path] = []
+    split_files = {cfg.train_split: (train_dir, train)}
 
     def held_out(split: str, key: str, fraction_key: str) -> Dataset:
         """A split from its own folder, labelled with the train split's ids (on its own it numbers only the
         folders it has)."""
         folder = _split_folder(root, split, key, f"add it, name the right folder with {key}=<folder>, or carve "
                                                  f"the split out of the training images with data.{fraction_key}=0.1")
-        dataset = _timm_dataset(cfg, "", str(folder), eval_tf, root)
+        dataset = _folder_dataset(cfg, folder, split, eval_tf)
         extra = sorted(set(dataset.reader.class_to_idx) - set(mapping))
         if extra:
             raise FixedclsError(
@@ -336,8 +371,9 @@ def _imagefolder(cfg) -> DataBundle:
                 f"or remove them"
             )
         if any(mapping[name] != index for name, index in dataset.reader.class_to_idx.items()):
-            dataset = _timm_dataset(cfg, "", str(folder), eval_tf, root, class_map=mapping)
+            dataset = _folder_dataset(cfg, folder, split, eval_tf, class_map=mapping)
         held_out_folders.append(folder.resolve())
+        split_files[split] = (folder, dataset)
         return ImageFiles(dataset, IMAGE_MODES[cfg.in_chans])
 
     train = ImageFiles(train, IMAGE_MODES[cfg.in_chans])
@@ -356,6 +392,7 @@ def _imagefolder(cfg) -> DataBundle:
             raise FixedclsError(f"data.val_split={cfg.val_split} and data.test_split={cfg.test_split} are one folder: "
                                 f"model selection on the test split would inflate its accuracy; name two folders, or "
                                 f"carve one split out of the training images (data.val_fraction=0.1)")
+    _check_split_files(split_files)
     if test_share or val_share:
         train, train_eval = LabelSubset(train, train_idx, targets), LabelSubset(train_eval, train_idx, targets)
     log.info(f"image folder {root}: train '{cfg.train_split}', test {test_source}"
