@@ -30,8 +30,8 @@ import functools
 import math
 import typing
 from dataclasses import MISSING, dataclass, field
-from pathlib import Path
 from enum import Enum
+from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 from hydra.core.config_store import ConfigStore
@@ -497,8 +497,8 @@ def validate_config(cfg) -> None:
     """
     from omegaconf import OmegaConf
 
-    from .data import check_data_config
-    from .model import check_backbone
+    from .data.datasets import check_data_config
+    from .models.classifier import check_backbone
 
     for key in _checked_fields_of_config():
         try:

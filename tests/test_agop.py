@@ -12,7 +12,7 @@ from torch import nn
 from fixedcls import agop
 from fixedcls.collapse import nc_metrics
 from fixedcls.errors import FixedclsError
-from fixedcls.model import create_model
+from fixedcls.models.classifier import create_model
 
 
 def _brute_agop(rest, inputs: torch.Tensor) -> torch.Tensor:

@@ -142,9 +142,9 @@ def test_the_respawning_contender_loads_what_the_persistent_loader_loads(bench):
     """Both contenders of the workers figure must do the same work: same samples, order and augmentation."""
     import numpy as np
 
-    from fixedcls.data import DataBundle
-    from fixedcls.loaders import create_loaders
-    from fixedcls.transforms import random_shift
+    from fixedcls.data.datasets import DataBundle
+    from fixedcls.data.loaders import create_loaders
+    from fixedcls.data.transforms import random_shift
 
     def shifted(image):  # random: a sample augmented for another epoch or seed would differ
         return random_shift(4)(torch.from_numpy(np.asarray(image)).permute(2, 0, 1).float())

@@ -26,8 +26,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from test_errors import TINY, assert_one_line_error  # noqa: E402
 from test_resume import LAUNCH_KEYS, LAUNCH_PREFIXES, load_state, run_cli  # noqa: E402
 
-from fixedcls import checkpoint as ckpt  # noqa: E402
-from fixedcls import runs  # noqa: E402
+from fixedcls.runs import checkpoints as ckpt  # noqa: E402
+from fixedcls.runs import folders as runs  # noqa: E402
 from fixedcls.errors import FixedclsError  # noqa: E402
 
 from utils import checkpoint_folder  # noqa: E402
@@ -246,7 +246,7 @@ def test_a_poisoned_checkpoint_is_skipped_by_resume_auto(tmp_path, trained):
 
 @pytest.mark.parametrize("module,args", [
     ("fixedcls.collapse", ["{path}"]),
-    ("fixedcls.compat", ["{path}", "{path}"]),
+    ("fixedcls.commands.compat", ["{path}", "{path}"]),
 ])
 def test_a_poisoned_checkpoint_is_refused_by_the_other_clis(tmp_path, trained, module, args):
     pytest.importorskip(module)
@@ -341,7 +341,7 @@ def test_non_finite_training_stops_with_the_last_good_checkpoint(tmp_path, limit
 
 def _nan_criterion(monkeypatch, nan_steps: set[int], factor: float = float("nan")):
     """The training criterion returns NaN (or the loss times `factor`) at the given (1-based) training steps."""
-    import fixedcls.build as build_module
+    import fixedcls.training.factories as build_module
 
     create = build_module.create_criterion
     calls = [0]
@@ -404,8 +404,8 @@ def test_the_fp16_scaler_path_skips_and_still_stops(tmp_path, monkeypatch):
     """The gradient-scaler branch, run on CPU: the scaler skips NaN steps and backs off; NaNs in a row still stop."""
     import contextlib
 
-    import fixedcls.train as train_module
-    from fixedcls import engine
+    import fixedcls.training.assemble as train_module
+    from fixedcls.training import loop as engine
     from utils import train_tiny
 
     def cpu_fp16(device, precision):  # fp16 is refused on CPU; here it runs unscaled-autocast free, with the scaler on
@@ -428,9 +428,9 @@ def test_the_fp16_scaler_path_skips_and_still_stops(tmp_path, monkeypatch):
 
 def test_tracker_disk_and_plot_failures_warn_and_training_goes_on(tmp_path, monkeypatch, caplog):
     import fixedcls.collapse.report as collapse_module
-    import fixedcls.train as train_module
-    from fixedcls import loggers
-    from fixedcls.loggers import Tracker
+    import fixedcls.training.assemble as train_module
+    from fixedcls.tracking import run_files
+    from fixedcls.tracking.base import Tracker
     from utils import train_tiny
 
     class BrokenTracker(Tracker):
@@ -456,7 +456,7 @@ def test_tracker_disk_and_plot_failures_warn_and_training_goes_on(tmp_path, monk
         return real_atomic_save(state, path)
 
     monkeypatch.setattr(train_module, "create_tracker", lambda *args, **kwargs: BrokenTracker())
-    monkeypatch.setattr(loggers.MetricsFile, "append", no_space)
+    monkeypatch.setattr(run_files.MetricsFile, "append", no_space)
     monkeypatch.setattr(collapse_module, "plot_collapse", broken_plot)
     monkeypatch.setattr(ckpt, "atomic_save", first_checkpoint_fails)
     with warnings.catch_warnings(record=True) as caught:

@@ -10,10 +10,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from fixedcls import checkpoint as ckpt
+from fixedcls.runs import checkpoints as ckpt
 from fixedcls.config import validate_config
 from fixedcls.errors import FixedclsError
-from fixedcls.signals import TrainingInterrupted
+from fixedcls.training.signals import TrainingInterrupted
 from utils import compose_config, sigterm_at_training_step, train_tiny
 
 EVERY = ["trainer.epochs=3", "checkpoint.every=2", "checkpoint.keep=5", "checkpoint.background=true",

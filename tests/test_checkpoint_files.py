@@ -16,9 +16,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from fixedcls import checkpoint as ckpt
+from fixedcls.runs import checkpoints as ckpt
 from fixedcls.errors import FixedclsError
-from fixedcls.loggers import MetricsFile
+from fixedcls.tracking.run_files import MetricsFile
 
 
 def state(marker: float, epoch: int = 1) -> dict:

@@ -34,9 +34,9 @@ def _command(start: list[str]) -> list[str]:
     script = Path(sys.executable).with_name(start[0])
     if script.exists():
         return [str(script), *start[1:]]
-    module = {"fixedcls-train": "fixedcls.train", "fixedcls-compat": "fixedcls.compat", "fixedcls-compare": "fixedcls.compare",
-              "fixedcls-eval": "fixedcls.evaluate", "fixedcls-predict": "fixedcls.predict",
-              "fixedcls-export": "fixedcls.export_cli", "fixedcls-embed": "fixedcls.embed"}[start[0]]
+    module = {"fixedcls-train": "fixedcls.commands.train", "fixedcls-compat": "fixedcls.commands.compat", "fixedcls-compare": "fixedcls.commands.compare",
+              "fixedcls-eval": "fixedcls.commands.evaluate", "fixedcls-predict": "fixedcls.commands.predict",
+              "fixedcls-export": "fixedcls.commands.export", "fixedcls-embed": "fixedcls.commands.embed"}[start[0]]
     return [sys.executable, "-m", module, *start[1:]]
 
 

@@ -13,17 +13,7 @@ import torch
 import torch.nn as nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from fixedcls.collapse import (
-    DEFAULT_THRESHOLDS,
-    METRIC_KEYS,
-    CollapseAccumulator,
-    OnlineCollapse,
-    collapse_speed,
-    format_table,
-    measure_model,
-    nc_metrics,
-    plot_collapse,
-)
+from fixedcls.collapse import DEFAULT_THRESHOLDS, METRIC_KEYS, CollapseAccumulator, OnlineCollapse, collapse_speed, format_table, measure_model, nc_metrics, plot_collapse
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 

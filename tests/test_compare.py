@@ -14,7 +14,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from fixedcls import compare
+from fixedcls.commands import compare
+from fixedcls.tracking import aggregate
 from utils import CONF_DIR, TINY
 
 
@@ -26,7 +27,7 @@ def sweep(tmp_path_factory) -> Path:
     args = ["-m", "head=learned,simplex", "seed=0,1", *TINY, "trainer.threads=1", "collapse.plot=false", "collapse.splits=[train]",
             f"hydra.sweep.dir={root}/sweep", f"checkpoint.root={root}/checkpoints"]
     script = Path(sys.executable).with_name("fixedcls-train")
-    command = [str(script)] if script.exists() else [sys.executable, "-m", "fixedcls.train"]
+    command = [str(script)] if script.exists() else [sys.executable, "-m", "fixedcls.commands.train"]
     result = subprocess.run(command + args, cwd=root, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     return root / "sweep"
@@ -34,7 +35,7 @@ def sweep(tmp_path_factory) -> Path:
 
 def _compare_cli(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
     script = Path(sys.executable).with_name("fixedcls-compare")
-    command = [str(script)] if script.exists() else [sys.executable, "-m", "fixedcls.compare"]
+    command = [str(script)] if script.exists() else [sys.executable, "-m", "fixedcls.commands.compare"]
     env = {**os.environ, "MPLBACKEND": "Agg"}
     return subprocess.run(command + args, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
 
@@ -46,7 +47,7 @@ def test_a_two_by_two_sweep_gives_two_groups_with_the_seed_means(sweep, tmp_path
     shutil.copytree(data / "0" / ".hydra", failed / ".hydra")
     result = _compare_cli([str(data), "--out", str(tmp_path / "out"), "--no-plots"], tmp_path)
     assert result.returncode == 0, result.stderr
-    monkeypatch.setattr(compare, "CURVES", ("test/acc", "collapse/nc1", "collapse/proto_cos"))  # fewer plots: faster
+    monkeypatch.setattr(aggregate, "CURVES", ("test/acc", "collapse/nc1", "collapse/proto_cos"))  # fewer plots: faster
     compare.main([str(data), "--out", str(tmp_path / "out")])
 
     summaries: dict[str, list[dict]] = {}
@@ -108,10 +109,10 @@ def test_groups_follow_what_varied_across_sweeps(tmp_path, capsys):
     _job(a / "2", ["head=simplex", "seed=0", "hydra.sweep.dir=a"], acc=0.7, epochs_to=1)
     _job(a / "3", ["head=simplex", "seed=1", "hydra.sweep.dir=a"], seed=1, finished=False)
     _job(b / "0", ["head=simplex", "model.backbone=test_resnet", "hydra.sweep.dir=b"], backbone="test_resnet", acc=0.9)
-    jobs, skipped = compare.load_dirs([a, b])
+    jobs, skipped = aggregate.load_dirs([a, b])
     assert len(jobs) == 4 and skipped == [(str(a / "3"), "no summary.json (the job failed or is still running)")]
-    assert compare.varied_keys(jobs) == ["head", "model.backbone"]  # seed and hydra.* never group; backbone from config
-    result = compare.compare(jobs, skipped, tmp_path / "out", plots=False)
+    assert aggregate.varied_keys(jobs) == ["head", "model.backbone"]  # seed and hydra.* never group; backbone from config
+    result = aggregate.compare(jobs, skipped, tmp_path / "out", plots=False)
     groups = {r["group"]: r for r in result.rows}
     assert list(groups) == ["head=learned, model.backbone=resnet18", "head=simplex, model.backbone=resnet18",
                             "head=simplex, model.backbone=test_resnet"]
@@ -122,7 +123,7 @@ def test_groups_follow_what_varied_across_sweeps(tmp_path, capsys):
     assert "| simplex / test_resnet | 1 | – | 90.0 |" in result.table
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["comparison.csv", "comparison.md"]
 
-    by = compare.compare(jobs, skipped, tmp_path / "by", by=["model.backbone"], plots=False)
+    by = aggregate.compare(jobs, skipped, tmp_path / "by", by=["model.backbone"], plots=False)
     assert [r["group"] for r in by.rows] == ["model.backbone=resnet18", "model.backbone=test_resnet"]
     assert by.rows[0]["seeds"] == 3
 

@@ -14,17 +14,18 @@ from pathlib import Path
 import pytest
 import torch
 
-from fixedcls import checkpoint as ckpt
+from fixedcls.runs import checkpoints as ckpt
 from fixedcls import polytopes
-from fixedcls.build import init_from_checkpoint as prepare_init
-from fixedcls.compat import generation_configs, main, run_generations
-from fixedcls.compatibility import (compatibility, compatibility_criteria, retrieval_scores, split_classes,
-                                    verification_accuracy, verification_pairs)
-from fixedcls.heads import FeatureDistillation
-from fixedcls.data import create_data, targets_of
-from fixedcls.loaders import SeededAugmentation
+from fixedcls.training.factories import init_from_checkpoint as prepare_init
+from fixedcls.compatibility.generations import generation_configs, run_generations
+from fixedcls.commands.compat import main
+from fixedcls.compatibility.matrix import compatibility
+from fixedcls.compatibility.criteria import compatibility_criteria, retrieval_scores, split_classes, verification_accuracy, verification_pairs
+from fixedcls.models.heads import FeatureDistillation
+from fixedcls.data.datasets import create_data, targets_of
+from fixedcls.data.loaders import SeededAugmentation
 from fixedcls.errors import FixedclsError
-from fixedcls.model import create_model
+from fixedcls.models.classifier import create_model
 from utils import compose_config
 
 # 6 well-separated synthetic classes, small enough to train a tiny model in a few seconds.
@@ -33,7 +34,7 @@ DATA = ["data.num_classes=6", "data.train_per_class=24", "data.test_per_class=8"
 
 
 def _train(root: Path, tag: str, overrides: list[str]) -> Path:
-    from fixedcls.train import train
+    from fixedcls.training.assemble import train
 
     cfg = compose_config(DATA + overrides + [f"checkpoint.dir={root / tag}"], tmp_path=root)
     train(cfg, root / f"run-{tag}")

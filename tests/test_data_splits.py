@@ -34,7 +34,7 @@ def files_in(folder: Path) -> list[str]:
 
 
 def bundle_for(root: str, extra: list[str] = ()):
-    from fixedcls.data import create_data
+    from fixedcls.data.datasets import create_data
 
     return create_data(compose_config(IMAGES + [f"data.root={root}", *extra], tiny=False).data)
 
@@ -88,7 +88,7 @@ def test_eval_with_a_relative_root_counts_the_test_folder(tmp_path):
     trained = train_cli(tmp_path, ["data.root=imgs", "checkpoint.root=ck"], base=IMAGES)
     assert trained.returncode == 0, trained.stderr
     best = next((tmp_path / "ck").rglob("best.pt"))
-    result = run_cli([str(best), "--data", "root=imgs", "--json", "eval.json"], tmp_path, module="fixedcls.evaluate",
+    result = run_cli([str(best), "--data", "root=imgs", "--json", "eval.json"], tmp_path, module="fixedcls.commands.evaluate",
                      timeout=90)
     assert result.returncode == 0, result.stderr
     assert json.loads((tmp_path / "eval.json").read_text())["samples"] == sum(VALIDATION.values())

@@ -17,11 +17,11 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 
-from fixedcls import distributed as fd
+from fixedcls.training import distributed as fd
 from fixedcls.collapse import measure_model
 from fixedcls.collapse.measure import _subset_loader
-from fixedcls.data import create_data
-from fixedcls.loaders import EpochSampler, create_loaders
+from fixedcls.data.datasets import create_data
+from fixedcls.data.loaders import EpochSampler, create_loaders
 from utils import CONF_DIR, compose_config
 
 # Odd split sizes on purpose: 36 training samples (18 per rank, batches of 16 + 2), 15 test samples
@@ -89,11 +89,11 @@ def launches(tmp_path_factory):
     """Both multi-process launches start at once (mostly interpreter start-up and imports): a torchrun
     run of 2 gloo processes, and a submitit local job of 2 tasks (when the slurm extra is installed)."""
     started = {"torchrun": Launch([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                                   "-m", "fixedcls.train", *DDP_OVERRIDES], tmp_path_factory.mktemp("torchrun"))}
+                                   "-m", "fixedcls.commands.train", *DDP_OVERRIDES], tmp_path_factory.mktemp("torchrun"))}
     if _has_submitit():
         sweep = tmp_path_factory.mktemp("submitit")
         started["submitit"] = Launch([
-            sys.executable, "-m", "fixedcls.train", "-m", "hydra/launcher=submitit_local",
+            sys.executable, "-m", "fixedcls.commands.train", "-m", "hydra/launcher=submitit_local",
             "hydra.launcher.tasks_per_node=2", "hydra.launcher.timeout_min=5", f"hydra.sweep.dir={sweep / 'multirun'}",
             *DDP_OVERRIDES, "trainer.epochs=1", "collapse.plot=false", "collapse.splits=[test]"], sweep)
     yield started
@@ -130,7 +130,7 @@ def test_torchrun_two_processes_one_run_dir_and_same_measures_as_one_process(lau
     # A 1-process measurement of the saved checkpoint on the same data.
     cfg = compose_config(DDP_OVERRIDES, tiny=False)
     bundle = create_data(cfg.data)
-    from fixedcls.model import create_model
+    from fixedcls.models.classifier import create_model
 
     model = create_model(cfg.model.backbone, cfg.head.name, bundle.num_classes, dim=cfg.model.dim,
                          in_chans=bundle.in_chans, img_size=bundle.img_size)
@@ -293,8 +293,8 @@ def test_worker_hydra_args_rank_above_zero(clean_env, tmp_path):
 # ---------------------------------------------------------------------------------------------------
 @pytest.mark.skipif(not hasattr(signal, "SIGUSR2"), reason="POSIX signals")
 def test_preemption_signal_is_caught_then_chained_to_the_launcher_handler(tmp_path):
-    from fixedcls.cli import stop_after_interrupt as _stop_after_interrupt
-    from fixedcls.signals import STOP_SIGNALS, StopSignals, TrainingInterrupted
+    from fixedcls.commands.cli import stop_after_interrupt as _stop_after_interrupt
+    from fixedcls.training.signals import STOP_SIGNALS, StopSignals, TrainingInterrupted
 
     assert signal.SIGUSR2 in STOP_SIGNALS and signal.SIGUSR1 in STOP_SIGNALS  # submitit >= 1.5 preempts with USR2
     calls = []
@@ -380,15 +380,15 @@ def _rank_main(rank: int, port: int, tmp_path: str, overrides: list, nan_on_rank
     os.environ.update(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE="2",
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
-    import fixedcls.engine as engine
-    import fixedcls.train as train_module
+    import fixedcls.training.loop as engine
+    import fixedcls.training.assemble as train_module
     from fixedcls.errors import FixedclsError
 
     restored = []
     real_set_rng_state = engine.set_rng_state
     engine.set_rng_state = lambda state: (restored.append(state["torch"].clone()), real_set_rng_state(state))[1]
     if nan_on_rank == rank:  # this rank alone sees a non-finite loss from its second step on
-        import fixedcls.build as build_module
+        import fixedcls.training.factories as build_module
 
         real_criterion = build_module.create_criterion
 

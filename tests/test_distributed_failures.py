@@ -36,7 +36,7 @@ def _rank(rank: int, port: int, tmp_path: str, overrides: list, out: str) -> Non
     os.environ.update(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE="2",
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
-    from fixedcls.train import train
+    from fixedcls.training.assemble import train
 
     try:
         train(compose_config(overrides, tmp_path=Path(tmp_path)), Path(tmp_path) / "run")

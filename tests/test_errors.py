@@ -88,7 +88,7 @@ def test_bad_configuration_is_one_clear_line(tmp_path, args, needles):
 
 
 def test_override_check_leaves_additions_sweeps_and_hydra_keys_to_hydra():
-    from fixedcls.cli import check_overrides
+    from fixedcls.commands.cli import check_overrides
 
     fine = ["-m", "--cfg", "job", "hydra.run.dir=x", "hydra/launcher=parallel", "hydra.job.chdir=true", "+trainer.note=1",
             "++seed=3", "~logger", "seed=1,2,3", "trainer.epochs=range(1,3)", "head=simplex,etf", "data=cifar10",
@@ -163,7 +163,7 @@ def test_labels_outside_the_heads_range(tmp_path):
 def test_test_split_uses_the_train_split_label_ids(tmp_path):
     """A test split missing a class keeps the train split's ids (fox stays 2, it does not become 1)."""
     from utils import compose_config
-    from fixedcls.data import create_data
+    from fixedcls.data.datasets import create_data
 
     root = image_folder(tmp_path / "images", {"cat": 1, "dog": 1, "fox": 1}, {"cat": 1, "fox": 1})
     cfg = compose_config(IMAGES + [f"data.root={root}"], tiny=False)

@@ -46,7 +46,7 @@ def test_cpu_smoke_runs_every_cpu_section_and_names_each_skipped_cuda_section(tm
     train = sections["train/fp32"]
     assert train["status"] == "ok" and train["seconds"] > 0
     result = train["results"]
-    assert result["exit_code"] == 0 and result["epochs"] == 2 and "fixedcls.train" in result["command"]
+    assert result["exit_code"] == 0 and result["epochs"] == 2 and "fixedcls.commands.train" in result["command"]
     assert 0.0 <= result["test/acc"] <= 1.0 and result["collapse/nc1"] > 0 and result["collapse_test/nc1"] > 0
 
     ddp = sections["ddp"]["results"]

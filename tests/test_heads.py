@@ -11,15 +11,7 @@ from torch import nn
 
 from fixedcls import polytopes
 from fixedcls.errors import FixedclsError
-from fixedcls.heads import (
-    CosineHead,
-    FixedHead,
-    HEADS_LEARNED,
-    LinearHead,
-    available_heads,
-    create_criterion,
-    create_head,
-)
+from fixedcls.models.heads import CosineHead, FixedHead, HEADS_LEARNED, LinearHead, available_heads, create_criterion, create_head
 
 POLYTOPE_HEADS = ["simplex", "dcube", "orthoplex", "hadamard", "etf"]
 ALL_HEADS = [*HEADS_LEARNED, *POLYTOPE_HEADS]

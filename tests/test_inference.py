@@ -19,7 +19,7 @@ import torch
 from PIL import Image
 
 import fixedcls
-from fixedcls import checkpoint as ckpt
+from fixedcls.runs import checkpoints as ckpt
 from fixedcls.errors import FixedclsError
 from utils import TINY, compose_config
 
@@ -43,7 +43,7 @@ def write_image_folder(root: Path) -> Path:
 
 
 def _train(tmp: Path, tag: str, overrides: list[str], tiny: bool = True) -> dict:
-    from fixedcls.train import train
+    from fixedcls.training.assemble import train
 
     cfg = compose_config(overrides + [f"checkpoint.dir={tmp / tag}"], tiny=tiny, tmp_path=tmp)
     train(cfg, tmp / f"run-{tag}")
@@ -117,7 +117,7 @@ def test_load_refuses_what_is_not_a_checkpoint_in_one_line(tmp_path, case):
 
 
 def test_ema_weights_load_and_evaluate_as_in_training(trained, tmp_path):
-    from fixedcls.evaluate import main
+    from fixedcls.commands.evaluate import main
 
     plain = trained["plain"]["checkpoint"]
     x = torch.randn(2, 3, 16, 16)
@@ -136,7 +136,7 @@ def test_ema_weights_load_and_evaluate_as_in_training(trained, tmp_path):
 
 
 def test_predict_agrees_with_the_model_and_writes_a_csv(trained, tmp_path, capsys):
-    from fixedcls.predict import main
+    from fixedcls.commands.predict import main
 
     out = tmp_path / "pred.csv"
     assert main([str(trained["folder"]), str(trained["loose"]), "--topk", "2", "--out", str(out), "--device", "cpu"]) == 0
@@ -155,7 +155,7 @@ def test_predict_agrees_with_the_model_and_writes_a_csv(trained, tmp_path, capsy
 
 
 def test_predict_skips_unreadable_files_in_one_line_each(trained, tmp_path, capsys):
-    from fixedcls.predict import main
+    from fixedcls.commands.predict import main
 
     folder = tmp_path / "mixed"
     shutil.copytree(trained["loose"] / "cat", folder)
@@ -183,7 +183,7 @@ def _relative(a: torch.Tensor, b: torch.Tensor) -> float:
 def test_timm_export_is_a_plain_timm_model_with_the_same_logits(trained, tmp_path):
     import timm
 
-    from fixedcls.export_cli import main
+    from fixedcls.commands.export import main
 
     out = tmp_path / "timm"
     assert main([str(trained["folder"]), "--out", str(out)]) == 0
@@ -205,7 +205,7 @@ def test_timm_export_is_a_plain_timm_model_with_the_same_logits(trained, tmp_pat
 def test_onnx_and_torchscript_exports_give_the_same_logits(trained, tmp_path):
     import onnxruntime
 
-    from fixedcls.export_cli import main
+    from fixedcls.commands.export import main
 
     x = _inputs(trained)
     with torch.no_grad():
@@ -222,7 +222,7 @@ def test_onnx_and_torchscript_exports_give_the_same_logits(trained, tmp_path):
 
 
 def test_fixedcls_export_loads_back_for_every_head_and_refuses_an_existing_folder(trained, tmp_path, capsys):
-    from fixedcls.export_cli import main
+    from fixedcls.commands.export import main
 
     out = tmp_path / "export"
     assert main([str(trained["l2"]), "--out", str(out), "--format", "fixedcls"]) == 0
@@ -241,7 +241,7 @@ def test_fixedcls_export_loads_back_for_every_head_and_refuses_an_existing_folde
 
 
 def test_a_head_that_cannot_fold_is_refused_and_nothing_is_left(trained, tmp_path, capsys):
-    from fixedcls.export_cli import main
+    from fixedcls.commands.export import main
 
     assert main([str(trained["l2"]), "--out", str(tmp_path / "timm")]) == 2
     error = capsys.readouterr().err.strip()
@@ -250,8 +250,8 @@ def test_a_head_that_cannot_fold_is_refused_and_nothing_is_left(trained, tmp_pat
 
 
 def test_bad_checkpoints_are_one_line_and_exit_2(tmp_path, capsys):
-    from fixedcls.evaluate import main as evaluate
-    from fixedcls.export_cli import main as export
+    from fixedcls.commands.evaluate import main as evaluate
+    from fixedcls.commands.export import main as export
 
     (tmp_path / "junk.pt").write_bytes(b"\x00" * 64)
     assert export([str(tmp_path / "junk.pt"), "--out", str(tmp_path / "out")]) == 2
@@ -265,7 +265,7 @@ def test_bad_checkpoints_are_one_line_and_exit_2(tmp_path, capsys):
 
 
 def test_eval_equals_the_training_runs_last_test_row(trained, tmp_path, capsys):
-    from fixedcls.evaluate import main
+    from fixedcls.commands.evaluate import main
 
     data = write_image_folder(tmp_path / "images")  # the same files again, in another place
     out = tmp_path / "eval.json"
@@ -289,9 +289,9 @@ def test_eval_equals_the_training_runs_last_test_row(trained, tmp_path, capsys):
 
 
 def test_a_stored_gallery_gives_the_matrix_entry_of_the_two_checkpoints(trained, tmp_path, capsys):
-    from fixedcls.compat import main as compat
-    from fixedcls.embed import main as embed
-    from fixedcls.gallery import load_gallery
+    from fixedcls.commands.compat import main as compat
+    from fixedcls.commands.embed import main as embed
+    from fixedcls.compatibility.gallery import load_gallery
 
     old, new = trained["l2"], trained["plain"]["checkpoint"]
     gallery = tmp_path / "gallery.safetensors"
@@ -313,8 +313,8 @@ def test_a_stored_gallery_gives_the_matrix_entry_of_the_two_checkpoints(trained,
 
 
 def test_embedding_image_files_labels_them_by_folder(trained, tmp_path):
-    from fixedcls.embed import main as embed
-    from fixedcls.gallery import load_gallery
+    from fixedcls.commands.embed import main as embed
+    from fixedcls.compatibility.gallery import load_gallery
 
     out = tmp_path / "files.safetensors"
     assert embed([str(trained["folder"]), str(trained["loose"]), "--out", str(out), "--device", "cpu"]) == 0
@@ -329,8 +329,8 @@ def test_embedding_image_files_labels_them_by_folder(trained, tmp_path):
     ("learned", {}),                                 # a learned linear head: weight @ projection
 ])
 def test_linear_heads_fold_into_one_layer_with_the_same_logits(head, kwargs):
-    from fixedcls.export import folded_classifier, timm_model
-    from fixedcls.model import create_model
+    from fixedcls.inference.formats import folded_classifier, timm_model
+    from fixedcls.models.classifier import create_model
 
     torch.manual_seed(0)
     model = create_model("test_resnet", head, num_classes=4, dim=3 if head != "learned" else None, **kwargs).eval()
@@ -349,8 +349,8 @@ def test_linear_heads_fold_into_one_layer_with_the_same_logits(head, kwargs):
     ("simplex", {"normalize": "l2", "learn_scale": True, "scale": 5.0}, "with a learned scale"),
 ])
 def test_normalising_heads_do_not_fold(head, kwargs, needle):
-    from fixedcls.export import folded_classifier
-    from fixedcls.model import create_model
+    from fixedcls.inference.formats import folded_classifier
+    from fixedcls.models.classifier import create_model
 
     model = create_model("test_resnet", head, num_classes=4, dim=3 if head != "cosine" else None, **kwargs)
     with pytest.raises(FixedclsError, match=needle) as error:

@@ -23,12 +23,12 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from fixedcls import checkpoint as ckpt
-from fixedcls import runs
-from fixedcls.data import create_data
+from fixedcls.runs import checkpoints as ckpt
+from fixedcls.runs import folders as runs
+from fixedcls.data.datasets import create_data
 from fixedcls.errors import FixedclsError
-from fixedcls.identity import IDENTITY_EXCLUDES, run_identity, safe_name
-from fixedcls.loggers import read_jsonl
+from fixedcls.runs.identity import IDENTITY_EXCLUDES, run_identity, safe_name
+from fixedcls.tracking.run_files import read_jsonl
 from utils import TINY, checkpoint_folder, compose_config, train_tiny
 
 FAST = ["trainer.epochs=1", "collapse.every=0", "collapse.plot=false"]
@@ -43,7 +43,7 @@ def files_of(directory: Path) -> dict[str, tuple[str, int]]:
 # ------------------------------------------------------------------ run identity
 
 def test_identity_ignores_bookkeeping_and_covers_the_experiment():
-    from fixedcls.build import plain_config
+    from fixedcls.runs.stored import plain_config
 
     config = plain_config(compose_config([]))
     base = run_identity(config)
@@ -329,7 +329,7 @@ def test_a_resume_of_another_head_names_the_head_and_every_other_key(one_epoch, 
 
 def test_two_launches_in_the_same_second_get_two_sweep_folders(tmp_path):
     """The sweep folder name carries microseconds: launches started together never write into one folder."""
-    command = [sys.executable, "-m", "fixedcls.train", "-m", "seed=0", *TINY, "trainer.epochs=1", "collapse.every=0",
+    command = [sys.executable, "-m", "fixedcls.commands.train", "-m", "seed=0", *TINY, "trainer.epochs=1", "collapse.every=0",
                "hydra.callbacks.compare.enabled=false", f"checkpoint.root={tmp_path / 'checkpoints'}"]
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
     launches = [subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

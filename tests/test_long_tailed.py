@@ -14,14 +14,13 @@ from torch import nn
 from fixedcls import polytopes
 from fixedcls.collapse import minority_collapse
 from fixedcls.config import validate_config
-from fixedcls.data import create_data, targets_of
-from fixedcls.distributed import World
-from fixedcls.engine import evaluate
+from fixedcls.data.datasets import create_data, targets_of
+from fixedcls.training.distributed import World
+from fixedcls.training.loop import evaluate
 from fixedcls.errors import FixedclsError
-from fixedcls.heads import LogitAdjustedLoss, create_criterion, create_head
-from fixedcls.imbalance import (class_accuracy_row, class_counts, class_groups, group_thresholds, imbalanced_indices,
-                                profile_counts)
-from fixedcls.model import create_model
+from fixedcls.models.heads import LogitAdjustedLoss, create_criterion, create_head
+from fixedcls.data.imbalance import class_accuracy_row, class_counts, class_groups, group_thresholds, imbalanced_indices, profile_counts
+from fixedcls.models.classifier import create_model
 
 from utils import CONF_DIR, compose_config, train_tiny
 
@@ -226,22 +225,22 @@ def test_a_long_tailed_run_records_counts_groups_and_minority_measures(tmp_path,
 
 
 def test_compare_shows_the_long_tailed_columns_only_when_runs_recorded_them(tmp_path):
-    from fixedcls import compare
+    from fixedcls.tracking import aggregate
 
     def job(head, seed, **final):
-        return compare.Job(source=f"{head}{seed}", settings={"head": head}, seed=seed, order=["head"],
+        return aggregate.Job(source=f"{head}{seed}", settings={"head": head}, seed=seed, order=["head"],
                            summary={"final/test/acc": 0.5, **{f"final/{k}": v for k, v in final.items()}})
 
     tailed = [job("learned", 0, **{"test/balanced_acc": 0.4, "test/acc_few": 0.1, "collapse/minority_w_cos": 0.3}),
               job("learned", 1, **{"test/balanced_acc": 0.6, "test/acc_few": 0.3, "collapse/minority_w_cos": 0.5}),
               job("simplex", 0, **{"test/balanced_acc": 0.7, "test/acc_few": 0.5, "collapse/minority_w_cos": -0.111})]
-    table = compare.compare(tailed, [], tmp_path / "a", plots=False).table
+    table = aggregate.compare(tailed, [], tmp_path / "a", plots=False).table
     header = table.splitlines()[0]
     assert "balanced acc %" in header and "few-shot acc %" in header and "minority w cos" in header
     assert "minority mu cos" not in header  # no run recorded it
     learned = next(line for line in table.splitlines() if line.startswith("| learned"))
     assert "| 50.0 ± 14.1 | 20.0 ± 14.1 | 0.400 ± 0.141 |" in learned
-    plain = compare.compare([job("learned", 0), job("simplex", 0)], [], tmp_path / "b", plots=False).table
+    plain = aggregate.compare([job("learned", 0), job("simplex", 0)], [], tmp_path / "b", plots=False).table
     assert "few-shot" not in plain and "minority" not in plain
 
 

@@ -14,12 +14,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from fixedcls import build
+from fixedcls.training import factories
 from fixedcls.collapse import measure_model
-from fixedcls.distributed import World
-from fixedcls.engine import fit
+from fixedcls.training.distributed import World
+from fixedcls.training.loop import fit
 from fixedcls.runtime import unwrap
-from fixedcls.train import build_training
+from fixedcls.training.assemble import build_training
 from utils import compose_config, sigterm_at_training_step
 
 SMALL = ["data.num_classes=4", "data.train_per_class=6", "data.test_per_class=3", "data.batch_size=12",
@@ -67,7 +67,7 @@ def test_gradient_accumulation_makes_one_update_of_the_summed_micro_batches(tmp_
     batches = epoch_batches(run)
     assert len(batches) == 2
     by_hand = copy.deepcopy(unwrap(run.model)).train()
-    optimizer, criterion = build.build_optimizer(cfg.optim, by_hand), build.build_criterion(cfg, by_hand)
+    optimizer, criterion = factories.build_optimizer(cfg.optim, by_hand), factories.build_criterion(cfg, by_hand)
     for x, y in batches:  # one update from the mean of the two micro-batch losses
         (criterion(by_hand(x).float(), y) / 2).backward()
     optimizer.step()
@@ -196,7 +196,7 @@ def _history(run_dir) -> list:
 def test_online_collapse_after_a_mid_epoch_resume_equals_an_uninterrupted_run(tmp_path, monkeypatch, single_process):
     """The checkpoint carries the online accumulator's partial sums of the epoch, so a run stopped mid-epoch
     and resumed measures exactly what the uninterrupted run measures (the weights are bit-exact already)."""
-    from fixedcls.signals import TrainingInterrupted
+    from fixedcls.training.signals import TrainingInterrupted
     from utils import train_tiny
 
     settings = ["collapse.mode=online", "collapse.splits=[train]", "data.train_per_class=24", "data.batch_size=8",

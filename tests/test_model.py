@@ -11,7 +11,7 @@ from torch import nn
 
 from fixedcls import polytopes
 from fixedcls.errors import FixedclsError
-from fixedcls.model import Classifier, create_model, format_param_summary, param_summary
+from fixedcls.models.classifier import Classifier, create_model, format_param_summary, param_summary
 
 # Three families (ViT, ResNet, ConvNeXt) plus MambaOut, whose pooled width (head_hidden_size)
 # differs from num_features.

@@ -50,7 +50,7 @@ def test_an_old_checkpoint_gives_the_same_logits():
 
 
 def test_an_old_checkpoint_evaluates(tmp_path):
-    result = run_cli([str(FIXTURE / "last.pt"), "--json", "eval.json"], tmp_path, module="fixedcls.evaluate",
+    result = run_cli([str(FIXTURE / "last.pt"), "--json", "eval.json"], tmp_path, module="fixedcls.commands.evaluate",
                      timeout=90)
     assert result.returncode == 0, result.stderr
     figures = json.loads((tmp_path / "eval.json").read_text())

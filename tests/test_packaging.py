@@ -14,7 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from fixedcls import cli, compat, train
+from fixedcls.commands import cli
+from fixedcls.commands import compat
+from fixedcls.commands import train
 from fixedcls.config import conf_dir
 
 REPO = Path(__file__).resolve().parents[1]

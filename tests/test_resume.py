@@ -7,7 +7,7 @@ weights, bit for bit on CPU, and the same metrics.jsonl as a run that was never 
 uninterrupted reference run, shared).
 
 Every run here is a real OS process running the real `fixedcls-train` entry point
-(`fixedcls.train.main` with its own argv, cwd, environment, stdout/stderr, exit code and signals).
+(`fixedcls.commands.train.main` with its own argv, cwd, environment, stdout/stderr, exit code and signals).
 Starting Python and importing torch/timm/hydra costs ~5 s per process on a busy 2-core machine,
 so by default the processes are forked from one warm server that has imported them once
 (`CliServer`); set FIXEDCLS_TEST_PLAIN_SUBPROCESS=1 to start every run as a plain
@@ -84,9 +84,9 @@ import atexit, gc, json, os, runpy, signal, sys
 import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot  # noqa: F401  (plot_collapse imports it lazily; warm it up once)
-import fixedcls.train  # noqa: F401  (torch, timm, hydra, the configs)
+import fixedcls.commands.train  # noqa: F401  (torch, timm, hydra, the configs)
 import fixedcls.collapse  # noqa: F401
-for optional in ("fixedcls.compat",):
+for optional in ("fixedcls.commands.compat",):
     try:
         __import__(optional)
     except Exception:
@@ -114,8 +114,8 @@ def child(req):
     try:
         if req.get("prelude"):
             exec(req["prelude"], {"__name__": "__prelude__"})
-        if req["module"] == "fixedcls.train":  # exactly what the fixedcls-train console script does
-            from fixedcls.train import main
+        if req["module"] == "fixedcls.commands.train":  # exactly what the fixedcls-train console script does
+            from fixedcls.commands.train import main
             sys.exit(main())
         runpy.run_module(req["module"], run_name="__main__", alter_sys=True)
     except SystemExit as stop:  # CPython's rules for the exit status
@@ -218,7 +218,7 @@ class Result:
 class Proc:
     """A running CLI process: its pid, its output files, signals, wait()."""
 
-    def __init__(self, args: list[str], cwd: Path, *, module: str = "fixedcls.train", prelude: str = "",
+    def __init__(self, args: list[str], cwd: Path, *, module: str = "fixedcls.commands.train", prelude: str = "",
                  env: Optional[dict] = None, name: Optional[str] = None):
         cwd = Path(cwd)
         cwd.mkdir(parents=True, exist_ok=True)
@@ -228,10 +228,10 @@ class Proc:
         env = cli_env(env)
         if PLAIN:
             if prelude:  # the prelude patches the imported modules, so run the console script's code, not runpy
-                entry = ("from fixedcls.train import main\nsys.exit(main())" if module == "fixedcls.train" else
+                entry = ("from fixedcls.commands.train import main\nsys.exit(main())" if module == "fixedcls.commands.train" else
                          f"import runpy\nrunpy.run_module({module!r}, run_name='__main__', alter_sys=True)")
                 launcher = [sys.executable, "-c", f"{prelude}\nimport sys\nsys.argv[0] = {module!r}\n{entry}"]
-            elif module == "fixedcls.train" and shutil.which("fixedcls-train", path=str(Path(sys.executable).parent)):
+            elif module == "fixedcls.commands.train" and shutil.which("fixedcls-train", path=str(Path(sys.executable).parent)):
                 launcher = [str(Path(sys.executable).parent / "fixedcls-train")]
             else:
                 launcher = [sys.executable, "-m", module]
@@ -309,7 +309,7 @@ NAME = checkpoint_folder(RUN, tiny=False)
 # Stretches each training step of the second epoch by 100 ms (evaluation is untouched, the maths
 # is unchanged) so a signal sent after the first epoch checkpoint lands in the middle of epoch 2.
 SLOW = """
-import time, torch, fixedcls.build as _train
+import time, torch, fixedcls.training.factories as _train
 _create = _train.create_criterion
 def _slow_criterion(*args, **kwargs):
     criterion = _create(*args, **kwargs)
@@ -328,7 +328,7 @@ SLOW = "AFTER = 16\n" + SLOW
 
 # An unexpected exception in the middle of epoch 2 (training step 24 of 32): a bug, an OOM, a lost disk.
 CRASH = """
-import torch, fixedcls.build as _train
+import torch, fixedcls.training.factories as _train
 _create = _train.create_criterion
 def _crashing_criterion(*args, **kwargs):
     criterion = _create(*args, **kwargs)
@@ -368,7 +368,7 @@ def assert_same_end(run: Path, checkpoints: Path, reference: Path) -> None:
 # The run sends itself SIGTERM during training step 6 of epoch 1 (of 16), so it stops there at the next update
 # whatever the machine's speed: no sleep, no race with the first epoch's end.
 STOP_AT_STEP_6 = """
-import os, signal, torch, fixedcls.build as _train
+import os, signal, torch, fixedcls.training.factories as _train
 _create = _train.create_criterion
 def _stopping_criterion(*args, **kwargs):
     criterion = _create(*args, **kwargs)

@@ -14,9 +14,10 @@ import pytest
 import yaml
 from omegaconf import OmegaConf
 
-from fixedcls.cli import check_overrides
+from fixedcls.commands.cli import check_overrides
 from fixedcls.errors import FixedclsError
-from fixedcls.sweep import CompareSweep, FailNanTrials, job_value, optimized_value
+from fixedcls.commands.sweep import CompareSweep, FailNanTrials
+from fixedcls.commands.cli import job_value, optimized_value
 from utils import CONF_DIR, compose_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -26,7 +27,7 @@ TINY_CLI = ["model.backbone=test_resnet", "data.img_size=16", "trainer.epochs=1"
 
 def _train(args: list[str], tmp_path: Path) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "HYDRA_FULL_ERROR": "0"}
-    return subprocess.run([sys.executable, "-m", "fixedcls.train", *args, f"checkpoint.root={tmp_path / 'ck'}",
+    return subprocess.run([sys.executable, "-m", "fixedcls.commands.train", *args, f"checkpoint.root={tmp_path / 'ck'}",
                            f"hydra.sweep.dir={tmp_path / 'sweep'}"], cwd=tmp_path, env=env, capture_output=True,
                           text=True, timeout=240)
 
@@ -127,7 +128,7 @@ def test_presets_and_search_are_multiruns_and_checked():
         search = compose(config_name="config", overrides=["hparams_search=optuna"], return_hydra_config=True)
         plain = compose(config_name="config", return_hydra_config=True)
     assert preset.hydra.mode == RunMode.MULTIRUN and search.hydra.mode == RunMode.MULTIRUN and plain.hydra.mode is None
-    assert plain.hydra.callbacks.compare._target_ == "fixedcls.sweep.CompareSweep"
+    assert plain.hydra.callbacks.compare._target_ == "fixedcls.commands.sweep.CompareSweep"
     assert search.hydra.sweeper.max_failure_rate == 0.5 and search.optimized_metric is None
     assert set(search.hydra.sweeper.params) == {"optim.lr", "optim.weight_decay", "head.normalize"}
     assert check_overrides(["hparams_search=optuna"]) is None
@@ -149,7 +150,7 @@ def test_the_wandb_sweeps_recipe_gives_a_command_line_fixedcls_train_accepts(tmp
     cfg = compose_config(overrides, tiny=False)
     assert cfg.optim.lr == 0.001 and cfg.head.name == "orthoplex" and cfg.logger.name == "wandb"
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    shown = subprocess.run([sys.executable, "-m", "fixedcls.train", *overrides, "--cfg", "job"], cwd=tmp_path, env=env,
+    shown = subprocess.run([sys.executable, "-m", "fixedcls.commands.train", *overrides, "--cfg", "job"], cwd=tmp_path, env=env,
                            capture_output=True, text=True, timeout=120)
     assert shown.returncode == 0, shown.stderr
     assert yaml.safe_load(shown.stdout)["optim"]["weight_decay"] == pytest.approx(1e-6)

@@ -10,11 +10,12 @@ import signal
 import pytest
 from omegaconf import OmegaConf
 
-from fixedcls.cli import check_overrides
+from fixedcls.commands.cli import check_overrides
 from fixedcls.errors import FixedclsError
-from fixedcls.loggers import MultiTracker, Tracker, create_tracker
-from fixedcls.signals import TrainingInterrupted
-from fixedcls.trackers import chosen_trackers
+from fixedcls.tracking.base import MultiTracker, Tracker
+from fixedcls.tracking.factory import create_tracker
+from fixedcls.training.signals import TrainingInterrupted
+from fixedcls.tracking.factory import chosen_trackers
 from utils import compose_config, train_tiny
 
 wandb = pytest.importorskip("wandb")
@@ -60,7 +61,7 @@ def test_log_model_all_uploads_every_epoch_checkpoint_with_its_aliases(tmp_path,
 
 
 def test_a_stop_signal_marks_the_wandb_run_preempting_not_failed(tmp_path, offline, monkeypatch):
-    from fixedcls.trackers.wandb_run import WandbTracker
+    from fixedcls.tracking.wandb_run import WandbTracker
 
     real_log_epoch = WandbTracker.log_epoch
 
@@ -80,7 +81,7 @@ def test_a_stop_signal_marks_the_wandb_run_preempting_not_failed(tmp_path, offli
 
 
 def test_the_default_group_tells_launches_of_a_preset_apart(tmp_path, offline, monkeypatch):
-    monkeypatch.setattr("fixedcls.trackers.wandb_run.hydra_job", lambda: ("2026-01-02_10-00-00", ["head=dcube"]))
+    monkeypatch.setattr("fixedcls.tracking.wandb_run.hydra_job", lambda: ("2026-01-02_10-00-00", ["head=dcube"]))
     tracker = create_tracker(_logger_cfg(mode="offline"), run_dir=tmp_path, resolved_config={**RESOLVED, "experiment": "fixed_vs_learned"})
     tracker.finish(0)
     (run,) = read_offline_run(offline)
@@ -90,7 +91,7 @@ def test_the_default_group_tells_launches_of_a_preset_apart(tmp_path, offline, m
     assert "sweep:2026-01-02_10-00-00" in meta.tags and config["sweep_id"] == "2026-01-02_10-00-00"
     assert config["hydra_overrides"] == ["head=dcube"]
     monkeypatch.setenv("WANDB_SWEEP_ID", "abc123")  # under `wandb agent`: the W&B sweep is the launch
-    from fixedcls.trackers.wandb_run import default_group, launch_id
+    from fixedcls.tracking.wandb_run import default_group, launch_id
 
     assert default_group({"experiment": "fixed_vs_learned"}, launch_id("2026-01-02_10-00-00")) == "fixed_vs_learned-abc123"
     assert default_group({"name": "run"}, None) == "run"

@@ -13,9 +13,9 @@ from hydra.errors import ConfigCompositionException
 from omegaconf.errors import ConfigKeyError, ValidationError
 
 from fixedcls.collapse import METRIC_KEYS
-from fixedcls.data import create_data
-from fixedcls.loaders import EpochIndex, EpochSampler, SeededAugmentation, create_loaders
-from fixedcls.loggers import read_jsonl
+from fixedcls.data.datasets import create_data
+from fixedcls.data.loaders import EpochIndex, EpochSampler, SeededAugmentation, create_loaders
+from fixedcls.tracking.run_files import read_jsonl
 from utils import CONF_DIR, TINY, compose_config, train_tiny
 
 GROUPS = {group: sorted(p.stem for p in (Path(CONF_DIR) / group).glob("*.yaml"))
@@ -200,7 +200,7 @@ def test_a_finished_run_ends_its_loader_workers(tmp_path):
 
 def _cli(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled", "HYDRA_FULL_ERROR": "0"}
-    return subprocess.run([sys.executable, "-m", "fixedcls.train", *args], cwd=cwd, env=env,
+    return subprocess.run([sys.executable, "-m", "fixedcls.commands.train", *args], cwd=cwd, env=env,
                           capture_output=True, text=True, timeout=600)
 
 

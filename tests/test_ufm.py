@@ -10,9 +10,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from fixedcls import polytopes, ufm
+from fixedcls import polytopes
+from fixedcls import ufm
 from fixedcls.errors import FixedclsError
-from fixedcls.ufm.__main__ import main as ufm_main
+from fixedcls.commands.ufm import main as ufm_main
 
 F64 = torch.float64
 

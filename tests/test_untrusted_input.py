@@ -24,9 +24,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from test_errors import assert_one_line_error, train_cli  # noqa: E402
 from test_resume import LAUNCH_KEYS, LAUNCH_PREFIXES  # noqa: E402
 
-from fixedcls import checkpoint as ckpt  # noqa: E402
-from fixedcls import compare  # noqa: E402
-from fixedcls.build import model_from_checkpoint, plain_config, stored_config  # noqa: E402
+from fixedcls.runs import checkpoints as ckpt  # noqa: E402
+from fixedcls.commands import compare  # noqa: E402
+from fixedcls.tracking import aggregate  # noqa: E402
+from fixedcls.runs.rebuild import model_from_checkpoint  # noqa: E402
+from fixedcls.runs.stored import plain_config, stored_config  # noqa: E402
 from fixedcls.errors import FixedclsError  # noqa: E402
 from utils import train_tiny  # noqa: E402
 
@@ -81,25 +83,26 @@ def test_a_stored_interpolation_stays_text(trained, tmp_path):
 
 
 def test_compat_logs_a_stored_config_as_text_and_writes_only_where_told(trained, tmp_path, monkeypatch):
-    from fixedcls import compat, loggers
+    from fixedcls.commands import compat
+    from fixedcls.tracking import base, factory
 
     path = crafted(trained, tmp_path / "poisoned.pt", poison_config)
     seen = {}
 
     def capture(cfg, *, run_dir, resolved_config, **kwargs):
         seen.update(cfg=OmegaConf.to_container(cfg, resolve=True), config=resolved_config, run_dir=run_dir)
-        return loggers.Tracker()
+        return base.Tracker()
 
-    monkeypatch.setattr(loggers, "create_tracker", capture)
+    monkeypatch.setattr(factory, "create_tracker", capture)
     # compatibility needs two models: the poisoned checkpoint against itself
-    assert compat.main([str(path), str(path), "--json", str(tmp_path / "out" / "compat.json"), "--logger", "wandb"]) == 0
+    assert compat.main([str(path), str(path), "--json", str(tmp_path / "out" / "generations.json"), "--logger", "wandb"]) == 0
     assert seen["cfg"]["tags"] == [TEMPLATE, f"a\\{TEMPLATE}"] and seen["cfg"]["project"] == TEMPLATE
     assert seen["cfg"]["dir"] is None and seen["run_dir"] == tmp_path / "out"  # not the checkpoint's logger.dir
     assert SECRET not in json.dumps(seen["cfg"]) + json.dumps(seen["config"], default=str)
 
 
 def test_a_stored_download_never_starts(trained, tmp_path, capsys):
-    from fixedcls.collapse.__main__ import main as collapse_main
+    from fixedcls.commands.collapse import main as collapse_main
 
     target = tmp_path / "elsewhere" / "cifar"
 
@@ -166,7 +169,7 @@ def test_compare_reads_run_configs_as_data_and_quotes_formulas(tmp_path, capsys)
     assert rows["-0.5"]["model.backbone"] == "'@SUM(1+1)"
     assert rows["0.1"]["model.backbone"] == "resnet18"
     assert all(not cell.startswith(("=", "+", "@")) for row in rows.values() for cell in row.values())
-    assert compare.csv_cell("-inf") == "-inf" and compare.csv_cell("+x") == "'+x" and compare.csv_cell(-0.5) == -0.5
+    assert aggregate.csv_cell("-inf") == "-inf" and aggregate.csv_cell("+x") == "'+x" and aggregate.csv_cell(-0.5) == -0.5
 
 
 def test_compare_reads_a_wandb_run_config_as_data(tmp_path, monkeypatch):

@@ -22,8 +22,8 @@ from utils import compose_config, train_tiny  # noqa: E402
 
 from fixedcls.config import Config, checked_fields, validate_config  # noqa: E402
 from fixedcls.errors import FixedclsError  # noqa: E402
-from fixedcls.cli import check_overrides  # noqa: E402
-from fixedcls.train import train  # noqa: E402
+from fixedcls.commands.cli import check_overrides  # noqa: E402
+from fixedcls.training.assemble import train  # noqa: E402
 
 QUICK = ["trainer.epochs=1", "collapse.every=0"]
 
@@ -156,7 +156,7 @@ def test_an_rgb_image_folder_trains_a_one_channel_model(tmp_path):
 @pytest.mark.parametrize("fraction", ["0.001", "0.999"])
 def test_an_extreme_digits_split_still_keeps_every_class_in_training_and_test(fraction):
     """carve() takes at least one sample per class for a non-zero share and leaves at least one for training."""
-    from fixedcls.data import create_data, targets_of
+    from fixedcls.data.datasets import create_data, targets_of
 
     bundle = create_data(compose_config([f"data.test_fraction={fraction}"], tiny=False).data)
     assert set(targets_of(bundle.train)) == set(range(10)) == set(targets_of(bundle.test))

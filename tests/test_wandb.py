@@ -16,7 +16,9 @@ from omegaconf import OmegaConf  # noqa: E402
 from wandb.proto import wandb_internal_pb2 as pb  # noqa: E402
 
 from fixedcls.collapse import log_prototype_alignment, prototype_alignment  # noqa: E402
-from fixedcls.loggers import Tracker, TrackerWarning, WandbTracker, create_tracker  # noqa: E402
+from fixedcls.tracking.base import Tracker, TrackerWarning
+from fixedcls.tracking.factory import create_tracker  # noqa: E402
+from fixedcls.tracking.wandb_run import WandbTracker  # noqa: E402
 from utils import compose_config, train_tiny  # noqa: E402
 
 
@@ -92,7 +94,7 @@ def read_offline_run(wandb_dir: Path, run_id: str | None = None) -> list[dict]:
 
 # --- tests ----------------------------------------------------------------------------------------------
 def test_offline_run_holds_every_epoch_key_the_summary_and_the_alignment_table(tmp_path, offline):
-    from fixedcls.train import train
+    from fixedcls.training.assemble import train
 
     cfg = compose_config(["logger=wandb", "logger.tags=[mine]"], tmp_path=tmp_path)
     cfg.experiment = "unit"  # as an experiment preset sets it: the default W&B group
@@ -135,7 +137,7 @@ def test_the_run_is_finished_with_an_error_code_when_the_job_raises(tmp_path, of
     def broken_fit(*args, **kwargs):
         raise RuntimeError("boom")
 
-    monkeypatch.setattr("fixedcls.train.fit", broken_fit)
+    monkeypatch.setattr("fixedcls.training.assemble.fit", broken_fit)
     with pytest.raises(RuntimeError, match="boom"):
         train_tiny(tmp_path, ["logger=wandb"])
     assert finished == [1]
@@ -235,7 +237,7 @@ def test_a_resumed_run_continues_the_same_wandb_run(tmp_path, offline):
 
 
 def test_prototype_alignment_matches_the_class_means():
-    from fixedcls.model import create_model
+    from fixedcls.models.classifier import create_model
 
     torch.manual_seed(0)
     model = create_model("test_resnet", "orthoplex", 4, in_chans=3, img_size=16)

@@ -38,7 +38,7 @@ def compose_config(overrides: list[str] = (), *, tiny: bool = True, tmp_path: Pa
 
 def train_tiny(tmp_path: Path, overrides: list[str] = (), run_name: str = "run") -> dict:
     """Train a tiny job in-process; the run directory is tmp_path/run_name."""
-    from fixedcls.train import train
+    from fixedcls.training.assemble import train
 
     cfg = compose_config(overrides, tmp_path=tmp_path)
     return train(cfg, tmp_path / run_name)
@@ -47,9 +47,9 @@ def train_tiny(tmp_path: Path, overrides: list[str] = (), run_name: str = "run")
 def checkpoint_folder(overrides: list[str] = (), *, tiny: bool = True) -> str:
     """The name of the folder a fresh run of `fixedcls-train <overrides>` claims first under checkpoint.root:
     `<safe name>-<identity[:8]>` (a second fresh run of the same config gets `-2`)."""
-    from fixedcls.build import plain_config
-    from fixedcls.runs import run_base
-    from fixedcls.identity import run_identity
+    from fixedcls.runs.stored import plain_config
+    from fixedcls.runs.folders import run_base
+    from fixedcls.runs.identity import run_identity
 
     cfg = compose_config(overrides, tiny=tiny)
     return run_base(str(cfg.name), run_identity(plain_config(cfg))[0])
@@ -57,16 +57,16 @@ def checkpoint_folder(overrides: list[str] = (), *, tiny: bool = True) -> str:
 
 def sigterm_at_training_step(monkeypatch, step: int):
     """Make the next run built in this process send itself SIGTERM at its `step`-th training step (counted
-    from 1), as a scheduler's stop would: the loss of every criterion `fixedcls.build.create_criterion` makes
+    from 1), as a scheduler's stop would: the loss of every criterion `fixedcls.training.factories.create_criterion` makes
     counts the steps that have gradients.  Returns the function that puts the plain criterion back."""
     import os
     import signal
 
     import torch
 
-    from fixedcls import build
+    from fixedcls.training import factories
 
-    create, calls = build.create_criterion, [0]
+    create, calls = factories.create_criterion, [0]
 
     def stopping_criterion(*args, **kwargs):
         criterion = create(*args, **kwargs)
@@ -80,5 +80,5 @@ def sigterm_at_training_step(monkeypatch, step: int):
 
         return loss
 
-    monkeypatch.setattr(build, "create_criterion", stopping_criterion)
-    return lambda: monkeypatch.setattr(build, "create_criterion", create)
+    monkeypatch.setattr(factories, "create_criterion", stopping_criterion)
+    return lambda: monkeypatch.setattr(factories, "create_criterion", create)

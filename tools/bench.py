@@ -25,8 +25,8 @@ Figures and targets:
 
   step_ratio_fixed_vs_learned   training-step time, fixed simplex head / learned head (same backbone,
                                 same batch)                                              <= 1.03
-  loop_overhead_vs_plain        a 4-epoch fixedcls.engine.fit call with its epoch checkpoints not written
-                                (collapse off; everything built by fixedcls.train.build_training, the writer
+  loop_overhead_vs_plain        a 4-epoch fixedcls.training.loop.fit call with its epoch checkpoints not written
+                                (collapse off; everything built by fixedcls.training.assemble.build_training, the writer
                                 with enabled=False) / a minimal hand-written PyTorch loop doing the same work
                                 (same model, loaders, precision, optimizer: train, validation and test
                                 accuracy; no torch.save either)                          <= 1.05
@@ -269,9 +269,9 @@ def bench_step(*, backbone: str, img_size: int, in_chans: int, num_classes: int,
     `batch` (x, y) defaults to a seeded synthetic batch placed on the device.  `compile` wraps each model in
     torch.compile as trainer.compile=true does; the warm-up rounds then include the compilation, so keep warmup >= 1.
     """
-    from fixedcls.build import build_optimizer
-    from fixedcls.heads import create_criterion
-    from fixedcls.model import create_model
+    from fixedcls.training.factories import build_optimizer
+    from fixedcls.models.heads import create_criterion
+    from fixedcls.models.classifier import create_model
     from fixedcls.runtime import autocast_for
     from omegaconf import OmegaConf
 
@@ -328,7 +328,7 @@ def bench_step(*, backbone: str, img_size: int, in_chans: int, num_classes: int,
 
 
 # --------------------------------------------------------------------------------------------
-# 2-3. the training loop: fixedcls.engine.fit vs a plain loop; collapse measurement on/off
+# 2-3. the training loop: fixedcls.training.loop.fit vs a plain loop; collapse measurement on/off
 # --------------------------------------------------------------------------------------------
 def compose(overrides: list[str]):
     from hydra import compose as hydra_compose
@@ -337,20 +337,21 @@ def compose(overrides: list[str]):
 
     if GlobalHydra.instance().is_initialized():
         GlobalHydra.instance().clear()
-    from fixedcls.config import conf_dir
+    from fixedcls.config import conf_dir, register_configs
 
+    register_configs()  # the schema the config is checked against (fixedcls-train registers it on start)
     with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
         return hydra_compose(config_name="config", overrides=list(overrides))
 
 
 def build_run(overrides: list[str], workdir: Path) -> dict:
-    """Everything `fixedcls.train.train` builds for a config (`build_training`: the very objects of a real run),
+    """Everything `fixedcls.training.assemble.train` builds for a config (`build_training`: the very objects of a real run),
     with the settings the plain loop needs beside them."""
     import torch
 
-    from fixedcls.distributed import World
+    from fixedcls.training.distributed import World
     from fixedcls.runtime import choice, resolve_device
-    from fixedcls.train import build_training
+    from fixedcls.training.assemble import build_training
 
     cfg = compose([f"checkpoint.root={workdir / 'checkpoints'}", "trainer.progress=false", *overrides])
     if cfg.trainer.threads:
@@ -374,8 +375,8 @@ def fit_epochs(run: dict, collapse_every: int, mode: str = "exact", *, epochs: i
     """
     import copy
 
-    from fixedcls.build import build_checkpoints
-    from fixedcls.engine import fit
+    from fixedcls.training.factories import build_checkpoints
+    from fixedcls.training.loop import fit
 
     training, cfg = run["training"], run["cfg"]
     trainer, collapse = copy.deepcopy(cfg.trainer), copy.deepcopy(cfg.collapse)
@@ -449,7 +450,7 @@ def checkpoint_write_breakdown(state: dict, directory: Path, *, repeats: int = 5
     import io
     import zlib
 
-    from fixedcls import checkpoint as ckpt
+    from fixedcls.runs import checkpoints as ckpt
 
     directory.mkdir(parents=True, exist_ok=True)
     raw = io.BytesIO()
@@ -496,8 +497,8 @@ def checkpoint_write_breakdown(state: dict, directory: Path, *, repeats: int = 5
         "page_cache_write": timed(page_cache_write),
         "fsync": 1000 * statistics.median(fsync_samples),
         "atomic_save": timed(lambda: ckpt.atomic_save(state, target)),
-        "links": timed(lambda: (ckpt._link_or_copy(target, directory / ckpt.LAST),
-                                ckpt._link_or_copy(target, directory / ckpt.BEST))),
+        "links": timed(lambda: (ckpt.link_or_copy(target, directory / ckpt.LAST),
+                                ckpt.link_or_copy(target, directory / ckpt.BEST))),
     }
     return {key: value if key == "bytes" else round(value, 2) for key, value in out.items()}
 
@@ -540,7 +541,7 @@ def bench_loop(run: dict, workdir: Path, *, rounds: int = 5, warmup: int = 1, ep
         out["checkpoint_write_spread"] = {**write, "plain_epoch_s": plain_epoch}
         last = run["training"].checkpoints.directory / "last.pt"
         if last.is_file():
-            from fixedcls.checkpoint import load
+            from fixedcls.runs.checkpoints import load
 
             out["checkpoint_write_ms"] = checkpoint_write_breakdown(load(last), workdir / "breakdown",
                                                                     repeats=max(3, rounds))
@@ -723,14 +724,14 @@ def respawning(loader):
 def bench_workers(*, images: int = 5000, num_workers: int = 2, batch_size: int = 128, epochs: int = 1,
                   rounds: int = 5, warmup: int = 1) -> dict:
     """`epochs` epochs of data loading per round, as fit() iterates its loaders (the training split, then the
-    test split), through fixedcls.loaders.create_loaders with persistent workers and through the same loaders
+    test split), through fixedcls.data.loaders.create_loaders with persistent workers and through the same loaders
     respawning their workers every epoch, alternated.  CIFAR-sized synthetic images (`images` for training, a
     fifth as many for the test split) with conf/data/cifar10.yaml's seeded training augmentation (random crop with
     padding, flip, normalisation); no model, so the figure is the loading time alone, where respawning costs most."""
     from fixedcls.config import register_configs
-    from fixedcls.data import DataBundle
-    from fixedcls.loaders import create_loaders
-    from fixedcls.transforms import image_file_transforms
+    from fixedcls.data.datasets import DataBundle
+    from fixedcls.data.loaders import create_loaders
+    from fixedcls.data.transforms import image_file_transforms
 
     register_configs()
     data_cfg = compose(["data=cifar10", "data.root=unused"]).data  # the transforms read no file

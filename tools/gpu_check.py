@@ -9,7 +9,7 @@
 
 Sections, run in this order (the first ones matter most on a first contact with a GPU):
 
-  train/<fp32|bf16|fp16>   a 2-epoch default-style run through the real command (python -m fixedcls.train,
+  train/<fp32|bf16|fp16>   a 2-epoch default-style run through the real command (python -m fixedcls.commands.train,
                            what fixedcls-train runs) in a subprocess: exit code, wall seconds, final test
                            accuracy, NC1 on the train and test splits
   ddp                      torchrun with one process per visible GPU (NCCL; gloo on the CPU) on the config
@@ -247,7 +247,7 @@ def train_section(device: torch.device, precision: str, smoke: bool, extra: list
         overrides = [*(SMOKE_RUN if smoke else []), "trainer.epochs=2", f"trainer.device={device.type}",
                      f"trainer.precision={precision}", "trainer.progress=false",
                      f"checkpoint.root={workdir / 'checkpoints'}", f"hydra.run.dir={workdir / 'run'}", *extra]
-        out = launch([sys.executable, "-m", "fixedcls.train", *overrides], workdir)
+        out = launch([sys.executable, "-m", "fixedcls.commands.train", *overrides], workdir)
         if out["exit_code"] != 0:
             raise SectionFailed(f"exit code {out['exit_code']}: {failure_line(out['output_tail'])}", out)
         summary = json.loads((workdir / "run" / "summary.json").read_text())
@@ -268,7 +268,7 @@ def ddp_section(bench, device: torch.device, nproc: int, extra: list[str]) -> Ca
     def run(workdir: Path) -> dict:
         overrides = [*DDP_OVERRIDES, f"trainer.device={device.type}", f"checkpoint.root={workdir / 'checkpoints'}", *extra]
         out = launch([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-                      "-m", "fixedcls.train", *overrides], workdir)
+                      "-m", "fixedcls.commands.train", *overrides], workdir)
         out.update(nproc=nproc, backend="nccl" if device.type == "cuda" else "gloo")
         if nproc == 1:
             out["note"] = ("one process: torchrun --nproc_per_node=1 is a world of one in fixedcls (no process group, "
@@ -289,9 +289,9 @@ def ddp_section(bench, device: torch.device, nproc: int, extra: list[str]) -> Ca
 
 def ddp_checks(bench, workdir: Path, device: torch.device, world_size: int) -> tuple[dict, dict]:
     """tests/test_distributed.py's checks of a torchrun launch, on the launch folder `workdir`."""
-    from fixedcls.build import load_trained
+    from fixedcls.runs.rebuild import load_trained
     from fixedcls.collapse import measure_model
-    from fixedcls.loaders import create_loaders
+    from fixedcls.data.loaders import create_loaders
 
     checks: dict[str, bool] = {}
     metrics = sorted(workdir.rglob("metrics.jsonl"))

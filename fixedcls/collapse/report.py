@@ -14,7 +14,7 @@ from ..errors import FixedclsError
 from .stats import _GROWING_KEYS, METRIC_KEYS
 
 if TYPE_CHECKING:
-    from ..loggers import Tracker
+    from ..tracking.base import Tracker
 
 #: key -> (comparison, threshold): the epoch at which a measure "has collapsed".
 DEFAULT_THRESHOLDS: dict[str, tuple[str, float]] = {

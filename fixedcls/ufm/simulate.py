@@ -17,15 +17,7 @@ import torch.nn.functional as F
 from .. import polytopes
 from ..collapse import nc_metrics
 from ..errors import FixedclsError
-from ._checks import (
-    LOSSES,
-    NORMALIZATIONS,
-    choice,
-    class_counts,
-    nonnegative,
-    polytope_dim,
-    positive_int,
-)
+from ._checks import LOSSES, NORMALIZATIONS, choice, class_counts, nonnegative, polytope_dim, positive_int
 
 __all__ = ["OPTIMIZERS", "Simulation", "simulate", "ufm_objective"]
 

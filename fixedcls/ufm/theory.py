@@ -17,15 +17,7 @@ import torch
 from .. import polytopes
 from ..collapse import nc_metrics
 from ..errors import FixedclsError
-from ._checks import (
-    LOSSES,
-    NORMALIZATIONS,
-    choice,
-    class_counts,
-    nonnegative,
-    polytope_dim,
-    positive_int,
-)
+from ._checks import LOSSES, NORMALIZATIONS, choice, class_counts, nonnegative, polytope_dim, positive_int
 from .closed_form import ce_optimum, mse_optimum
 from .convex import ce_convex_oracle
 from .fixed import fixed_head_optimum

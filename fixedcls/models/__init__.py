@@ -1,0 +1,3 @@
+"""The network: regular-polytope and learned heads with their losses (`heads`), and the classifier a
+timm backbone, a projection and a head make (`classifier`).
+"""
