@@ -145,6 +145,28 @@ def test_training_writes_the_new_rows_and_nc5(run_with_ood):
             assert 0 <= row[prefix + "nc5"] <= 1 and 0 <= row[prefix + "ncc_acc"] <= 1
 
 
+def test_measuring_nc5_leaves_the_training_and_the_identity_as_they_were(run_with_ood, tmp_path):
+    """collapse.ood only reports: the OOD pass restores the random streams a DataLoader draws from, so the run trains
+    to the same bits as one without it, under the same identity (resume=auto finds a run begun without it)."""
+    from fixedcls.collapse import ood_feature_sums
+    from utils import checkpoint_folder
+
+    folder = run_with_ood["folder"]
+    model, loader = _Toy(torch.randn(6, 4), torch.randn(3, 4)), DataLoader(TensorDataset(torch.randn(20, 6)), batch_size=8)
+    before = torch.get_rng_state()
+    sums = ood_feature_sums(model, loader, device="cpu")
+    assert torch.equal(torch.get_rng_state(), before)  # iterating the loader drew from it; it is put back
+    assert sums[-1] == 20
+    train_tiny(tmp_path, ["trainer.threads=1", f"checkpoint.dir={tmp_path / 'ckpt'}"], run_name="plain")
+    plain = [json.loads(line) for line in (tmp_path / "plain" / "metrics.jsonl").read_text().splitlines()]
+    for with_ood, without in zip(run_with_ood["rows"], plain, strict=True):
+        assert {k: v for k, v in with_ood.items() if not k.endswith("/nc5")} == without
+    trained = [torch.load(path / "last.pt", map_location="cpu", weights_only=False)["model"]
+               for path in (run_with_ood["checkpoint"], tmp_path / "ckpt")]
+    assert all(torch.equal(trained[0][name], trained[1][name]) for name in trained[0])
+    assert checkpoint_folder([f"collapse.ood={folder}"]) == checkpoint_folder([])
+
+
 def test_eval_ood_end_to_end(run_with_ood, tmp_path, capsys):
     import fixedcls
     from fixedcls.commands.evaluate import main

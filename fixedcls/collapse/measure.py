@@ -14,7 +14,7 @@ from typing import Callable, Mapping, Optional, Sequence
 import torch
 
 from ..errors import FixedclsError
-from ..runtime import autocast_dtype_of, unwrap
+from ..runtime import autocast_dtype_of, rng_state, set_rng_state, unwrap
 from .minority import minority_collapse
 from .exact import CollapseAccumulator
 from .stats import NC1_KEYS, ReduceFn, ood_sums
@@ -309,17 +309,25 @@ def ood_feature_sums(model: torch.nn.Module, loader, *, device: torch.device | s
                      channels_last: bool = False) -> torch.Tensor:
     """[d + 1] float64: the sum of ``model``'s features over the (out-of-distribution) samples of ``loader``
     and their count, what ``nc5`` needs (``measure_model(..., ood=...)``, ``OnlineCollapse.add_ood``).
-    Under DDP each rank sums its own shard; the accumulators all-reduce the sums.  Batches are inputs, or
-    (inputs, labels, ...) with the labels ignored.  The train/eval state of every submodule is restored."""
+    Under DDP each rank sums its own shard; the accumulators all-reduce the sums.  Batches are inputs, (inputs,),
+    (inputs, labels, ...) with the labels ignored, or a mapping as measure_model reads it.  The train/eval state
+    of every submodule and every random stream are restored: iterating a DataLoader draws from the global torch
+    RNG, and a run that measures nc5 must train exactly as one that does not (so `collapse.ood` stays out of the
+    run identity)."""
     device = torch.device(device)
     amp = autocast_dtype_of(autocast_dtype)
     dim = unwrap(model).head.weight.shape[1]
     total = torch.zeros(dim + 1, dtype=torch.float64, device=device)
     modes = [(m, m.training) for m in model.modules()]
+    streams = rng_state()
     model.eval()
     try:
         for batch in loader:
-            x = batch if torch.is_tensor(batch) else _split_batch(batch)[0]
+            # OOD data has no labels: inputs alone, (inputs,) as TensorDataset(x) yields them, or (inputs, labels, ...)
+            if torch.is_tensor(batch):
+                x = batch
+            else:
+                x = batch[0] if isinstance(batch, (list, tuple)) and batch else _split_batch(batch)[0]
             x = x.to(device, non_blocking=True)
             if channels_last and x.dim() == 4:
                 x = x.contiguous(memory_format=torch.channels_last)
@@ -329,6 +337,7 @@ def ood_feature_sums(model: torch.nn.Module, loader, *, device: torch.device | s
     finally:
         for m, flag in modes:
             m.training = flag
+        set_rng_state(streams)
     return total
 
 

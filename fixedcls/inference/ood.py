@@ -34,7 +34,7 @@ from torch import nn
 
 from ..collapse.stats import nc5 as nc5_of
 from ..errors import FixedclsError
-from ..runtime import autocast_dtype_of, unwrap
+from ..runtime import autocast_dtype_of, rng_state, set_rng_state, unwrap
 from .loading import ImageTransform, find_images, read_image
 
 SCORES: tuple[str, ...] = ("msp", "max_logit", "energy", "neco")
@@ -193,15 +193,20 @@ def ood_loader(source: str | Sequence[str], data_cfg, preprocessing: dict, *, ba
 def ood_loader_of_run(source: str | Sequence[str], meta: dict, *, world=None):
     """(loader, description) of a training run's ``collapse.ood``: read with the run's own data config and
     evaluation preprocessing, the ``config`` and ``inference`` entries its checkpoints store (a TrainingRun's
-    ``checkpoint_meta``), sharded across the ranks of ``world``."""
+    ``checkpoint_meta``), sharded across the ranks of ``world``.  Every random stream is restored afterwards
+    (building a data preset may draw from them), so the run trains as it would without ``collapse.ood``."""
     config, inference = meta.get("config") or {}, meta.get("inference") or {}
     if "data" not in config or "preprocessing" not in inference:
         raise FixedclsError("collapse.ood needs the run's data config and preprocessing (the 'config' and 'inference' "
                             "entries build_training puts in checkpoint_meta): build the run with build_training")
     data = config["data"]
-    return ood_loader(source, data, inference["preprocessing"], batch_size=int(data.get("eval_batch_size") or 256),
-                      num_workers=int(data.get("num_workers") or 0), rank=getattr(world, "rank", 0),
-                      world_size=getattr(world, "world_size", 1))
+    streams = rng_state()
+    try:
+        return ood_loader(source, data, inference["preprocessing"], batch_size=int(data.get("eval_batch_size") or 256),
+                          num_workers=int(data.get("num_workers") or 0), rank=getattr(world, "rank", 0),
+                          world_size=getattr(world, "world_size", 1))
+    finally:
+        set_rng_state(streams)
 
 
 # --------------------------------------------------------------------------------------------- detection
