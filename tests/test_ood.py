@@ -221,6 +221,8 @@ def test_eval_ood_from_a_preset_and_bad_sources(run_with_ood, tmp_path, capsys):
     assert main([str(run_with_ood["checkpoint"]), "--ood", str(run_with_ood["folder"]), "--neco-dim", "9",
                  "--device", "cpu", "--no-collapse"]) == 2
     assert "NECO components must lie in [1, 3]" in capsys.readouterr().err
+    assert main([str(run_with_ood["checkpoint"]), "--neco-dim", "2", "--device", "cpu", "--no-collapse"]) == 2
+    assert "--neco-dim sets NECO's principal components" in capsys.readouterr().err  # nothing to set without --ood
 
 
 def test_collapse_command_and_config_name_the_ood_source(run_with_ood, tmp_path, capsys):

@@ -55,6 +55,8 @@ def evaluate_checkpoint(args) -> dict:
     from ..runtime import resolve_device
     from ..training import factories
 
+    if args.neco_dim is not None and not args.ood:
+        raise FixedclsError("--neco-dim sets NECO's principal components of OOD detection: add --ood DATA, or leave --neco-dim out")
     device = resolve_device(args.device, key="--device")
     loaded = load(args.checkpoint, device=device, ema=args.ema)
     if not loaded.config:
