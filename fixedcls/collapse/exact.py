@@ -56,7 +56,7 @@ def _mirror_gram(g: torch.Tensor) -> torch.Tensor:
 
 
 class CollapseAccumulator:
-    """Exact two-pass streaming neural-collapse measurement, O(K d + d^2) memory.
+    """Exact two-pass streaming neural-collapse measurement, O(K d + d^2 + tile^2) memory (no K x K matrix).
 
     Usage::
 
@@ -74,7 +74,10 @@ class CollapseAccumulator:
     differs from the nearest-class-centre decision (over present classes) for ``nc4``.
     When ``logits`` is None in pass 2, the decision is computed as ``h @ weight.T + bias``
     from the ``weight``/``bias`` keywords of :meth:`update_scatter`; when neither is given,
-    ``nc4`` is NaN.
+    ``nc4`` is NaN.  The nearest-class-centre decision also counts the samples nearest their own
+    class mean (``ncc_acc``).  Above ``tile`` classes both decisions are taken over chunks of
+    ``tile`` classes, and the pairwise measures are reduced over tiles of class pairs
+    (:mod:`.pairwise`), so no K x K matrix is built.  :meth:`update_ood` adds OOD features for ``nc5``.
 
     Precision contract (``scatter_dtype``).  Every statistic is accumulated in float64, and every
     product is taken of features already centred in full precision, so a large common offset
@@ -499,8 +502,9 @@ class CollapseAccumulator:
     ) -> dict[str, float]:
         """The SPEC measures.  ``weight`` [K, d] (model.head.weight) or None for the
         weight-free family only (nc1, nc1_trace, cdnv, nc2_equinorm, nc2_equiangle,
-        nc2_maxangle, nc2_etf_error, nc4).  ``bias`` is only checked: decisions for nc4
-        were taken in pass 2.  ``reduce_fn`` all-reduces the pass-2 state first (once)."""
+        nc2_maxangle, nc2_etf_error, nc4, gnc2_log, gnc2_log_var, ncc_acc, and nc5 with OOD
+        features).  ``bias`` is only checked: decisions for nc4 and ncc_acc were taken in pass 2.
+        ``reduce_fn`` all-reduces the pass-2 state first (once)."""
         if self._phase == "means":
             raise RuntimeError("CollapseAccumulator.compute: run pass 1, finalize_means() and pass 2 first.")
         if weight is not None:
