@@ -61,8 +61,8 @@ Figures and targets:
                                 one nc_metrics call at K = 1,024, 4,096, 16,384 and 32,768 classes (--quick:
                                 the first two; --scale-k to choose), d = 256, 8 samples per class, each size
                                 in a fresh process: its seconds and peak RSS (the child's ru_maxrss, torch
-                                and the inputs included), and the growth exponent of the time in K (slope of
-                                log seconds on log K)
+                                and the inputs included), and the growth exponents in K (slopes on log K) of
+                                the time, of the peak RSS and of the RSS the call added
                                   scale_peak_rss_gb_k32768                                <= 3
                                   scale_seconds_k32768                                    <= 300
   workers_epoch_speedup_persistent
@@ -718,7 +718,10 @@ def scale_point(K: int, d: int, per_class: int, seed: int = 0) -> dict:
     g = torch.Generator().manual_seed(seed)
     centres = 3.0 * torch.randn(K, d, generator=g)
     y = torch.arange(K * per_class) % K
-    h = centres[y] + torch.randn(K * per_class, d, generator=g)
+    # sample i is of class i % K, so the rows viewed [per_class, K, d] take the centres by broadcasting: no
+    # N x d temporaries, so the peak RSS is the call's and not the making of its inputs
+    h = torch.randn(K * per_class, d, generator=g)
+    h.view(per_class, K, d).add_(centres)
     W = centres + 0.5 * torch.randn(K, d, generator=g)
     b = 0.1 * torch.randn(K, generator=g)
     nc_metrics(h[:256], y[:256] % 16, W[:16], b[:16])  # load the kernels the call uses (not timed)
@@ -752,9 +755,20 @@ def bench_scale(*, sizes=SCALE_SIZES, d: int = 256, per_class: int = 8, threads:
     out: dict = {"scale": points, "settings": {"sizes": list(sizes), "d": d, "per_class": per_class}}
     if len(points) >= 2:
         xs = [math.log(p["K"]) for p in points]
-        ys = [math.log(max(p["seconds"], 1e-9)) for p in points]
-        mx, my = statistics.fmean(xs), statistics.fmean(ys)
-        out["scale_time_exponent"] = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sum((x - mx) ** 2 for x in xs)
+        mx = statistics.fmean(xs)
+
+        def slope(values):  # least-squares slope of log(value) on log(K)
+            ys = [math.log(max(v, 1e-9)) for v in values]
+            my = statistics.fmean(ys)
+            return sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sum((x - mx) ** 2 for x in xs)
+
+        out["scale_time_exponent"] = slope([p["seconds"] for p in points])
+        # of the peak RSS itself (torch's own few hundred MB included, so it reads below the growth of the
+        # measure's memory at small K) and of what the call added to the RSS before it
+        out["scale_rss_exponent"] = slope([p["peak_rss_mb"] for p in points])
+        added = [p["peak_rss_mb"] - p["rss_before_call_mb"] for p in points]
+        if min(added) > 0:  # ru_maxrss is a high-water mark: a call below the making of its inputs adds nothing
+            out["scale_call_rss_exponent"] = slope(added)
     for p in points:
         if p["K"] == 32768:
             out["scale_peak_rss_gb_k32768"] = p["peak_rss_mb"] / 1024.0
@@ -897,8 +911,10 @@ def format_table(results: dict) -> str:
     for point in results.get("scale", []):
         rows.append((f"nc_metrics K={point['K']}, d={point['d']}, N={point['N']}: seconds | peak RSS MB",
                      f"{point['seconds']:.2f} | {point['peak_rss_mb']:.0f}", "", "", "", "", "info"))
-    if "scale_time_exponent" in results:
-        rows.append(("nc_metrics time growth exponent in K", f"{results['scale_time_exponent']:.2f}", "", "", "", "", "info"))
+    for key, what in (("scale_time_exponent", "time"), ("scale_rss_exponent", "peak RSS"),
+                      ("scale_call_rss_exponent", "peak RSS added by the call")):
+        if key in results:
+            rows.append((f"nc_metrics growth exponent in K of the {what}", f"{results[key]:.2f}", "", "", "", "", "info"))
     for key, value in results.get("medians", {}).items():
         rows.append((f"median {key}", f"{value:.4f}", "", "", "", "", "info"))
     widths = [max(len(r[i]) for r in rows) for i in range(len(columns))]
