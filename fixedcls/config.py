@@ -104,6 +104,24 @@ class Each:
         return f"a {self.container} whose every {'value' if self.container == 'mapping' else 'entry'} is {self.rule}"
 
 
+@dataclass(frozen=True)
+class DataSource:
+    """A folder that exists on this machine, or a conf/data preset name followed by key=value data items
+    (one string, split on spaces): what `collapse.ood` names as out-of-distribution data."""
+
+    def allows(self, value: Any) -> bool:
+        if not isinstance(value, str) or not value.strip():
+            return False
+        if Path(value).expanduser().is_dir():
+            return True
+        first, *rest = value.split()
+        return (conf_dir() / "data" / f"{first}.yaml").is_file() and all("=" in item for item in rest)
+
+    def __str__(self) -> str:
+        presets = ", ".join(sorted(p.stem for p in (conf_dir() / "data").glob("*.yaml")))
+        return f"an existing folder of images or a data preset ({presets}) with optional key=value items"
+
+
 def integer(low: Optional[int] = None, high: Optional[int] = None) -> Range:
     return Range(low, high, integer=True)
 
@@ -356,6 +374,9 @@ class CollapseConfig:
     )
     plot: bool = True
     agop: AgopConfig = field(default_factory=AgopConfig)
+    # out-of-distribution data measured at the end of each measured epoch (nc5): a folder of images, or a data
+    # preset with optional key=value items applied to the run's data (its test split), e.g. "synthetic split_seed=1"
+    ood: Optional[str] = checked(None, DataSource(), why="the OOD data of nc5")
 
 
 @dataclass

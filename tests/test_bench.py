@@ -100,7 +100,8 @@ def test_memory_figure(bench):
 def test_main_writes_every_key(bench, tmp_path, capsys):
     path = tmp_path / "bench.json"
     argv = ["--quick", "--backbone", "test_resnet", "--rounds", "1", "--warmup", "0", "--steps", "1",
-            "--nc-n", "300", "--nc-d", "16", "--nc-k", "5", "--naive-samples", "100", "--json", str(path)]
+            "--nc-n", "300", "--nc-d", "16", "--nc-k", "5", "--naive-samples", "100", "--json", str(path),
+            "--scale-k", "64,128", "--scale-d", "16"]
     for override in TOY_RUN:
         argv += ["--override", override]
     assert bench.main(argv) == 0
@@ -125,6 +126,11 @@ def test_main_writes_every_key(bench, tmp_path, capsys):
     assert results["checkpoint_write_ms"]["bytes"] > 0
     assert set(FIGURES) <= set(results["targets"]) and results["quick"] is True
     assert any("scaled linearly" in note for note in results["notes"])
+    # the scale section: one fresh process per K, its seconds and peak RSS, and the growth exponent
+    assert [point["K"] for point in results["scale"]] == [64, 128]
+    assert all(point["seconds"] > 0 and point["peak_rss_mb"] >= point["rss_before_call_mb"] > 0 for point in results["scale"])
+    assert math.isfinite(results["scale_time_exponent"]) and math.isfinite(results["scale_rss_exponent"])
+    assert "nc_metrics K=128, d=16" in table and "growth exponent in K of the peak RSS" in table
 
 
 def test_workers_figure_runs_from_the_command_line(bench, tmp_path, capsys):

@@ -57,6 +57,14 @@ Figures and targets:
                                 alternated with the naive one; its max rel. difference is reported  >= 1.0
   collapse memory               the streaming measurer's float64 state (O(Kd + d^2)) against the
                                 N x d float32 features it avoids storing (both in MB, and the ratio)
+  scale (nc_metrics at many classes)
+                                one nc_metrics call at K = 1,024, 4,096, 16,384 and 32,768 classes (--quick:
+                                the first two; --scale-k to choose), d = 256, 8 samples per class, each size
+                                in a fresh process: its seconds and peak RSS (the child's ru_maxrss, torch
+                                and the inputs included), and the growth exponents in K (slopes on log K) of
+                                the time, of the peak RSS and of the RSS the call added
+                                  scale_peak_rss_gb_k32768                                <= 3
+                                  scale_seconds_k32768                                    <= 300
   workers_epoch_speedup_persistent
                                 an epoch of data loading (5,000 CIFAR-sized synthetic training images with
                                 conf/data/cifar10.yaml's seeded augmentation, then 1,000 test images; num_workers=2,
@@ -98,6 +106,8 @@ TARGETS: dict[str, tuple[str, float]] = {
     "nc_metrics_speedup_vs_naive": (">=", 20.0),
     "nc_metrics_speedup_vs_float32_streaming": (">=", 1.0),
     "memory_ratio_features_over_measurer": (">=", 1.0),
+    "scale_peak_rss_gb_k32768": ("<=", 3.0),
+    "scale_seconds_k32768": ("<=", 300.0),
 }
 NC_REL_TOL = 1e-6
 
@@ -691,6 +701,82 @@ def bench_memory(*, N: int = 50_000, d: int = 512, K: int = 100, batch: int = 25
 
 
 # --------------------------------------------------------------------------------------------
+# 5b. nc_metrics at many classes: time and peak memory against K (a fresh process per size)
+# --------------------------------------------------------------------------------------------
+SCALE_SIZES = (1024, 4096, 16384, 32768)
+QUICK_SCALE_SIZES = (1024, 4096)
+
+
+def scale_point(K: int, d: int, per_class: int, seed: int = 0) -> dict:
+    """One size of the scale figure, in THIS process: clustered float32 features, `per_class` samples of each
+    of K classes, a classifier and bias; the seconds of one nc_metrics call and the process's peak RSS
+    (ru_maxrss) after it, with the RSS before the call (torch and the inputs)."""
+    import resource
+
+    from fixedcls.collapse import nc_metrics
+
+    g = torch.Generator().manual_seed(seed)
+    centres = 3.0 * torch.randn(K, d, generator=g)
+    y = torch.arange(K * per_class) % K
+    # sample i is of class i % K, so the rows viewed [per_class, K, d] take the centres by broadcasting: no
+    # N x d temporaries, so the peak RSS is the call's and not the making of its inputs
+    h = torch.randn(K * per_class, d, generator=g)
+    h.view(per_class, K, d).add_(centres)
+    W = centres + 0.5 * torch.randn(K, d, generator=g)
+    b = 0.1 * torch.randn(K, generator=g)
+    nc_metrics(h[:256], y[:256] % 16, W[:16], b[:16])  # load the kernels the call uses (not timed)
+    gc.collect()
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    started = time.perf_counter()
+    values = nc_metrics(h, y, W, b)
+    seconds = time.perf_counter() - started
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+    return {"K": K, "d": d, "N": K * per_class, "seconds": seconds, "peak_rss_mb": peak / 1024.0,
+            "rss_before_call_mb": before / 1024.0, "inputs_mb": (h.numel() + W.numel()) * 4 / 2**20,
+            "ncc_acc": values["ncc_acc"], "nc1": values["nc1"], "threads": torch.get_num_threads()}
+
+
+def bench_scale(*, sizes=SCALE_SIZES, d: int = 256, per_class: int = 8, threads: Optional[int] = None) -> dict:
+    """nc_metrics at each K of `sizes` in a process of its own (so one size's peak memory cannot hide another's):
+    seconds and peak RSS per K, and the growth exponent of the time, the slope of log(seconds) on log(K)."""
+    import subprocess
+
+    points = []
+    for K in sizes:
+        command = [sys.executable, str(Path(__file__).resolve()), "--scale-point", f"{K},{d},{per_class}"]
+        if threads:
+            command += ["--threads", str(threads)]
+        done = subprocess.run(command, capture_output=True, text=True, check=False)
+        if done.returncode != 0:
+            raise RuntimeError(f"bench: the scale point K={K} failed: {done.stderr.strip().splitlines()[-1:]}")
+        points.append(json.loads(done.stdout.strip().splitlines()[-1]))
+        print(f"[bench] scale K={K}: {points[-1]['seconds']:.1f}s, peak RSS {points[-1]['peak_rss_mb']:.0f} MB",
+              file=sys.stderr, flush=True)
+    out: dict = {"scale": points, "settings": {"sizes": list(sizes), "d": d, "per_class": per_class}}
+    if len(points) >= 2:
+        xs = [math.log(p["K"]) for p in points]
+        mx = statistics.fmean(xs)
+
+        def slope(values):  # least-squares slope of log(value) on log(K)
+            ys = [math.log(max(v, 1e-9)) for v in values]
+            my = statistics.fmean(ys)
+            return sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sum((x - mx) ** 2 for x in xs)
+
+        out["scale_time_exponent"] = slope([p["seconds"] for p in points])
+        # of the peak RSS itself (torch's own few hundred MB included, so it reads below the growth of the
+        # measure's memory at small K) and of what the call added to the RSS before it
+        out["scale_rss_exponent"] = slope([p["peak_rss_mb"] for p in points])
+        added = [p["peak_rss_mb"] - p["rss_before_call_mb"] for p in points]
+        if min(added) > 0:  # ru_maxrss is a high-water mark: a call below the making of its inputs adds nothing
+            out["scale_call_rss_exponent"] = slope(added)
+    for p in points:
+        if p["K"] == 32768:
+            out["scale_peak_rss_gb_k32768"] = p["peak_rss_mb"] / 1024.0
+            out["scale_seconds_k32768"] = p["seconds"]
+    return out
+
+
+# --------------------------------------------------------------------------------------------
 # 6. an epoch of data loading with workers: persistent (fixedcls's loaders) vs respawned every epoch
 # --------------------------------------------------------------------------------------------
 class CifarSizedImages(torch.utils.data.Dataset):
@@ -822,6 +908,13 @@ def format_table(results: dict) -> str:
                 "workers_epoch_speedup_persistent"):
         if key in results:
             rows.append((key, f"{results[key]:.2f}", "", "", "", "", "info"))
+    for point in results.get("scale", []):
+        rows.append((f"nc_metrics K={point['K']}, d={point['d']}, N={point['N']}: seconds | peak RSS MB",
+                     f"{point['seconds']:.2f} | {point['peak_rss_mb']:.0f}", "", "", "", "", "info"))
+    for key, what in (("scale_time_exponent", "time"), ("scale_rss_exponent", "peak RSS"),
+                      ("scale_call_rss_exponent", "peak RSS added by the call")):
+        if key in results:
+            rows.append((f"nc_metrics growth exponent in K of the {what}", f"{results[key]:.2f}", "", "", "", "", "info"))
     for key, value in results.get("medians", {}).items():
         rows.append((f"median {key}", f"{value:.4f}", "", "", "", "", "info"))
     widths = [max(len(r[i]) for r in rows) for i in range(len(columns))]
@@ -873,7 +966,7 @@ def _run(args, device: torch.device) -> dict:
     backbone = args.backbone or DEFAULT_BACKBONE
     if backbone != DEFAULT_BACKBONE:
         results["notes"].append(f"loop and collapse figures on backbone {backbone}, not the default run's {DEFAULT_BACKBONE}")
-    sections = set(args.only.split(",")) if args.only else {"step", "loop", "nc", "memory"}
+    sections = set(args.only.split(",")) if args.only else {"step", "loop", "nc", "memory", "scale"}
     with tempfile.TemporaryDirectory(prefix="fixedcls-bench-") as tmp:
         workdir = Path(tmp)
         run_objects = None
@@ -906,6 +999,10 @@ def _run(args, device: torch.device) -> dict:
                                    rounds=args.rounds or (4 if quick else 3), warmup=args.warmup, device=device), "nc_metrics")
         if "memory" in sections:
             merge(bench_memory(N=args.nc_n, d=args.nc_d, K=args.nc_k), "memory")
+        if "scale" in sections:
+            sizes = tuple(int(k) for k in args.scale_k.split(",")) if args.scale_k else (
+                QUICK_SCALE_SIZES if quick else SCALE_SIZES)
+            merge(bench_scale(sizes=sizes, d=args.scale_d, per_class=args.scale_per_class, threads=args.threads), "scale")
         if "workers" in sections:
             merge(bench_workers(images=args.workers_images, rounds=args.rounds or (4 if quick else 8),
                                 warmup=args.warmup), "workers")
@@ -940,7 +1037,12 @@ def parse_args(argv=None):
     p.add_argument("--steps", type=int, help="training steps per round in the step benchmark")
     p.add_argument("--epochs", type=int, help="epochs per fit() call (and per plain-loop call) in the loop benchmark")
     p.add_argument("--threads", type=int, help="torch.set_num_threads")
-    p.add_argument("--only", help="comma list of sections: step,loop,nc,memory,workers")
+    p.add_argument("--only", help="comma list of sections: step,loop,nc,memory,scale,workers")
+    p.add_argument("--scale-k", help="comma list of class counts K of the scale section (default 1024,4096,16384,32768; "
+                                     "--quick: 1024,4096)")
+    p.add_argument("--scale-d", type=int, default=256, help="feature dimension d of the scale section")
+    p.add_argument("--scale-per-class", type=int, default=8, help="samples per class of the scale section")
+    p.add_argument("--scale-point", help=argparse.SUPPRESS)  # K,d,per_class: one size, in this process (bench_scale)
     p.add_argument("--nc-n", type=int, default=50_000, help="samples N of the nc_metrics and memory figures")
     p.add_argument("--nc-d", type=int, default=512, help="feature dimension d of the nc_metrics and memory figures")
     p.add_argument("--nc-k", type=int, default=100, help="classes K of the nc_metrics and memory figures")
@@ -953,6 +1055,12 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.scale_point:  # a child of bench_scale: one size, its figures as one JSON line
+        if args.threads:
+            torch.set_num_threads(args.threads)
+        K, d, per_class = (int(v) for v in args.scale_point.split(","))
+        print(json.dumps(scale_point(K, d, per_class)))
+        return 0
     results = run(args)
     print(format_table(results))
     m = results["machine"]

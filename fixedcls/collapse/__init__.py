@@ -1,7 +1,11 @@
 """Neural-collapse measures (SPEC section 3), split by job:
 
 * :mod:`.stats` -- the mathematics: the measures from float64 statistics and the one-pass
-  :class:`OnlineCollapse`, O(K d + d^2) memory;
+  :class:`OnlineCollapse`, O(K d + d^2 + tile^2) memory;
+* :mod:`.pairwise` -- the pairwise measures (cdnv, nc2_equiangle, nc2_maxangle, nc2_etf_error, gnc2_*)
+  reduced over tiles of class pairs, never a K x K matrix;
+* :mod:`.decisions` -- classifier and nearest-class-centre decisions (nc4, ncc_acc), over class chunks
+  above the tile size;
 * :mod:`.exact` -- :func:`nc_metrics` and the exact streaming :class:`CollapseAccumulator` (float64 sums,
   products of centred residuals in float32 or float64);
 * :mod:`.measure` -- a model over a loader: :func:`measure_model` (subsets, backbone stages, one forward
@@ -11,19 +15,24 @@
 * ``python -m fixedcls.collapse CHECKPOINT`` -- the command (:mod:`.__main__`).
 """
 from .minority import MINORITY_KEYS, minority_collapse
-from .measure import FeatureCache, measure_model, prototype_alignment
+from .measure import FeatureCache, measure_model, ood_feature_sums, prototype_alignment
 from .report import DEFAULT_THRESHOLDS, collapse_speed, format_table, log_prototype_alignment, plot_collapse
 from .exact import CollapseAccumulator, nc_metrics
-from .stats import METRIC_KEYS, NC1_KEYS, OnlineCollapse
+from .stats import EXTRA_KEYS, METRIC_KEYS, NC1_KEYS, OOD_KEYS, OnlineCollapse, nc5, ood_sums
 
 __all__ = [
     "METRIC_KEYS",
+    "EXTRA_KEYS",
+    "OOD_KEYS",
     "NC1_KEYS",
     "DEFAULT_THRESHOLDS",
     "nc_metrics",
     "CollapseAccumulator",
     "OnlineCollapse",
     "measure_model",
+    "ood_feature_sums",
+    "ood_sums",
+    "nc5",
     "FeatureCache",
     "MINORITY_KEYS",
     "minority_collapse",

@@ -16,7 +16,9 @@ from typing import Iterable
 import torch
 
 from ..errors import FixedclsError  # user-facing, a ValueError subclass
-from .stats import _F64, _NCC, ReduceFn, _check_batch, _check_labels, _check_weight, _decisions, _metrics_from_stats
+from .decisions import _NCC, _ChunkedDecisions, _decisions
+from .pairwise import TILE
+from .stats import _F64, ReduceFn, _check_batch, _check_labels, _check_weight, _metrics_from_stats, ood_sums
 
 #: The d x d scatter is accumulated as its upper block triangle (blocks of this many columns, ~40% fewer
 #: flops than a full X^T X for large d) and mirrored once in compute().
@@ -54,7 +56,7 @@ def _mirror_gram(g: torch.Tensor) -> torch.Tensor:
 
 
 class CollapseAccumulator:
-    """Exact two-pass streaming neural-collapse measurement, O(K d + d^2) memory.
+    """Exact two-pass streaming neural-collapse measurement, O(K d + d^2 + tile^2) memory (no K x K matrix).
 
     Usage::
 
@@ -72,7 +74,10 @@ class CollapseAccumulator:
     differs from the nearest-class-centre decision (over present classes) for ``nc4``.
     When ``logits`` is None in pass 2, the decision is computed as ``h @ weight.T + bias``
     from the ``weight``/``bias`` keywords of :meth:`update_scatter`; when neither is given,
-    ``nc4`` is NaN.
+    ``nc4`` is NaN.  The nearest-class-centre decision also counts the samples nearest their own
+    class mean (``ncc_acc``).  Above ``tile`` classes both decisions are taken over chunks of
+    ``tile`` classes, and the pairwise measures are reduced over tiles of class pairs
+    (:mod:`.pairwise`), so no K x K matrix is built.  :meth:`update_ood` adds OOD features for ``nc5``.
 
     Precision contract (``scatter_dtype``).  Every statistic is accumulated in float64, and every
     product is taken of features already centred in full precision, so a large common offset
@@ -112,6 +117,8 @@ class CollapseAccumulator:
         *,
         chunk_size: int = _CHUNK_ROWS,
         scatter_dtype: torch.dtype = torch.float32,
+        tile: int = TILE,
+        nearest_centre: bool = True,
     ):
         self.num_classes = int(num_classes)
         self.dim = int(dim)
@@ -124,6 +131,10 @@ class CollapseAccumulator:
             )
         self.device = torch.device(device) if device is not None else torch.device("cpu")
         self.chunk_size = int(chunk_size)
+        if int(tile) < 1:
+            raise FixedclsError(f"collapse: tile must be a positive number of classes, got {tile}.")
+        self.tile = int(tile)
+        self.nearest_centre = bool(nearest_centre)
         self.scatter_dtype = scatter_dtype
         # float32 matmuls allowed to run in TF32/bf16 (torch.set_float32_matmul_precision below "highest") would lose
         # the ~1e-7 of the contract: then every product is float64.
@@ -142,8 +153,11 @@ class CollapseAccumulator:
         self.sqdist = torch.zeros(K, **kw)
         self.counts2 = torch.zeros(K, **kw)
         self.decisions = torch.zeros(2, **kw)  # [mismatches, scored samples]
+        self.ncc_hits = torch.zeros(2, **kw)  # [samples whose nearest class mean is their own, decided samples]
+        self.ood = torch.zeros(d + 1, **kw)  # [sum of the OOD features, their count] (nc5)
         self.means: torch.Tensor | None = None
         self._ncc: _NCC | None = None
+        self._ncc_plans: dict = {}  # the NCC-only decision plan of pass 2 by input kind (it depends on the means alone)
         self._phase = "means"
         # Fast path: per-class shifts of pass 1 (a sample of the class; any value works, a near one keeps the
         # float32 sums accurate), the float32 class means of pass 2 and a reusable float32 d x d product.
@@ -171,14 +185,15 @@ class CollapseAccumulator:
         """The float64 tensors of the current pass, to be all-reduced with SUM in place.
 
         Before :meth:`finalize_means`: the pass-1 tensors (sums, counts, normalised sums).
-        After it: the pass-2 tensors (scatter, squared distances, pass-2 counts, decisions).
+        After it: the pass-2 tensors (scatter, squared distances, pass-2 counts, decisions, NCC hits) and
+        the OOD sums of :meth:`update_ood` (fed at any time before :meth:`compute`, reduced with pass 2).
         Reduce each list exactly once, at the end of its pass.  (In pass 2 this first folds the
         pending float64 correction of the fast path into the scatter, so the tensors are complete.)
         """
         self._fold_pending()
         if self._phase == "means":
             return [self.sums, self.counts, self.normsums]
-        return [self.scatter, self.sqdist, self.counts2, self.decisions]
+        return [self.scatter, self.sqdist, self.counts2, self.decisions, self.ncc_hits, self.ood]
 
     def _fold_pending(self) -> None:
         """Fold the fast path's pending float32 sums into the float64 state.
@@ -309,23 +324,33 @@ class CollapseAccumulator:
             )
         assert self.means is not None and self._ncc is not None
         K, ncc = self.num_classes, self._ncc
-        # Every product is taken from the class-centred features xc = h - c_y, c_y the class mean (or its float32
-        # rounding, the centre of the fast path): h.w_k + b_k = xc.w_k + (c_y.w_k + b_k) and
+        # Up to K = tile, every product is taken from the class-centred features xc = h - c_y, c_y the class mean (or
+        # its float32 rounding, the centre of the fast path): h.w_k + b_k = xc.w_k + (c_y.w_k + b_k) and
         # (h - centre).mu_k = xc.mu_k + (c_y - centre).mu_k, so the classifier and the nearest-class-centre
-        # decisions come from ONE GEMM xc @ [W; M]^T plus a per-class float64 base.
+        # decisions come from ONE GEMM xc @ [W; M]^T plus a per-class float64 base.  That base is K x K: above the
+        # tile the decisions are taken over class chunks around one centre instead (_ChunkedDecisions).
         with_weight = logits is None and weight is not None
-        decide = ncc.ready and (with_weight or logits is not None)
+        decide_cls = with_weight or logits is not None
+        decide_ncc = ncc.ready and self.nearest_centre
         fast = self._fast
-        centre = self._means32.to(_F64) if fast and h.dtype != _F64 else self.means  # what _scatter_fast subtracts
         if with_weight:
             _check_weight(weight, bias, self.num_classes, self.dim)
             w64 = weight.detach().to(self.device, _F64)
-        if decide:
-            rows = torch.cat([w64, ncc.mu]) if with_weight else ncc.mu
-            exact_base = self._decision_base(self.means, w64 if with_weight else None, bias)
-            if fast:
-                plan = self._fast_decision_plan(rows, self._decision_base(centre, w64 if with_weight else None, bias),
-                                                rows, exact_base, with_weight)
+        chunked = plan = None
+        if decide_ncc:
+            float64_rows = h.dtype == _F64
+            if K > self.tile:
+                chunked = self._ncc_plans.get(("chunked", float64_rows)) if not with_weight else None
+                if chunked is None:
+                    chunked = _ChunkedDecisions(ncc, w64 if with_weight else None, bias, fast=fast, tile=self.tile)
+                    if not with_weight:
+                        self._ncc_plans[("chunked", float64_rows)] = chunked
+            else:
+                plan = self._ncc_plans.get(float64_rows) if not with_weight else None
+                if plan is None:
+                    plan = self._decision_plan(w64 if with_weight else None, bias, float64_rows)
+                    if not with_weight:  # depends on the means alone: once per pass, not per batch
+                        self._ncc_plans[float64_rows] = plan
         _check_batch(h, y, self.dim)
         y_all = y.to(self.device, dtype=torch.long)
         _check_labels(y_all, K)
@@ -336,6 +361,7 @@ class CollapseAccumulator:
         if fast and h.dtype != _F64:
             self._rounded_counts += counts  # centred at the float32 means: see _fold_pending
         mismatches = torch.zeros((), dtype=torch.long, device=self.device)
+        hits = torch.zeros((), dtype=torch.long, device=self.device)
         pos = 0
         for hc, yc in self._chunks(h, y_all):
             b = hc.shape[0]
@@ -346,20 +372,40 @@ class CollapseAccumulator:
                 torch.sub(hc, xc, out=xc)
                 _add_gram_(self.scatter, xc)
                 self.sqdist.index_add_(0, yc, torch.linalg.vector_norm(xc, dim=1).square_())
-            if decide:
-                pred = None if with_weight else _decisions(logits[pos : pos + b], self.num_classes).to(self.device)
-                if fast:
-                    pred, nearest = self._decide_fast(hc, yc, xc, xc_norms, plan, pred, ncc, K)
+            if decide_ncc:
+                pred = _decisions(logits[pos : pos + b], self.num_classes).to(self.device) if logits is not None else None
+                if chunked is not None:
+                    cls, nearest = chunked.decide(hc)
+                    pred = cls if with_weight else pred
+                elif fast:
+                    pred, nearest = self._decide_fast(hc, yc, xc, xc_norms, plan, pred, ncc, K, with_weight)
                 else:
+                    rows, exact_base = plan
                     products = torch.addmm(exact_base.index_select(0, yc), xc, rows.T)
                     if with_weight:
                         pred, products = products[:, :K].argmax(dim=1), products[:, K:]
                     nearest = ncc.decide(products)
-                mismatches += (pred != nearest).sum()
+                hits += (nearest == yc).sum()
+                if decide_cls:
+                    mismatches += (pred != nearest).sum()
             pos += b
-        if decide:
-            self.decisions[0] += mismatches
-            self.decisions[1] += y_all.shape[0]
+        if decide_ncc:
+            self.ncc_hits[0] += hits
+            self.ncc_hits[1] += y_all.shape[0]
+            if decide_cls:
+                self.decisions[0] += mismatches
+                self.decisions[1] += y_all.shape[0]
+
+    def _decision_plan(self, w64: torch.Tensor | None, bias: torch.Tensor | None, float64_rows: bool):
+        """The decision columns [W; M] (or M) and their per-class float64 bases; with the fast path, the float32
+        plan of _fast_decision_plan around the centres the residuals are taken at."""
+        assert self._ncc is not None
+        rows = torch.cat([w64, self._ncc.mu]) if w64 is not None else self._ncc.mu
+        exact_base = self._decision_base(self.means, w64, bias)
+        if not self._fast:
+            return rows, exact_base
+        centre = self.means if float64_rows else self._means32.to(_F64)  # what _scatter_fast subtracts
+        return self._fast_decision_plan(rows, self._decision_base(centre, w64, bias), rows, exact_base, w64 is not None)
 
     def _decision_base(self, centre: torch.Tensor, w64: torch.Tensor | None, bias: torch.Tensor | None) -> torch.Tensor:
         """[C, K (+K)]: per class c, c_c.w_k + b_k (with a weight) and (c_c - ncc centre).mu_k, float64."""
@@ -418,12 +464,12 @@ class CollapseAccumulator:
         self._sqdist32.index_add_(0, yc, norms.square())
         return xc, norms
 
-    def _decide_fast(self, hc, yc, xc, xc_norms, plan, pred, ncc: _NCC, K: int):
-        """Classifier (when ``pred`` is None) and nearest-centre decisions from float32 scores, equal to the float64
+    def _decide_fast(self, hc, yc, xc, xc_norms, plan, pred, ncc: _NCC, K: int, with_cls: bool):
+        """Classifier (when ``with_cls``) and nearest-centre decisions from float32 scores, equal to the float64
         ones: rows where another score comes within the float32 error bound of the best are decided in float64."""
         rows32, base32, tolerances, rows64, exact_base = plan
         scores = torch.addmm(base32.index_select(0, yc), xc, rows32.T)  # maximise: [h.w_k + b_k | 2 h.mu_k - ||mu_k||^2]
-        blocks = [("cls", slice(0, K)), ("ncc", slice(K, None))] if pred is None else [("ncc", slice(None))]
+        blocks = [("cls", slice(0, K)), ("ncc", slice(K, None))] if with_cls else [("ncc", slice(None))]
         ambiguous = torch.zeros(hc.shape[0], dtype=torch.bool, device=self.device)
         for (name, cols), (per_norm, per_class) in zip(blocks, tolerances):
             block = scores[:, cols]
@@ -456,8 +502,9 @@ class CollapseAccumulator:
     ) -> dict[str, float]:
         """The SPEC measures.  ``weight`` [K, d] (model.head.weight) or None for the
         weight-free family only (nc1, nc1_trace, cdnv, nc2_equinorm, nc2_equiangle,
-        nc2_maxangle, nc2_etf_error, nc4).  ``bias`` is only checked: decisions for nc4
-        were taken in pass 2.  ``reduce_fn`` all-reduces the pass-2 state first (once)."""
+        nc2_maxangle, nc2_etf_error, nc4, gnc2_log, gnc2_log_var, ncc_acc, and nc5 with OOD
+        features).  ``bias`` is only checked: decisions for nc4 and ncc_acc were taken in pass 2.
+        ``reduce_fn`` all-reduces the pass-2 state first (once)."""
         if self._phase == "means":
             raise RuntimeError("CollapseAccumulator.compute: run pass 1, finalize_means() and pass 2 first.")
         if weight is not None:
@@ -486,7 +533,22 @@ class CollapseAccumulator:
             mismatches=float(self.decisions[0]),
             scored=float(self.decisions[1]),
             weight=weight,
+            ncc_hits=self.ncc_hits,
+            ood=self.ood,
+            tile=self.tile,
         )
+
+    @torch.no_grad()
+    def update_ood(self, h: torch.Tensor) -> None:
+        """Add out-of-distribution features h [B, d] (any time before :meth:`compute`): with any, ``compute``
+        also returns ``nc5`` against their mean.  Their sums are all-reduced with pass 2's tensors."""
+        self.add_ood(ood_sums(h, self.dim, self.device))
+
+    def add_ood(self, sums: torch.Tensor) -> None:
+        """Add OOD sums as :func:`~fixedcls.collapse.stats.ood_sums` gives them ([d + 1]: feature sum, count)."""
+        if self._phase == "done":
+            raise RuntimeError("CollapseAccumulator.add_ood: compute() was called; call reset() to start again.")
+        self.ood += sums.to(self.device, _F64)
 
 
 def nc_metrics(
@@ -496,6 +558,8 @@ def nc_metrics(
     bias: torch.Tensor | None = None,
     *,
     scatter_dtype: torch.dtype = torch.float32,
+    ood_features: torch.Tensor | None = None,
+    tile: int = TILE,
 ) -> dict[str, float]:
     """SPEC section 3 measures of in-memory features, accumulated in float64 for any input dtype.
 
@@ -504,14 +568,20 @@ def nc_metrics(
     argmax_c (w_c.h + b_c) over all rows of ``weight``.  Runs the streaming
     :class:`CollapseAccumulator` with the whole tensor as one batch.  ``scatter_dtype``: the
     dtype of the products of class-centred features, float32 (~1e-7 relative, immune to
-    offsets) or float64 (~1e-14); see :class:`CollapseAccumulator`.
+    offsets) or float64 (~1e-14); see :class:`CollapseAccumulator`.  ``ood_features`` [M, d]:
+    features of out-of-distribution data, for ``nc5``.  ``tile``: classes per tile of the pairwise
+    measures and per chunk of the decisions (memory O(K d + d^2 + tile^2); any value gives the
+    same measures up to rounding).
     """
     if not torch.is_tensor(features) or not torch.is_tensor(labels) or not torch.is_tensor(weight):
         raise FixedclsError("nc_metrics: features, labels and weight must be torch tensors; convert with torch.as_tensor.")
     if weight.dim() != 2:
         raise FixedclsError(f"nc_metrics: weight must have shape [K, d], got {tuple(weight.shape)}; pass model.head.weight.")
-    acc = CollapseAccumulator(weight.shape[0], weight.shape[1], device=features.device, scatter_dtype=scatter_dtype)
+    acc = CollapseAccumulator(weight.shape[0], weight.shape[1], device=features.device, scatter_dtype=scatter_dtype,
+                              tile=tile)
     acc.update_means(features, labels)
     acc.finalize_means()
     acc.update_scatter(features, labels, weight=weight, bias=bias)
+    if ood_features is not None:
+        acc.update_ood(ood_features)
     return acc.compute(weight, bias)

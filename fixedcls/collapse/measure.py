@@ -14,10 +14,10 @@ from typing import Callable, Mapping, Optional, Sequence
 import torch
 
 from ..errors import FixedclsError
-from ..runtime import autocast_dtype_of, unwrap
+from ..runtime import autocast_dtype_of, rng_state, set_rng_state, unwrap
 from .minority import minority_collapse
 from .exact import CollapseAccumulator
-from .stats import NC1_KEYS, ReduceFn
+from .stats import NC1_KEYS, ReduceFn, ood_sums
 
 
 def _subset_loader(loader, max_samples: int, seed: int):
@@ -183,6 +183,7 @@ def measure_model(
     cache_mb: float = 256.0,
     minority: Sequence[int] = (),
     majority: Sequence[int] = (),
+    ood: torch.Tensor | None = None,
 ) -> dict[str, float]:
     """Exact collapse measures of ``model`` on the data of ``loader`` (two statistics passes, one forward
     pass while the features fit ``cache_mb``).
@@ -210,6 +211,8 @@ def measure_model(
     ``0`` streams the loader twice.  Both ways give the same bits.
     ``minority`` / ``majority``: class ids; when minority is given, adds the minority-collapse measures
     (:func:`fixedcls.collapse.minority.minority_collapse`) of the class means and the head rows.
+    ``ood``: this process's sums of out-of-distribution features, [d + 1] as :func:`ood_feature_sums` gives
+    them (all-reduced with pass 2 under ``reduce_fn``): adds ``nc5``.
     The train/eval state of every submodule is restored afterwards.
     """
     device = torch.device(device)
@@ -268,7 +271,9 @@ def measure_model(
                 cache = FeatureCache(cache_mb)
                 for h, y, logits, pooled in forward_batches():
                     if inter is not None and layer_accs is None:
-                        layer_accs = [CollapseAccumulator(num_classes, f.shape[1], device=device) for f in pooled]
+                        # the stages report nc1 alone: no nearest-centre decisions (a GEMM per batch) for them
+                        layer_accs = [CollapseAccumulator(num_classes, f.shape[1], device=device, nearest_centre=False)
+                                      for f in pooled]
                     acc.update_means(h, y)
                     for a, f in zip(layer_accs or [], pooled):
                         a.update_means(f, y)
@@ -283,6 +288,8 @@ def measure_model(
                 acc.update_scatter(h, y, logits)
                 for a, f in zip(layer_accs or [], pooled):
                     a.update_scatter(f, y)
+            if ood is not None:
+                acc.add_ood(ood)
             out = acc.compute(weight, bias, reduce_fn=reduce_fn)
             if minority:
                 out.update(minority_collapse(acc.means, weight, minority, majority, present=acc.counts > 0))
@@ -295,6 +302,43 @@ def measure_model(
         for m, flag in modes:
             m.training = flag
     return out
+
+
+@torch.no_grad()
+def ood_feature_sums(model: torch.nn.Module, loader, *, device: torch.device | str, autocast_dtype=None,
+                     channels_last: bool = False) -> torch.Tensor:
+    """[d + 1] float64: the sum of ``model``'s features over the (out-of-distribution) samples of ``loader``
+    and their count, what ``nc5`` needs (``measure_model(..., ood=...)``, ``OnlineCollapse.add_ood``).
+    Under DDP each rank sums its own shard; the accumulators all-reduce the sums.  Batches are inputs, (inputs,),
+    (inputs, labels, ...) with the labels ignored, or a mapping as measure_model reads it.  The train/eval state
+    of every submodule and every random stream are restored: iterating a DataLoader draws from the global torch
+    RNG, and a run that measures nc5 must train exactly as one that does not (so `collapse.ood` stays out of the
+    run identity)."""
+    device = torch.device(device)
+    amp = autocast_dtype_of(autocast_dtype)
+    dim = unwrap(model).head.weight.shape[1]
+    total = torch.zeros(dim + 1, dtype=torch.float64, device=device)
+    modes = [(m, m.training) for m in model.modules()]
+    streams = rng_state()
+    model.eval()
+    try:
+        for batch in loader:
+            # OOD data has no labels: inputs alone, (inputs,) as TensorDataset(x) yields them, or (inputs, labels, ...)
+            if torch.is_tensor(batch):
+                x = batch
+            else:
+                x = batch[0] if isinstance(batch, (list, tuple)) and batch else _split_batch(batch)[0]
+            x = x.to(device, non_blocking=True)
+            if channels_last and x.dim() == 4:
+                x = x.contiguous(memory_format=torch.channels_last)
+            with torch.autocast(device_type=device.type, dtype=amp) if amp is not None else nullcontext():
+                _, h = model(x, return_features=True)
+            total += ood_sums(h, dim, device)
+    finally:
+        for m, flag in modes:
+            m.training = flag
+        set_rng_state(streams)
+    return total
 
 
 def prototype_alignment(model, loader, *, device, autocast: Optional[Callable] = None) -> tuple[list[str], list[list]]:

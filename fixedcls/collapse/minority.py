@@ -26,10 +26,12 @@ _F64 = torch.float64
 
 
 def _mean_pairwise_cos(rows: torch.Tensor) -> float:
+    """Mean over pairs c < c' of cos(r_c, r_c'), without the n x n matrix of cosines (n can be most of K):
+    sum_{c != c'} u_c.u_c' = ||sum_c u_c||^2 - sum_c ||u_c||^2 for the unit rows u_c."""
     unit = rows / torch.linalg.vector_norm(rows, dim=1, keepdim=True).clamp_min(torch.finfo(_F64).tiny)
-    cos = unit @ unit.T
-    upper = torch.triu_indices(len(rows), len(rows), offset=1, device=rows.device)
-    return float(cos[upper[0], upper[1]].mean())
+    n = unit.shape[0]
+    off_diagonal = torch.linalg.vector_norm(unit.sum(dim=0)).square() - torch.linalg.vector_norm(unit).square()
+    return float(off_diagonal / (n * (n - 1)))
 
 
 def _norm_ratio(rows: torch.Tensor, minority: list[int], majority: list[int]) -> float:

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Callable, Mapping, Optional, Sequence
 import torch
 
 from ..errors import FixedclsError
-from .stats import _GROWING_KEYS, METRIC_KEYS
+from .stats import _GROWING_KEYS, EXTRA_KEYS, METRIC_KEYS, OOD_KEYS
 
 if TYPE_CHECKING:
     from ..tracking.base import Tracker
@@ -30,6 +30,7 @@ DEFAULT_THRESHOLDS: dict[str, tuple[str, float]] = {
     "nc4": ("<=", 0.01),
     "proto_cos": (">=", 0.9),
     "sample_cos": (">=", 0.9),
+    "ncc_acc": (">=", 0.99),
 }
 _LOG10_FLOOR = 1e-12
 
@@ -98,6 +99,10 @@ _PLOT_PANELS: tuple[tuple[str, str], ...] = (
     ("nc4", "NC4 NCC mismatch"),
     ("1-proto_cos", "1 - proto_cos"),
     ("1-sample_cos", "1 - sample_cos"),
+    ("gnc2_log_var", "GNC2 variance of -log ||u_c - u_c'||"),
+    ("unc3", "UNC3 uniform duality"),
+    ("1-ncc_acc", "1 - NCC accuracy"),
+    ("nc5", "NC5 |cos(mu_c, mu_OOD)|"),
 )
 
 
@@ -219,7 +224,7 @@ def plot_collapse(
 def format_table(metrics: Mapping[str, object]) -> str:
     """A markdown table ``| measure | value |`` of a metrics dict (SPEC keys first, in SPEC
     order, whatever their prefix; then the rest alphabetically)."""
-    order = {k: i for i, k in enumerate(METRIC_KEYS)}
+    order = {k: i for i, k in enumerate(METRIC_KEYS + EXTRA_KEYS + OOD_KEYS)}
 
     def sort_key(k: str):
         prefix, _, base = k.rpartition("/")

@@ -32,6 +32,8 @@ from typing import Callable, Mapping, Sequence
 import torch
 
 from ..errors import FixedclsError  # user-facing, a ValueError subclass
+from .decisions import _NCC, _decisions
+from .pairwise import TILE, pairwise_measures
 
 #: Keys of SPEC section 3, in the order of the specification.
 METRIC_KEYS: tuple[str, ...] = (
@@ -48,17 +50,24 @@ METRIC_KEYS: tuple[str, ...] = (
     "proto_cos",
     "sample_cos",
 )
+#: The measures SPEC section 3 added for large K, after METRIC_KEYS: generalized NC2 (hyperspherical uniformity,
+#: Liu et al. 2023; Wu & Papyan 2024), uniform duality and nearest-class-centre accuracy.  Always returned.
+EXTRA_KEYS: tuple[str, ...] = ("gnc2_log", "gnc2_log_var", "unc3", "ncc_acc")
+#: Returned only with OOD features (Ammar et al. 2024).
+OOD_KEYS: tuple[str, ...] = ("nc5",)
 #: The NC1 family reported per backbone stage by deep-collapse measurement.
 NC1_KEYS: tuple[str, ...] = ("nc1", "nc1_trace")
 #: Keys that need the classifier rows W.
-_WEIGHT_KEYS = frozenset({"nc2_equinorm_w", "nc3", "proto_cos", "sample_cos"})
-#: Measures that grow towards collapse (all others shrink towards 0).
-_GROWING_KEYS = frozenset({"proto_cos", "sample_cos"})
+_WEIGHT_KEYS = frozenset({"nc2_equinorm_w", "nc3", "proto_cos", "sample_cos", "unc3"})
+#: Measures that grow towards collapse (all others shrink towards 0; gnc2_log towards its minimum).
+_GROWING_KEYS = frozenset({"proto_cos", "sample_cos", "ncc_acc"})
 
 ReduceFn = Callable[[torch.Tensor], object]
 
 _F64 = torch.float64
 _NAN = float("nan")
+
+
 def _unit_rows(x: torch.Tensor) -> torch.Tensor:
     """Rows divided by their L2 norm; zero rows stay zero (cosine with them is 0)."""
     return x / x.norm(dim=1, keepdim=True).clamp_min(torch.finfo(x.dtype).tiny)
@@ -80,18 +89,30 @@ def _metrics_from_stats(
     mismatches: float,
     scored: float,
     weight: torch.Tensor | None,
+    ncc_hits: torch.Tensor | None = None,
+    ood: torch.Tensor | None = None,
+    tile: int = TILE,
 ) -> dict[str, float]:
     """All SPEC measures from float64 statistics over all ``num_classes`` rows.
 
     means [C, d] (rows of absent classes ignored), counts [C] (samples per class),
     scatter [d, d] = sum_i (h_i - mu_y)(h_i - mu_y)^T, sqdist [C] = sum_{i in c} ||h_i - mu_c||^2,
     normsums [C, d] = sum_{i in c} h_i / ||h_i||, mismatches / scored for nc4,
-    weight [C, d] or None (then the keys that need W are not returned).
+    weight [C, d] or None (then the keys that need W are not returned), ncc_hits [2] = (samples whose
+    nearest class mean is their own, samples decided) for ncc_acc, ood [d + 1] = (sum of the OOD
+    features, their count) for nc5 (left out when None or empty), tile: the class tile of the pairwise
+    measures (:mod:`.pairwise`).
     """
-    out: dict[str, float] = {k: _NAN for k in METRIC_KEYS if weight is not None or k not in _WEIGHT_KEYS}
+    keys = METRIC_KEYS + EXTRA_KEYS
+    out: dict[str, float] = {k: _NAN for k in keys if weight is not None or k not in _WEIGHT_KEYS}
     present = (counts > 0).nonzero().squeeze(1)
     K = int(present.numel())
     out["nc4"] = float(mismatches / scored) if scored > 0 else _NAN
+    if ncc_hits is not None and float(ncc_hits[1]) > 0:
+        out["ncc_acc"] = float(ncc_hits[0] / ncc_hits[1])
+    with_ood = ood is not None and float(ood[-1]) > 0
+    if with_ood:
+        out["nc5"] = _NAN
     if K == 0:
         return out
     d = means.shape[1]
@@ -113,24 +134,9 @@ def _metrics_from_stats(
     out["nc1_trace"] = float(sigma_w.trace() / sigma_b.trace())
 
     if K >= 2:
-        gram = md @ md.T  # G = M-dot M-dot^T, [K, K]
-        sq_norms = gram.diagonal()
-        iu = torch.triu_indices(K, K, offset=1, device=gram.device)
-        pair_d2 = (sq_norms[iu[0]] + sq_norms[iu[1]] - 2.0 * gram[iu[0], iu[1]]).clamp_min(0.0)
-        var_c = sqdist[present].clamp_min(0.0) / n_c
-        out["cdnv"] = float(((var_c[iu[0]] + var_c[iu[1]]) / (2.0 * pair_d2)).mean())
-
-        norms = sq_norms.clamp_min(0.0).sqrt()
+        norms = md.norm(dim=1)
         out["nc2_equinorm"] = _std_over_mean(norms)
-        unit = _unit_rows(md)
-        cos = unit @ unit.T
-        off = cos[~torch.eye(K, dtype=torch.bool, device=cos.device)]
-        out["nc2_equiangle"] = float(off.std(unbiased=True))
-        out["nc2_maxangle"] = float((off + 1.0 / (K - 1)).abs().mean())
-        eye = torch.eye(K, dtype=_F64, device=gram.device)
-        target = (eye - 1.0 / K) / math.sqrt(K - 1)
-        out["nc2_etf_error"] = float(torch.linalg.matrix_norm(gram / torch.linalg.matrix_norm(gram) - target))
-
+        out.update(pairwise_measures(md, sqdist[present].clamp_min(0.0) / n_c, tile))
     if weight is not None:
         w = weight.detach().to(device=means.device, dtype=_F64)
         wp = w[present]
@@ -139,7 +145,28 @@ def _metrics_from_stats(
         out["nc3"] = float(torch.linalg.matrix_norm(diff) ** 2)
         out["proto_cos"] = float((_unit_rows(mu) * _unit_rows(wp)).sum(dim=1).mean())
         out["sample_cos"] = float((normsums[present] * _unit_rows(wp)).sum() / N)
+        out["unc3"] = _std_over_mean((_unit_rows(wp) * _unit_rows(md)).sum(dim=1))
+    if with_ood:
+        out["nc5"] = nc5(mu, ood[:-1] / ood[-1])
     return out
+
+
+def nc5(class_means: torch.Tensor, ood_mean: torch.Tensor) -> float:
+    """``nc5`` (Ammar et al. 2024): the mean over the rows of ``class_means`` [K, d] (the uncentred means of the
+    classes present) of |cos(mu_c, mu_ood)|, ``ood_mean`` [d] the mean OOD feature; 0 when they are orthogonal."""
+    mu = class_means.detach().to(_F64)
+    unit_ood = _unit_rows(ood_mean.detach().to(mu.device, _F64).reshape(1, -1)).squeeze(0)
+    return float((_unit_rows(mu) @ unit_ood).abs().mean())
+
+
+def ood_sums(h: torch.Tensor, dim: int, device: torch.device | str | None = None) -> torch.Tensor:
+    """[d + 1] float64: the sum of the OOD feature rows h [B, d] and their count, what ``nc5`` needs of them
+    (accumulators add these and all-reduce them like their other sums)."""
+    if not torch.is_tensor(h) or h.dim() != 2 or h.shape[1] != dim:
+        shape = tuple(h.shape) if torch.is_tensor(h) else type(h).__name__
+        raise FixedclsError(f"collapse: OOD features must have shape [M, {dim}], got {shape}; pass the same model's features of the OOD data.")
+    h64 = h.detach().to(device if device is not None else h.device, _F64)
+    return torch.cat([h64.sum(dim=0), torch.tensor([float(h64.shape[0])], dtype=_F64, device=h64.device)])
 
 
 def _check_labels(y: torch.Tensor, num_classes: int) -> None:
@@ -164,46 +191,6 @@ def _check_weight(weight: torch.Tensor, bias: torch.Tensor | None, num_classes: 
         raise FixedclsError(f"collapse: bias must have shape [{num_classes}], got {tuple(bias.shape)}; pass model.head.bias or None.")
 
 
-class _NCC:
-    """Nearest-class-centre decisions argmin_c ||h - mu_c|| over a set of class means.
-
-    Computed as argmin_c ||mu_c||^2 - 2 h.mu_c in float64 after translating everything by
-    the mean of the means (distances are translation invariant; this avoids cancellation
-    with a large common offset).  Classes not in ``valid`` can never be chosen.
-    """
-
-    def __init__(self, means: torch.Tensor, valid: torch.Tensor):
-        idx = valid.nonzero().squeeze(1)
-        self.ready = idx.numel() > 0
-        if not self.ready:
-            return
-        self.centre = means[idx].mean(dim=0)
-        self.mu = means[idx] - self.centre  # [Kv, d]
-        self.mu_sq = (self.mu * self.mu).sum(dim=1)  # [Kv]
-        self.idx = idx
-
-    def predict(self, h64: torch.Tensor) -> torch.Tensor:
-        score = self.mu_sq.unsqueeze(0) - 2.0 * (h64 - self.centre) @ self.mu.T
-        return self.idx[score.argmin(dim=1)]
-
-    def offsets(self, means: torch.Tensor) -> torch.Tensor:
-        """[C, Kv] (mu_c - centre).mu_k: with them, (h - centre).mu_k = (h - mu_y).mu_k + offsets[y, k],
-        so decisions can be taken from the class-centred features of pass 2 (see decide)."""
-        return (means - self.centre) @ self.mu.T
-
-    def decide(self, centred_products: torch.Tensor) -> torch.Tensor:
-        """Decisions from (h - centre).mu_k [B, Kv] (e.g. (h - mu_y).mu_k + offsets[y])."""
-        return self.idx[(self.mu_sq.unsqueeze(0) - 2.0 * centred_products).argmin(dim=1)]
-
-
-def _decisions(logits: torch.Tensor, num_classes: int) -> torch.Tensor:
-    if logits.dim() != 2 or logits.shape[1] != num_classes:
-        raise FixedclsError(
-            f"collapse: logits must have shape [B, {num_classes}] (one column per row of W), got {tuple(logits.shape)}; pass the head's output."
-        )
-    return logits.argmax(dim=1)
-
-
 class OnlineCollapse:
     """Approximate one-pass collapse measure fed from the training forward.
 
@@ -221,16 +208,23 @@ class OnlineCollapse:
     sum_i (h_i-mu_y)(h_i-mu_y)^T = sum_i (h_i-s_y)(h_i-s_y)^T - sum_c n_c (mu_c-s_c)(mu_c-s_c)^T,
     well conditioned once s_c is close to mu_c.  ``nc4`` compares the classifier decision
     (argmax of the step's logits) with the nearest previous-epoch class mean (the shifts);
-    it is NaN in the first epoch, when no previous means exist.  Memory O(K d + d^2).
+    it is NaN in the first epoch, when no previous means exist.  ``ncc_acc`` is the share of the
+    epoch's samples whose nearest previous-epoch class mean is their own class (NaN in the first
+    epoch too); nearest-centre decisions are taken over chunks of ``tile`` classes and the pairwise
+    measures over tiles, so the memory is O(K d + d^2 + tile^2) whatever K.  ``nc5``: feed the
+    epoch's OOD features to :meth:`update_ood` (or their sums to :meth:`add_ood`) before :meth:`compute`.
 
     :meth:`compute` returns the measures, moves the shifts to this epoch's means (classes
     seen) and clears the sums for the next epoch.  Distributed: all-reduce
     :meth:`state_tensors` with SUM before :meth:`compute` (or pass ``reduce_fn``).
     """
 
-    def __init__(self, num_classes: int, dim: int, device: torch.device | str | None = None):
+    def __init__(self, num_classes: int, dim: int, device: torch.device | str | None = None, *, tile: int = TILE):
         self.num_classes = int(num_classes)
         self.dim = int(dim)
+        if int(tile) < 1:
+            raise FixedclsError(f"collapse: tile must be a positive number of classes, got {tile}.")
+        self.tile = int(tile)
         self.device = torch.device(device) if device is not None else torch.device("cpu")
         kw = {"dtype": _F64, "device": self.device}
         self.shifts = torch.zeros(self.num_classes, self.dim, **kw)
@@ -247,8 +241,12 @@ class OnlineCollapse:
         self.sqdist = torch.zeros(K, **kw)  # sum ||h - s_y||^2
         self.normsums = torch.zeros(K, d, **kw)  # sum h / ||h||
         self.decisions = torch.zeros(2, **kw)  # [mismatches, scored]
+        self.ncc_hits = torch.zeros(2, **kw)  # [nearest previous mean is the own class, decided]
+        self.ood = torch.zeros(d + 1, **kw)  # [sum of the OOD features, their count]
 
-    _SUMS = ("sums", "counts", "scatter", "sqdist", "normsums", "decisions")
+    _SUMS = ("sums", "counts", "scatter", "sqdist", "normsums", "decisions", "ncc_hits", "ood")
+    #: The sums a state written before ncc_hits and ood existed holds (those two then start at zero).
+    _FIRST_SUMS = _SUMS[:6]
 
     def state_tensors(self) -> list[torch.Tensor]:
         """Tensors to all-reduce (SUM, in place) once, after the epoch and before compute()."""
@@ -272,9 +270,10 @@ class OnlineCollapse:
         self.has_shift.copy_(state["has_shift"])
         self._ncc = _NCC(self.shifts, self.has_shift)
         self.reset()
-        if with_sums and all(name in state for name in self._SUMS):
+        if with_sums and all(name in state for name in self._FIRST_SUMS):
             for name, target in zip(self._SUMS, self.state_tensors()):
-                target.copy_(state[name])
+                if name in state:
+                    target.copy_(state[name])
 
     @torch.no_grad()
     def update(self, h: torch.Tensor, y: torch.Tensor, logits: torch.Tensor | None = None) -> None:
@@ -288,10 +287,23 @@ class OnlineCollapse:
         self.scatter.addmm_(z.T, z)
         self.sqdist.index_add_(0, y, (z * z).sum(dim=1))
         self.normsums.index_add_(0, y, _unit_rows(h64))
-        if logits is not None and self._ncc is not None and self._ncc.ready:
-            pred = _decisions(logits.detach(), self.num_classes).to(self.device)
-            self.decisions[0] += (pred != self._ncc.predict(h64)).sum()
-            self.decisions[1] += h64.shape[0]
+        if self._ncc is not None and self._ncc.ready:
+            nearest = self._ncc.predict(h64, self.tile)
+            self.ncc_hits[0] += (nearest == y).sum()
+            self.ncc_hits[1] += h64.shape[0]
+            if logits is not None:
+                pred = _decisions(logits.detach(), self.num_classes).to(self.device)
+                self.decisions[0] += (pred != nearest).sum()
+                self.decisions[1] += h64.shape[0]
+
+    @torch.no_grad()
+    def update_ood(self, h: torch.Tensor) -> None:
+        """Add out-of-distribution features h [M, d]: ``compute`` then also returns ``nc5``."""
+        self.ood += ood_sums(h, self.dim, self.device)
+
+    def add_ood(self, sums: torch.Tensor) -> None:
+        """Add the OOD sums of :func:`ood_sums` (e.g. taken once per epoch for several accumulators)."""
+        self.ood += sums.to(self.device, _F64)
 
     @torch.no_grad()
     def compute(
@@ -322,6 +334,9 @@ class OnlineCollapse:
             mismatches=float(self.decisions[0]),
             scored=float(self.decisions[1]),
             weight=weight,
+            ncc_hits=self.ncc_hits,
+            ood=self.ood,
+            tile=self.tile,
         )
         self.shifts[present] = means[present]
         self.has_shift |= present

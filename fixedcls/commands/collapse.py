@@ -28,6 +28,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="also the per-stage AGOP measures (docs/agop.md), exact, on the train split: "
                              "stages such as 1,2,3,4 (default all)")
     parser.add_argument("--agop-samples", type=positive_int, default=512, help="seeded subset size for --agop")
+    parser.add_argument("--ood", nargs="+", default=None, metavar="FOLDER|NAME|KEY=VALUE",
+                        help="out-of-distribution data for nc5: a folder of images, or a conf/data preset and/or "
+                             "data keys applied to the run's data (its test split)")
     parser.add_argument("--json", type=output_file, default=None, help="also write the measures to this JSON file")
     return parser
 
@@ -43,10 +46,17 @@ def measure(args) -> int:
     # The run's class groups (a long-tailed run's few-shot classes are the minority of the minority measures).
     groups = class_groups(class_counts(targets_of(bundle.train), model.num_classes), cfg.data.imbalance)
     results: dict = {}
+    ood = None
+    if args.ood:
+        from ..collapse.measure import ood_feature_sums
+        from ..inference.ood import ood_loader
+
+        loader, _ = ood_loader(args.ood, cfg.data, bundle.preprocessing, batch_size=cfg.data.eval_batch_size, what="--ood")
+        ood = ood_feature_sums(model, loader, device=device)
     for split in (("train", "test") if args.split == "both" else (args.split,)):
         loader = DataLoader(splits[split], batch_size=cfg.data.eval_batch_size, shuffle=False)
         values = measure_model(model, loader, device=device, max_samples=args.max_samples, layers=args.layers,
-                               minority=groups["few"], majority=groups["many"])
+                               minority=groups["few"], majority=groups["many"], ood=ood)
         results.update({prefixes[split] + key: value for key, value in values.items()})
     if args.agop is not None:
         from .. import agop

@@ -1,9 +1,12 @@
 """fixedcls-eval: how well a trained model classifies one split of its data.
 
     fixedcls-eval CKPT [--split test|val|train] [--data NAME|KEY=VALUE ...] [--ema] [--json FILE] [--png FILE]
+                       [--ood FOLDER|NAME|KEY=VALUE ... [--neco-dim N]]
 
 Loss, top-1, top-5 (more than 5 classes), balanced accuracy, ECE, per-class accuracy and the split's collapse
 measures on the terminal; with --json also the confusion matrix, and its heatmap as a PNG next to it.
+With --ood, the split against out-of-distribution data: AUROC and FPR at 95% TPR of the MSP, max-logit,
+energy and NECO scores, and nc5 (fixedcls.inference.ood).
 """
 from __future__ import annotations
 
@@ -30,6 +33,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--no-collapse", action="store_true", help="skip the collapse measures (a second pass)")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     parser.add_argument("--batch-size", type=positive_int, help="default: the run's data.eval_batch_size")
+    parser.add_argument("--ood", nargs="+", default=None, metavar="FOLDER|NAME|KEY=VALUE",
+                        help="out-of-distribution data: a folder of images, or a conf/data preset and/or data keys "
+                             "applied to the run's data like --data (its test split)")
+    parser.add_argument("--neco-dim", type=positive_int, default=None, metavar="N",
+                        help="principal components of the training features for NECO (default: classes - 1, at most d)")
     return parser
 
 
@@ -47,6 +55,8 @@ def evaluate_checkpoint(args) -> dict:
     from ..runtime import resolve_device
     from ..training import factories
 
+    if args.neco_dim is not None and not args.ood:
+        raise FixedclsError("--neco-dim sets NECO's principal components of OOD detection: add --ood DATA, or leave --neco-dim out")
     device = resolve_device(args.device, key="--device")
     loaded = load(args.checkpoint, device=device, ema=args.ema)
     if not loaded.config:
@@ -67,9 +77,22 @@ def evaluate_checkpoint(args) -> dict:
     if not args.no_collapse:
         collapse = {COLLAPSE_PREFIX[args.split] + key: value
                     for key, value in measure_model(loaded.model, loader, device=device).items()}
-    return {"checkpoint": str(loaded.path), "epoch": loaded.identity.get("epoch"), "ema": bool(args.ema),
-            "split": args.split, "data": cfg.data.name, "num_classes": len(loaded.class_names),
-            "class_names": loaded.class_names, **metrics, "collapse": collapse}
+    result = {"checkpoint": str(loaded.path), "epoch": loaded.identity.get("epoch"), "ema": bool(args.ema),
+              "split": args.split, "data": cfg.data.name, "num_classes": len(loaded.class_names),
+              "class_names": loaded.class_names, **metrics, "collapse": collapse}
+    if args.ood:
+        from ..inference.ood import detect_ood, ood_dataset
+
+        ood_data, source = ood_dataset(args.ood, cfg.data, loaded.preprocessing, what="--ood")
+        batch_size = args.batch_size or cfg.data.eval_batch_size
+
+        def batches(data):
+            return DataLoader(data, batch_size=batch_size, shuffle=False, num_workers=cfg.data.num_workers)
+
+        report = detect_ood(loaded.model, loader, batches(ood_data), batches(bundle.train_eval), device=device,
+                            components=args.neco_dim)
+        result["ood"] = {"source": source, **report}
+    return result
 
 
 def _run(args) -> int:
@@ -80,6 +103,11 @@ def _run(args) -> int:
     print(f"{result['checkpoint']} (epoch {result['epoch']}{', EMA' if result['ema'] else ''}): {result['data']} "
           f"{result['split']} split, {result['samples']} samples, {result['num_classes']} classes")
     print(format_metrics(result, result["collapse"]))
+    if "ood" in result:
+        from ..inference.ood import format_ood
+
+        ood = result["ood"]
+        print(format_ood(ood, f"OOD detection: {result['split']} split ({ood['id_samples']}) against {ood['source']}"))
     png = args.png or (args.json.with_suffix(".png") if args.json else None)
     if png is not None:
         plot_confusion(result["confusion"], result["class_names"], png,

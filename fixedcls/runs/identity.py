@@ -22,8 +22,8 @@ IDENTITY_EXCLUDES: tuple[str, ...] = (
     "data.num_workers", "data.eval_batch_size", "collapse.cache_mb",
     # extending a run to more epochs continues the same experiment
     "trainer.epochs",
-    # what is reported, not trained
-    "logger.", "collapse.plot", "collapse.thresholds.",
+    # what is reported, not trained (the OOD pass of collapse.ood restores every random stream it draws from)
+    "logger.", "collapse.plot", "collapse.thresholds.", "collapse.ood",
     # read by fixedcls-compat train only, which sets every generation's own data.classes, model.*, seed
     "generations.",
 )

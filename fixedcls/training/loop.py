@@ -67,6 +67,7 @@ class TrainingRun:
     # many/medium/few classes by training count (fixedcls.imbalance.class_groups): the group accuracies of
     # every evaluated split, and the minority (few) and majority (many) of the minority-collapse measures
     class_groups: dict = field(default_factory=dict)
+    ood_loader: Any = None  # collapse.ood's samples (nc5); fit builds it from checkpoint_meta when None
 
 
 @dataclass
@@ -100,7 +101,8 @@ def recorded_keys(*, validation: bool, ema: bool, collapse) -> list[str]:
     if collapse.every > 0:
         for split, prefix in (("train", "collapse/"), ("test", "collapse_test/")):
             if split in collapse.splits:
-                keys += [prefix + key for key in nc.METRIC_KEYS + MINORITY_KEYS]
+                keys += [prefix + key for key in nc.METRIC_KEYS + nc.EXTRA_KEYS + MINORITY_KEYS]
+                keys += [prefix + key for key in nc.OOD_KEYS] if getattr(collapse, "ood", None) else []
                 if collapse.layers:
                     keys += [f"{prefix}layer<i>/{key}" for key in nc.NC1_KEYS]
     if collapse.agop.layers:
@@ -122,6 +124,12 @@ def fit(run: TrainingRun) -> dict:
     if run.collapse.every > 0 and choice(run.collapse.mode) == "online":
         online = {split: nc.OnlineCollapse(model.num_classes, model.dim, device) for split in ("train", "test")}
 
+    if run.collapse.every > 0 and getattr(run.collapse, "ood", None) and run.ood_loader is None:
+        from ..inference.ood import ood_loader_of_run  # before the first epoch: a source that cannot be read fails now
+
+        run.ood_loader, source = ood_loader_of_run(run.collapse.ood, run.checkpoint_meta, world=world)
+        if world.is_main:
+            log.info(f"collapse.ood: {source}, measured with each collapse measurement (nc5)")
     loop = LoopState(running=torch.zeros(3, dtype=torch.float64, device=device))
     if run.resume_state is not None:
         _restore(run, loop, model, scaler, online)
@@ -423,23 +431,29 @@ def measure_collapse(run: TrainingRun, model: nn.Module, online: Optional[dict],
     row: dict = {}
     settings, world, head = run.collapse, run.world, model.head
     minority, majority = run.class_groups.get("few", []), run.class_groups.get("many", [])
+    amp = AUTOCAST_DTYPES[choice(run.trainer.precision)]
+    # the OOD features' sums, once for both splits: each rank sums its shard, the accumulators all-reduce them
+    ood = None if run.ood_loader is None else nc.ood_feature_sums(model, run.ood_loader, device=run.device,
+                                                                   autocast_dtype=amp, channels_last=run.trainer.channels_last)
     for split, prefix, loader in (("train", "collapse/", run.train_eval_loader), ("test", "collapse_test/", run.test_loader)):
         if split not in settings.splits:
             continue
         if online is not None:
+            if ood is not None:
+                online[split].add_ood(ood)
             world.all_reduce_sum(online[split].state_tensors())
             values = online[split].compute(head.weight.detach(), None if head.bias is None else head.bias.detach())
             if minority:  # compute() moved the shifts to this epoch's class means
                 values.update(nc.minority_collapse(online[split].shifts, head.weight.detach(), minority, majority,
                                                    present=online[split].has_shift))
         else:
-            values = nc.measure_model(model, loader, device=run.device, autocast_dtype=AUTOCAST_DTYPES[choice(run.trainer.precision)],
+            values = nc.measure_model(model, loader, device=run.device, autocast_dtype=amp,
                                       max_samples=settings.max_samples, layers=list(settings.layers) or None,
                                       reduce_fn=(lambda t: world.all_reduce_sum([t])) if world.distributed else None,
                                       channels_last=run.trainer.channels_last,
                                       accumulator=test_means if split == "test" else None,
                                       cache=test_cache if split == "test" else None, cache_mb=settings.cache_mb,
-                                      minority=minority, majority=majority)
+                                      minority=minority, majority=majority, ood=ood)
         row.update({prefix + key: value for key, value in values.items()})
     return row
 
