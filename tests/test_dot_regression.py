@@ -195,6 +195,29 @@ def test_etf_dr_preset_is_the_authors_form_and_todays_form_is_overrides_away():
     assert (today.head.normalize.value, today.trainer.dr_length, today.trainer.dr_balance) == ("l2", "fixed", "none")
 
 
+def test_new_keys_leave_the_identity_of_older_runs_alone_at_their_defaults():
+    from fixedcls.runs.identity import ADDED_KEYS, run_identity
+    from fixedcls.runs.stored import plain_config
+
+    def identity(overrides, drop=False):
+        config = plain_config(compose_config(overrides))
+        if drop:  # a config saved before issue 31 has none of its keys
+            del config["sched"]["decay_milestones"]
+            for key in ("dr_length", "dr_reg", "dr_balance"):
+                del config["trainer"][key]
+        return run_identity(config)[0]
+
+    assert {"trainer.dr_length", "trainer.dr_reg", "trainer.dr_balance", "sched.decay_milestones"} <= set(ADDED_KEYS)
+    assert identity([]) == identity([], drop=True)
+    # a run begun with head=etf_dr before issue 31 (L2-normalised, fixed length) continues with the default
+    # dr_length=feature, which on those features is the same loss
+    before = ["head=etf", "head.normalize=l2", "head.feature_bn=true", "trainer.loss=dot_regression"]
+    assert identity(before, drop=True) == identity(["head=etf_dr", "head.normalize=l2", "trainer.dr_balance=none"])
+    for changed in (["trainer.dr_length=fixed"], ["trainer.dr_balance=batch"], ["trainer.dr_reg=0.1"],
+                    ["sched.decay_milestones=[5]"]):
+        assert identity(before + changed) != identity(before, drop=True), changed
+
+
 @pytest.mark.parametrize("form", ["feature", "fixed"])
 def test_etf_dr_trains_in_either_form_with_mixup_and_says_which(tmp_path, caplog, form):
     extra = ["trainer.dr_length=fixed", "head.normalize=l2", "trainer.dr_balance=none"] if form == "fixed" else []
