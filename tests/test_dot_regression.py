@@ -9,6 +9,7 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
+from omegaconf import OmegaConf
 from torch import nn
 
 from fixedcls import polytopes
@@ -128,7 +129,7 @@ def test_feature_criterion_reads_the_features_the_head_dotted_and_the_logits_sti
     assert torch.allclose(logits, h @ head.prototypes.T)  # the decision stays w_c . h
     loss = criterion(logits, y)
     prototypes = head.prototypes * batch_class_lengths(y, 5)[:, None]
-    assert float(loss.detach()) == pytest.approx(float(dot_regression_loss(h, y, prototypes, reg_lam=0.01)), rel=1e-6)
+    assert float(loss.detach()) == pytest.approx(dot_regression_loss(h, y, prototypes, reg_lam=0.01).item(), rel=1e-6)
     loss.backward()
     assert h.grad is not None and h.grad.abs().sum() > 0
     with pytest.raises(FixedclsError, match="none were left"):  # one forward feeds one loss
@@ -193,6 +194,10 @@ def test_etf_dr_preset_is_the_authors_form_and_todays_form_is_overrides_away():
     today = compose_config(["head=etf_dr", "trainer.dr_length=fixed", "head.normalize=l2", "trainer.dr_balance=none"],
                            tiny=False)
     assert (today.head.normalize.value, today.trainer.dr_length, today.trainer.dr_balance) == ("l2", "fixed", "none")
+    # ... and one override away: the preset is exactly those overrides
+    preset = compose_config(["head=etf_dr_fixed"], tiny=False)
+    validate_config(preset)
+    assert OmegaConf.to_container(preset) == OmegaConf.to_container(today)
 
 
 def test_new_keys_leave_the_identity_of_older_runs_alone_at_their_defaults():
