@@ -185,7 +185,7 @@ def test_config_ranges_of_the_new_keys():
 # --------------------------------------------------------------------------- presets and runs
 
 
-def test_etf_dr_preset_is_the_authors_form_and_todays_form_is_overrides_away():
+def test_etf_dr_preset_is_the_authors_form_and_the_other_forms_are_one_override_away():
     cfg = compose_config(["head=etf_dr"], tiny=False)
     validate_config(cfg)
     assert (cfg.head.name, cfg.head.normalize.value, cfg.head.feature_bn) == ("etf", "none", True)
@@ -194,10 +194,12 @@ def test_etf_dr_preset_is_the_authors_form_and_todays_form_is_overrides_away():
     today = compose_config(["head=etf_dr", "trainer.dr_length=fixed", "head.normalize=l2", "trainer.dr_balance=none"],
                            tiny=False)
     assert (today.head.normalize.value, today.trainer.dr_length, today.trainer.dr_balance) == ("l2", "fixed", "none")
-    # ... and one override away: the preset is exactly those overrides
-    preset = compose_config(["head=etf_dr_fixed"], tiny=False)
-    validate_config(preset)
-    assert OmegaConf.to_container(preset) == OmegaConf.to_container(today)
+    # ... and one override away: the preset is exactly those overrides; so is their CIFAR classifier's
+    cifar = compose_config(["head=etf_dr", "head.normalize=l2"], tiny=False)
+    for preset, overrides in (("etf_dr_fixed", today), ("etf_dr_l2", cifar)):
+        composed = compose_config([f"head={preset}"], tiny=False)
+        validate_config(composed)
+        assert OmegaConf.to_container(composed) == OmegaConf.to_container(overrides), preset
 
 
 def test_new_keys_leave_the_identity_of_older_runs_alone_at_their_defaults():
@@ -243,12 +245,15 @@ def test_long_tailed_cifar_composes_the_authors_recipe():
     assert (cfg.data.name, cfg.data.batch_size, cfg.data.mixup, cfg.data.val_fraction) == ("cifar10", 128, 1.0, 0.0)
     assert (cfg.data.imbalance.type.value, cfg.data.imbalance.ratio, cfg.trainer.epochs) == ("exp", 100, 200)
     assert (cfg.optim.name, cfg.optim.lr, cfg.optim.momentum, cfg.optim.weight_decay) == ("sgd", 0.1, 0.9, 2e-4)
-    assert (cfg.head.name, cfg.trainer.loss, cfg.model.dim) == ("etf", "dot_regression", 64)
+    # their CIFAR classifier: L2 after the BatchNorm, the feature length as the target, per-batch prototype lengths
+    assert (cfg.head.name, cfg.head.normalize.value, cfg.head.feature_bn, cfg.model.dim) == ("etf", "l2", True, 64)
+    assert (cfg.trainer.loss, cfg.trainer.dr_length, cfg.trainer.dr_balance) == ("dot_regression", "feature", "batch")
     from hydra import compose, initialize_config_dir
 
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
         sweep = compose(config_name="config", overrides=["experiment=long_tailed_cifar"], return_hydra_config=True)
     assert sweep.hydra.sweeper.params["data.imbalance.ratio"] == "100,50,200"  # imbalance factors 0.01, 0.02, 0.005
+    assert sweep.hydra.sweeper.params["head"] == "learned,etf_dr_l2"
     # the authors' schedule: warm-up 0.02, 0.04, ..., 0.1, then x0.1 at epoch 160 and again at 180
     from fixedcls.training.factories import build_optimizer, build_scheduler
 
