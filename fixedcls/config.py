@@ -307,6 +307,9 @@ class SchedConfig:
     min_lr: float = checked(0.0, real(0))
     decay_epochs: float = checked(30.0, real(above=0))
     decay_rate: float = checked(0.1, real(above=0), why="the step factor, or the power of sched=poly")
+    # sched=multistep: the epochs (counted from 1, as the log does) from which the rate is multiplied by decay_rate
+    # once more (timm's decay_milestones); None: timm's (90, 180, 270)
+    decay_milestones: Optional[List[int]] = checked(None, Each(integer(1)))
 
 
 @dataclass
@@ -331,6 +334,12 @@ class TrainerConfig:
     freeze_backbone_epochs: int = checked(0, integer(0))
     # Logit adjustment (Menon et al., ICLR 2021): cross-entropy on logits + tau * log(training class prior); 0: off
     logit_adjust: float = checked(0.0, real(0), why="tau, the weight of the log prior (1 in the paper)")
+    # Dot regression (trainer.loss=dot_regression, Yang et al. 2022): the target length of each feature, `feature`
+    # (its own detached length, the authors' code) or `fixed` (head.scale, on L2-normalised features)
+    dr_length: str = checked("feature", one_of("feature", "fixed"))
+    dr_reg: float = checked(0.0, real(0), why="reg_lam, the weight of the mean feature length")
+    # prototype lengths sqrt(gamma / n_c) from each batch's class counts (the authors' GivenEw), or none
+    dr_balance: str = checked("none", one_of("none", "batch"))
 
 
 @dataclass

@@ -242,8 +242,8 @@ def test_dot_regression_validates_the_head():
     with pytest.raises(FixedclsError, match="fixed polytope head"):
         create_criterion("dot_regression", create_head("learned", 10, 16))
     with pytest.raises(FixedclsError, match="normalize='l2'"):
-        create_criterion("dot_regression", create_head("etf", 10))
-    with pytest.raises(FixedclsError, match="no bias"):
+        create_criterion("dot_regression", create_head("etf", 10), dr_length="fixed")
+    with pytest.raises(FixedclsError, match="head.bias=false"):
         create_criterion("dot_regression", create_head("etf", 10, normalize="l2", bias=True))
     with pytest.raises(FixedclsError, match="label_smoothing"):
         create_criterion("dot_regression", create_head("etf", 10, normalize="l2"), label_smoothing=0.1)

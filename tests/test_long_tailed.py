@@ -197,7 +197,7 @@ def test_long_tailed_preset_composes():
     validate_config(cfg)
     assert cfg.experiment == "long_tailed" and cfg.data.name == "digits"
     assert cfg.data.imbalance.type.value == "exp"
-    assert (cfg.head.name, cfg.head.normalize.value, cfg.head.feature_bn, cfg.trainer.loss) == ("etf", "l2", True, "dot_regression")
+    assert (cfg.head.name, cfg.head.normalize.value, cfg.head.feature_bn, cfg.trainer.loss) == ("etf", "none", True, "dot_regression")
     from hydra import compose, initialize_config_dir
 
 
@@ -205,6 +205,7 @@ def test_long_tailed_preset_composes():
         sweep = compose(config_name="config", overrides=["experiment=long_tailed"], return_hydra_config=True)
     params = sweep.hydra.sweeper.params
     assert params["head"].split(",") == ["learned", "simplex", "etf_dr"]
+    assert params["data.mixup"] == "0.0,1.0"  # every head with and without the authors' mixup
     assert params["data.imbalance.ratio"] == "10,100" and params["seed"] == "0,1,2"
 
 

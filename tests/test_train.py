@@ -21,7 +21,7 @@ from utils import CONF_DIR, TINY, compose_config, train_tiny
 GROUPS = {group: sorted(p.stem for p in (Path(CONF_DIR) / group).glob("*.yaml"))
           for group in ("head", "data", "optim", "sched", "logger", "experiment")}
 HEADS = ["learned", "cosine", "simplex", "dcube", "orthoplex", "hadamard", "etf"]
-RECIPES = {"etf_dr": "etf"}  # head files that set a head and what trains it (the loss): file -> head name
+RECIPES = {"etf_dr": "etf", "etf_dr_l2": "etf", "etf_dr_fixed": "etf"}  # head files that set a head and what trains it (the loss): file -> head name
 
 
 def test_spec_groups_exist():

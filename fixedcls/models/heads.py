@@ -28,13 +28,19 @@ __all__ = [
     "CRITERIA",
     "HEADS_LEARNED",
     "CosineHead",
+    "DR_BALANCES",
+    "DR_LENGTHS",
     "DotRegressionLoss",
+    "FeatureDotRegressionLoss",
+    "FeatureTap",
     "FixedHead",
     "LinearHead",
     "LogitAdjustedLoss",
     "available_heads",
     "create_criterion",
+    "batch_class_lengths",
     "create_head",
+    "dot_regression_loss",
 ]
 
 HEADS_LEARNED = ("learned", "cosine")
@@ -152,10 +158,18 @@ class FixedHead(nn.Module):
         self.dim = prototypes.shape[1]
         self.bias = nn.Parameter(torch.zeros(num_prototypes)) if bias else None
         _make_scale(self, scale, learn_scale)
+        self._feature_tap: FeatureTap | None = None
 
     @property
     def weight(self) -> torch.Tensor:
         return self.prototypes
+
+    def tap_features(self) -> "FeatureTap":
+        """Make every forward leave the vectors it dots with the prototypes (s * n(h)) in the returned tap,
+        for a loss that needs the features as well as the logits (`FeatureDotRegressionLoss`)."""
+        if self._feature_tap is None:
+            self._feature_tap = FeatureTap()
+        return self._feature_tap
 
     @property
     def num_prototypes(self) -> int:
@@ -164,7 +178,10 @@ class FixedHead(nn.Module):
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         if self.normalize == "l2":
             h = F.normalize(h, dim=1)
-        return F.linear(h * self.scale, self.prototypes.to(h.dtype), self.bias)
+        h = h * self.scale
+        if self._feature_tap is not None:
+            self._feature_tap.features = h
+        return F.linear(h, self.prototypes.to(h.dtype), self.bias)
 
     def extra_repr(self) -> str:
         return (
@@ -293,8 +310,68 @@ def create_head(
 # --------------------------------------------------------------------------- losses
 
 
+DR_LENGTHS = ("feature", "fixed")
+DR_BALANCES = ("none", "batch")
+
+
+def dot_regression_loss(features: torch.Tensor, labels: torch.Tensor, prototypes: torch.Tensor, *,
+                        length: str = "feature", reg_lam: float = 0.0, scale: float = 1.0) -> torch.Tensor:
+    """The dot-regression loss of Yang et al. (NeurIPS 2022), as their code computes it (`methods.dot_loss`).
+
+    ``features`` [B, d]: the vectors the prototypes are dotted with (after the BatchNorm, and after the
+    head's normalisation and scale if it has them); ``prototypes`` [K, d], of any lengths (``head.prototypes``,
+    or those rows scaled per class as `batch_class_lengths` gives); ``labels`` [B] class ids, or soft targets
+    [B, K] (mixup), whose per-class terms are weighted by their share.  Per sample, with L the target length,
+    l_i = (1/2) (w_y . h_i - ||w_y|| L_i)^2 / L_i, and the loss is the mean over the batch plus
+    ``reg_lam`` * mean_i ||h_i||.
+
+    ``length="feature"``: L_i = ||h_i||, detached (the authors' H_length, clamped at 1e-8), so the gradient
+    ||w_y|| (cos_i - 1) w_y turns h towards its prototype and lets it grow; ``length="fixed"``: L_i = ``scale`` (the paper's constant
+    sqrt(E_H); for features normalised to length s this equals the feature form).
+    """
+    if length not in DR_LENGTHS:
+        raise FixedclsError(f"unknown dot-regression length {length!r}: use one of {', '.join(DR_LENGTHS)}")
+    h = features.float()
+    w = prototypes.to(device=h.device, dtype=torch.float32)
+    if length == "feature":
+        target_length = h.detach().norm(dim=1).clamp_min(1e-8)
+    else:
+        if not scale > 0:
+            raise FixedclsError(f"dot regression with length='fixed' needs a positive scale, got {scale!r}")
+        target_length = h.new_full((h.shape[0],), float(scale))
+    # The prototypes are constants of the loss (a buffer); the authors take their lengths under no_grad too.
+    w_length = w.detach().norm(dim=1)
+    if labels.is_floating_point():
+        dots = h @ w.T  # [B, K]: every class's term, weighted by the soft target below
+        per_class = (dots - w_length * target_length[:, None]).pow(2) / (2.0 * target_length[:, None])
+        loss = (labels.to(per_class) * per_class).sum(1).mean()
+    else:
+        labels = labels.long()
+        dot = (h * w[labels]).sum(1)
+        loss = ((dot - w_length[labels] * target_length).pow(2) / (2.0 * target_length)).mean()
+    if reg_lam:
+        loss = loss + reg_lam * h.norm(dim=1).mean()
+    return loss
+
+
+def batch_class_lengths(target: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """[K] prototype lengths sqrt(gamma / n_c) of a batch (the authors' `produce_Ew`, on by default in their
+    dot-regression runs): n_c the batch's count of class c, gamma = B / (classes present); absent classes
+    keep length 1.  Soft targets count by their column sums, which are the label counts under timm's
+    whole-batch mixup and cutmix (the batch mixed with its own permutation)."""
+    if target.is_floating_point():
+        counts = target.detach().float().sum(0)
+    else:
+        counts = torch.bincount(target.detach().long(), minlength=num_classes).float()
+    present = counts > 1e-6
+    gamma = counts.sum() / present.sum().clamp_min(1)
+    lengths = torch.ones_like(counts)
+    lengths[present] = (gamma / counts[present]).sqrt()
+    return lengths
+
+
 class DotRegressionLoss(nn.Module):
-    """Dot-regression loss of Yang et al. (NeurIPS 2022), in the paper's form, for fixed unit prototypes.
+    """Dot regression with the feature length fixed (``trainer.dr_length=fixed``), for fixed unit prototypes.
 
     The paper fixes the feature length, ||h|| = sqrt(E_H), and the prototype length, ||w|| = sqrt(E_W), and
     regresses the target dot product onto its maximum:
@@ -303,23 +380,82 @@ class DotRegressionLoss(nn.Module):
     ``logits[i, y_i]`` is exactly w_{y_i} . h_i:  L = mean_i (logit_i - s)^2 / (2 s) = (s / 2) mean_i (cos_i - 1)^2.
     The loss is computed from the logits alone and plugs in wherever cross-entropy does.  A learned scale
     is refused: the feature length is a constant of the loss (a learned one would shrink s to zero).
-    Soft targets (mixed batches) weight each class's term by its share of the target.
+    Soft targets (mixed batches) weight each class's term by its share of the target.  ``balance="batch"``
+    gives class c the prototype length e_c of `batch_class_lengths`, which multiplies its terms by e_c^2.
     """
 
-    def __init__(self, scale: Callable[[], float | torch.Tensor]) -> None:
+    def __init__(self, scale: Callable[[], float | torch.Tensor], balance: str = "none") -> None:
         super().__init__()
         # A callable, not the head itself, so the head is not registered as a submodule
         # of the loss (it would appear twice in parameters(), state_dict(), .to()).
         self._scale = scale
+        self.balance = balance
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         length = float(self._scale())  # sqrt(E_W E_H)
+        logits = logits.float()
+        weights = batch_class_lengths(target, logits.shape[1]).pow(2) if self.balance == "batch" else None
         if target.is_floating_point():
             # Soft targets [B, K] (mixup / cutmix): the loss expected under the target distribution,
             # sum_k t_k (logit_k - s)^2 / (2 s); a mixed pair gives lam * L(a) + (1 - lam) * L(b).
-            return (target.float() * (logits.float() - length).pow(2)).sum(1).mean() / (2.0 * length)
-        target_logit = logits.float().gather(1, target.long().unsqueeze(1)).squeeze(1)
-        return (target_logit - length).pow(2).mean() / (2.0 * length)
+            share = target.float() if weights is None else target.float() * weights
+            return (share * (logits - length).pow(2)).sum(1).mean() / (2.0 * length)
+        target = target.long()
+        terms = (logits.gather(1, target.unsqueeze(1)).squeeze(1) - length).pow(2)
+        if weights is not None:
+            terms = terms * weights[target]
+        return terms.mean() / (2.0 * length)
+
+
+class FeatureTap:
+    """Where a `FixedHead` leaves the features of its latest forward, for the loss that reads them next.
+
+    The training loop, the evaluation and `fixedcls-evaluate` call every criterion as ``criterion(logits,
+    target)`` right after the forward that made the logits; the feature form of dot regression needs ||h||
+    too, which the logits do not hold (h has components outside the prototypes' span).  A copy of the head
+    (``copy.deepcopy``: the EMA model, a distillation teacher) shares the tap, so its evaluation feeds the
+    same loss.  The loss takes the features out, so a tap never serves one forward twice."""
+
+    def __init__(self) -> None:
+        self.features: torch.Tensor | None = None
+
+    def take(self, batch: int) -> torch.Tensor:
+        features, self.features = self.features, None
+        if features is None or features.shape[0] != batch:
+            raise FixedclsError(
+                "dot regression with trainer.dr_length=feature reads the features of the head's latest forward, "
+                f"but {'none were left' if features is None else f'they hold {features.shape[0]} samples'} for "
+                f"these {batch} logits: call the loss right after the forward of the model built with it"
+            )
+        return features
+
+    def __deepcopy__(self, memo: dict) -> "FeatureTap":
+        return self
+
+    def __getstate__(self) -> dict:
+        return {"features": None}  # a pickled head carries no batch of features
+
+
+class FeatureDotRegressionLoss(nn.Module):
+    """Dot regression with the target length the detached feature length (``trainer.dr_length=feature``), as
+    Yang et al.'s code trains it: `dot_regression_loss` on the features the head dotted with its prototypes
+    (taken from the head's `FeatureTap`), optionally with their batch-balanced prototype lengths and the
+    length penalty ``reg_lam``.  The logits only predict (argmax of w_c . h)."""
+
+    def __init__(self, head: "FixedHead", *, reg_lam: float = 0.0, balance: str = "none") -> None:
+        super().__init__()
+        self._tap = head.tap_features()
+        # Callables, not the head: the head must not become a submodule of the loss (see DotRegressionLoss).
+        self._prototypes = lambda: head.prototypes
+        self.reg_lam = float(reg_lam)
+        self.balance = balance
+
+    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        features = self._tap.take(logits.shape[0])
+        prototypes = self._prototypes().to(device=features.device, dtype=torch.float32)
+        if self.balance == "batch":
+            prototypes = prototypes * batch_class_lengths(target, prototypes.shape[0]).to(prototypes.device)[:, None]
+        return dot_regression_loss(features, target, prototypes, length="feature", reg_lam=self.reg_lam)
 
 
 class LogitAdjustedLoss(nn.Module):
@@ -361,14 +497,21 @@ CRITERIA = ("ce", "dot_regression")
 
 
 def create_criterion(name: str, head: nn.Module, label_smoothing: float = 0.0, *, logit_adjust: float = 0.0,
-                     class_counts: list[int] | None = None) -> nn.Module:
+                     class_counts: list[int] | None = None, dr_length: str = "feature", dr_reg: float = 0.0,
+                     dr_balance: str = "none") -> nn.Module:
     """Loss ``fn(logits, target) -> scalar`` by name: ``"ce"`` or ``"dot_regression"``.
 
     ``logit_adjust`` > 0 (tau) with ``class_counts`` (training samples per head output): the logit-adjusted
-    cross-entropy, for ``"ce"`` only."""
+    cross-entropy, for ``"ce"`` only.  ``dr_length`` (``"feature"``: `FeatureDotRegressionLoss`, ``"fixed"``:
+    `DotRegressionLoss`), ``dr_reg`` (reg_lam) and ``dr_balance`` (``"none"`` or ``"batch"``, the authors'
+    per-batch prototype lengths): dot regression only."""
     if logit_adjust and name != "ce":
         raise FixedclsError(f"trainer.logit_adjust={logit_adjust} adjusts cross-entropy, not loss {name!r}: "
                             f"set trainer.logit_adjust=0 or trainer.loss=ce")
+    if name != "dot_regression" and (dr_reg or dr_balance != "none"):
+        which = f"trainer.dr_reg={dr_reg}" if dr_reg else f"trainer.dr_balance={dr_balance}"
+        raise FixedclsError(f"{which} applies to loss 'dot_regression', not {name!r}: set trainer.loss=dot_regression "
+                            f"or leave it out (trainer.dr_reg=0, trainer.dr_balance=none)")
     if name == "ce" and logit_adjust:
         if class_counts is None or len(class_counts) != head.num_classes:
             raise FixedclsError(f"trainer.logit_adjust needs the training count of each of the head's {head.num_classes} "
@@ -377,24 +520,47 @@ def create_criterion(name: str, head: nn.Module, label_smoothing: float = 0.0, *
     if name == "ce":
         return nn.CrossEntropyLoss(label_smoothing=label_smoothing)
     if name == "dot_regression":
-        if not isinstance(head, FixedHead):
-            raise FixedclsError(
-                f"loss 'dot_regression' needs a fixed polytope head (e.g. head=etf), got {type(head).__name__}: "
-                "use a fixed head or loss=ce"
-            )
-        if head.normalize != "l2" or head.bias is not None:
-            raise FixedclsError(
-                f"loss 'dot_regression' needs a fixed head with normalize='l2' and no bias, got "
-                f"normalize={head.normalize!r}, bias={head.bias is not None}: set head.normalize=l2 and head.bias=false"
-            )
-        if label_smoothing:
-            raise FixedclsError(
-                f"label_smoothing={label_smoothing} has no meaning for loss 'dot_regression': set it to 0 or use loss=ce"
-            )
-        if isinstance(head.scale, nn.Parameter):
-            raise FixedclsError(
-                "loss 'dot_regression' keeps the feature length constant (head.scale), but head.learn_scale=true "
-                "would learn it (and shrink it to 0): set head.learn_scale=false"
-            )
-        return DotRegressionLoss(lambda: head.scale)
+        _check_dot_regression(head, label_smoothing, dr_length, dr_reg, dr_balance)
+        if dr_length == "fixed":
+            return DotRegressionLoss(lambda: head.scale, balance=dr_balance)
+        return FeatureDotRegressionLoss(head, reg_lam=dr_reg, balance=dr_balance)
     raise FixedclsError(f"unknown loss {name!r}: choose one of {', '.join(CRITERIA)}")
+
+
+def _check_dot_regression(head: nn.Module, label_smoothing: float, length: str, reg: float, balance: str) -> None:
+    """One line for each combination with which dot regression cannot train."""
+    if length not in DR_LENGTHS:
+        raise FixedclsError(f"unknown trainer.dr_length={length!r}: choose one of {', '.join(DR_LENGTHS)}")
+    if balance not in DR_BALANCES:
+        raise FixedclsError(f"unknown trainer.dr_balance={balance!r}: choose one of {', '.join(DR_BALANCES)}")
+    if not reg >= 0:
+        raise FixedclsError(f"trainer.dr_reg={reg} is negative: it weighs the mean feature length, use 0 or more")
+    if not isinstance(head, FixedHead):
+        raise FixedclsError(
+            f"loss 'dot_regression' needs a fixed polytope head (e.g. head=etf), got {type(head).__name__}: "
+            "use a fixed head or loss=ce"
+        )
+    if head.bias is not None:
+        raise FixedclsError(
+            "loss 'dot_regression' regresses w_y . h, which a head bias would leave out of the loss but add to the "
+            "logits that predict: set head.bias=false"
+        )
+    if length == "fixed" and head.normalize != "l2":
+        raise FixedclsError(
+            f"trainer.dr_length=fixed holds the feature length at head.scale, which needs normalize='l2', got "
+            f"normalize={head.normalize!r}: set head.normalize=l2, or trainer.dr_length=feature (the authors' form)"
+        )
+    if length == "fixed" and reg:
+        raise FixedclsError(
+            f"trainer.dr_reg={reg} penalises the feature length, which trainer.dr_length=fixed holds constant: "
+            "set trainer.dr_reg=0, or trainer.dr_length=feature"
+        )
+    if label_smoothing:
+        raise FixedclsError(
+            f"label_smoothing={label_smoothing} has no meaning for loss 'dot_regression': set it to 0 or use loss=ce"
+        )
+    if isinstance(head.scale, nn.Parameter):
+        raise FixedclsError(
+            "loss 'dot_regression' leaves the scale of the features to the loss, but head.learn_scale=true would "
+            "learn it (and shrink it to 0): set head.learn_scale=false"
+        )

@@ -29,6 +29,17 @@ IDENTITY_EXCLUDES: tuple[str, ...] = (
 )
 
 
+#: Keys added after run identities began, each with the value at which it trains exactly as before it existed.
+#: At that value a key is left out of the identity, so a run begun by an older fixedcls keeps its identity and
+#: `resume=auto` still finds its folder (tests/test_old_checkpoints.py). A new key joins with its default.
+ADDED_KEYS: dict[str, Any] = {
+    # dot regression as Yang et al.'s code trains it (issue 31); on the L2-normalised features that
+    # loss=dot_regression needed before, dr_length=feature is the loss the fixed length gave
+    "trainer.dr_length": "feature", "trainer.dr_reg": 0.0, "trainer.dr_balance": "none",
+    "sched.decay_milestones": None,
+}
+
+
 def flatten(config: Mapping, prefix: str = "") -> dict[str, Any]:
     """{"optim.lr": 0.1, ...}: every leaf of a nested config under its dotted key (lists are leaves)."""
     flat: dict[str, Any] = {}
@@ -48,7 +59,8 @@ def is_excluded(key: str, keep: tuple[str, ...] = ()) -> bool:
 
 def covered_items(resolved_config: Mapping, keep: tuple[str, ...] = ()) -> dict[str, Any]:
     """The keys and values a run's identity covers (`keep`: entries of IDENTITY_EXCLUDES to cover after all)."""
-    return {k: v for k, v in sorted(flatten(resolved_config).items()) if not is_excluded(k, keep)}
+    return {k: v for k, v in sorted(flatten(resolved_config).items())
+            if not is_excluded(k, keep) and not (k in ADDED_KEYS and v == ADDED_KEYS[k])}
 
 
 def run_identity(resolved_config: Mapping, keep: tuple[str, ...] = ()) -> tuple[str, list[str]]:

@@ -179,7 +179,7 @@ def build_training(cfg: DictConfig, run_dir: Path, world: World, device: torch.d
                                               img_size=bundle.img_size), "dim": int(model.dim)}}
     if world.is_main:
         log.info(f"{cfg.head.name} head on {cfg.model.backbone}, {cfg.data.name} ({bundle.num_classes} classes), "
-                 f"d={model.dim}, {device} {choice(cfg.trainer.precision)}")
+                 f"d={model.dim}, {device} {choice(cfg.trainer.precision)}, {factories.describe_loss(cfg)}")
         log.info(format_param_summary(model))
         log.info(f"splits: train {len(bundle.train)}, "
                  + (f"validation {len(bundle.val)} ({bundle.val_source}), " if bundle.val is not None else "no validation, ")
@@ -264,7 +264,8 @@ def build_training(cfg: DictConfig, run_dir: Path, world: World, device: torch.d
         run_info={"run_dir": str(run_dir), "checkpoint_dir": str(directory), "head": cfg.head.name,
                   "head_kind": kind, "backbone": cfg.model.backbone, "data": cfg.data.name, "seed": cfg.seed,
                   "identity": identity, "identity_keys": identity_keys, "branched_from": branched_from,
-                  "data/train_class_counts": train_counts, "data/class_groups": groups},
+                  "data/train_class_counts": train_counts, "data/class_groups": groups,
+                  **factories.loss_settings(cfg)},
         val_loader=val_loader,
         class_groups=groups,
     )

@@ -148,6 +148,7 @@ def build_scheduler(cfg, optimizer: torch.optim.Optimizer, epochs: int):
         scheduler, _ = create_scheduler_v2(
             optimizer, sched=cfg.name, num_epochs=epochs, warmup_epochs=cfg.warmup_epochs, warmup_lr=cfg.warmup_lr,
             min_lr=cfg.min_lr, decay_epochs=cfg.decay_epochs, decay_rate=cfg.decay_rate,
+            **({"decay_milestones": [int(m) for m in cfg.decay_milestones]} if cfg.get("decay_milestones") else {}),
         )
     except (AssertionError, ValueError, KeyError) as error:
         raise unknown from error
@@ -161,7 +162,32 @@ def build_criterion(cfg, model: Classifier, class_counts: Optional[list[int]] = 
     # With mixing, timm's Mixup smooths the soft targets itself: smoothing them again would count twice.
     smoothing = 0.0 if mixing(cfg) and cfg.trainer.loss == "ce" else cfg.trainer.label_smoothing
     return create_criterion(cfg.trainer.loss, model.head, label_smoothing=smoothing,
-                            logit_adjust=cfg.trainer.logit_adjust, class_counts=class_counts)
+                            logit_adjust=cfg.trainer.logit_adjust, class_counts=class_counts,
+                            dr_length=str(cfg.trainer.dr_length), dr_reg=float(cfg.trainer.dr_reg),
+                            dr_balance=str(cfg.trainer.dr_balance))
+
+
+def loss_settings(cfg) -> dict:
+    """The loss of a run as the summary records it: `loss`, and for dot regression its form (`dr_length`,
+    `dr_balance`, `dr_reg`)."""
+    trainer = cfg.trainer
+    if trainer.loss != "dot_regression":
+        return {"loss": str(trainer.loss)}
+    return {"loss": "dot_regression", "dr_length": str(trainer.dr_length), "dr_balance": str(trainer.dr_balance),
+            "dr_reg": float(trainer.dr_reg)}
+
+
+def describe_loss(cfg) -> str:
+    """The loss in words for the run's first log line, e.g. `loss dot_regression (feature length, batch-balanced
+    prototypes, reg 0)`."""
+    settings = loss_settings(cfg)
+    if settings["loss"] != "dot_regression":
+        tau = float(cfg.trainer.logit_adjust)
+        return f"loss {settings['loss']}" + (f" (logit-adjusted, tau {tau:g})" if tau else "")
+    length = "feature length" if settings["dr_length"] == "feature" else f"fixed length {cfg.head.scale or 1:g}"
+    balance = ", batch-balanced prototypes" if settings["dr_balance"] == "batch" else ""
+    reg = f", reg {settings['dr_reg']:g}" if settings["dr_reg"] else ""
+    return f"loss dot_regression ({length}{balance}{reg})"
 
 
 def build_ema(cfg, model: nn.Module) -> Optional[nn.Module]:
