@@ -2,7 +2,7 @@
 
 Where a multi-process world comes from, first match wins:
 
-1. torchrun (``torchrun --nproc_per_node=N -m fixedcls.train ...``, single or multi node): it sets
+1. torchrun (``torchrun --nproc_per_node=N -m fixedcls.commands.train ...``, single or multi node): it sets
    RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and MASTER_PORT itself.
 2. a task of a submitit job (Hydra's ``hydra/launcher=slurm`` / ``submitit_slurm`` / ``submitit_local``
    with ``tasks_per_node * nodes > 1``): each task is one process; rank, world size, local rank and the

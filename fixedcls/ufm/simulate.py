@@ -50,7 +50,7 @@ def ufm_objective(
 
     n = identity or L2 normalisation; losses: ``ce`` (cross-entropy), ``mse``
     (1/2 ||logits - e_y||^2) and ``dot_regression`` (1/2 (w_y . n(h) - 1)^2, i.e. the target
-    logit over ``scale``, as :class:`fixedcls.heads.DotRegressionLoss`).  The bias, when given,
+    logit over ``scale``, as :class:`fixedcls.models.heads.DotRegressionLoss`).  The bias, when given,
     is not regularised; a fixed head (``learned=False``) carries no weight decay.
     """
     features = F.normalize(H, dim=1) if normalize == "l2" else H
