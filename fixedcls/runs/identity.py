@@ -29,6 +29,16 @@ IDENTITY_EXCLUDES: tuple[str, ...] = (
 )
 
 
+#: Keys added after run identities began, each with the value at which it trains exactly as before it existed.
+#: At that value a key is left out of the identity, so a run begun by an older fixedcls keeps its identity and
+#: `resume=auto` still finds its folder (tests/test_old_checkpoints.py). A new key joins with its default.
+ADDED_KEYS: dict[str, Any] = {
+    # HOC, BCT and the old model; model replacement (fixedcls-compat train)
+    "trainer.hoc_mu": 10.0, "trainer.hoc_lambda": 0.1, "trainer.bct_weight": 0.0, "trainer.old_model": None,
+    "generations.replace": [], "generations.replace_with": [], "generations.replace_old_model": "previous",
+}
+
+
 def flatten(config: Mapping, prefix: str = "") -> dict[str, Any]:
     """{"optim.lr": 0.1, ...}: every leaf of a nested config under its dotted key (lists are leaves)."""
     flat: dict[str, Any] = {}
@@ -48,7 +58,8 @@ def is_excluded(key: str, keep: tuple[str, ...] = ()) -> bool:
 
 def covered_items(resolved_config: Mapping, keep: tuple[str, ...] = ()) -> dict[str, Any]:
     """The keys and values a run's identity covers (`keep`: entries of IDENTITY_EXCLUDES to cover after all)."""
-    return {k: v for k, v in sorted(flatten(resolved_config).items()) if not is_excluded(k, keep)}
+    return {k: v for k, v in sorted(flatten(resolved_config).items())
+            if not is_excluded(k, keep) and not (k in ADDED_KEYS and v == ADDED_KEYS[k])}
 
 
 def run_identity(resolved_config: Mapping, keep: tuple[str, ...] = ()) -> tuple[str, list[str]]:
