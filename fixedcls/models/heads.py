@@ -35,7 +35,6 @@ __all__ = [
     "available_heads",
     "create_criterion",
     "create_head",
-    "hoc_loss",
 ]
 
 HEADS_LEARNED = ("learned", "cosine")
