@@ -328,8 +328,15 @@ class TrainerConfig:
     max_nonfinite: int = checked(5, integer(1), why="skipped non-finite steps in a row before the run stops")
     progress: Optional[bool] = None  # None: a progress bar only on a terminal
     threads: Optional[int] = checked(None, integer(1))  # None: torch's default
-    distill_weight: float = checked(0.0, real(0))  # feature distillation from the frozen model.init_from model (CL2R)
-    distill_loss: str = "cosine"  # cosine (1 - cos) or l2 (squared distance) between new and old features
+    distill_weight: float = checked(0.0, real(0))  # feature distillation from the frozen old model (CL2R)
+    # cosine (1 - cos) or l2 (squared distance) between new and old features, weighted by distill_weight; or hoc:
+    # the HOC loss (Biondi et al., CVPR 2024), lambda CE + (1 - lambda) HOC whenever there is an old model
+    distill_loss: str = checked("cosine", one_of("cosine", "l2", "hoc"))
+    hoc_mu: float = checked(10.0, real(above=0), why="mu, the scale of the feature similarities of HOC")
+    hoc_lambda: float = checked(0.1, real(0, 1), why="loss = lambda CE + (1 - lambda) HOC; 1 turns HOC off")
+    # BCT (Shen et al., CVPR 2020): + bct_weight x CE of the new features through the old model's frozen classifier
+    bct_weight: float = checked(0.0, real(0), why="the weight of the BCT term; 0 turns it off")
+    old_model: Optional[str] = None  # checkpoint of the frozen old model (distillation, HOC, BCT); None: model.init_from
     # epochs that train only the projection and head (the fixed head's projection), the backbone held still
     freeze_backbone_epochs: int = checked(0, integer(0))
     # Logit adjustment (Menon et al., ICLR 2021): cross-entropy on logits + tau * log(training class prior); 0: off
@@ -424,6 +431,16 @@ class GenerationsConfig:
     pairs: int = checked(6000, integer(2), why="verification pairs, half of the same class")
     folds: int = checked(10, integer(2), why="verification folds: a threshold chosen on all but one")
     eval_data: List[str] = field(default_factory=list)  # evaluation data: conf/data preset and/or key=value items
+    # IAM-CL2R model replacement (protocol=finetune): these generations (counting from 1) start from an independently
+    # trained model instead of the previous generation's, then train on their task like any other
+    replace: List[int] = checked([], Each(integer(2)), why="generation 1 has no earlier model to replace: start it "
+                                 "from a checkpoint with model.init_from")
+    # one checkpoint per replaced generation (any backbone, the same head and prototypes); [] trains each
+    # replacement from scratch on all classes seen so far
+    replace_with: List[str] = field(default_factory=list)
+    # the old model of a replaced generation's HOC / BCT / distillation: the previous generation, or the
+    # replacement itself (what the authors' iamcl2r code does)
+    replace_old_model: str = checked("previous", one_of("previous", "replacement"))
 
 
 @dataclass
@@ -445,6 +462,13 @@ class Config:
     # The summary key a sweep's job returns (Optuna optimises it); None: best/val/acc when the run has a
     # validation split, else best/test/acc.
     optimized_metric: Optional[str] = None
+
+
+def uses_old_model(trainer) -> bool:
+    """Whether a trainer section trains against a frozen old model: feature distillation (distill_weight > 0),
+    HOC (distill_loss=hoc with hoc_lambda < 1) or BCT (bct_weight > 0)."""
+    hoc = str(trainer.distill_loss) == "hoc" and float(trainer.hoc_lambda) < 1.0
+    return bool(float(trainer.distill_weight or 0.0) > 0 or hoc or float(trainer.get("bct_weight") or 0.0) > 0)
 
 
 def register_configs() -> None:

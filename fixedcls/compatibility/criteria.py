@@ -44,16 +44,22 @@ def compatibility_criteria(M: Sequence[Sequence[Optional[float]]]) -> dict:
     (`average_compatibility` in their metrics.py): a tie counts as compatible, and so does a missing entry.
     AM: mean of M[t][i] over t >= i. BC: mean over i < T of M[T][i] - M[i][i].
     FC: mean over i > 1 of M[i][i-1] - M[i][i].
+    AC_per_task / AC_ties_per_task: AC / AC_ties of the first k models (the leading k x k block of M), for
+    k = 2 .. T: how compatibility stood after each task (`AC_per_task` of the authors' iamcl2r code).
     Missing entries (None / NaN: models whose features cannot be compared) fail AC and make the means NaN.
     """
     T = len(M)
     _check_two_models(T)
     m = [[math.nan if (v := (M[t][i] if i < len(M[t]) else None)) is None else float(v) for i in range(t + 1)] for t in range(T)]
     pairs = [(t, i) for t in range(T) for i in range(t)]
+    strict = {(t, i): float(m[t][i] > m[i][i]) for t, i in pairs}
+    # a comparison with NaN is False, so `not <` passes a missing entry, as the authors' code does
+    ties = {(t, i): float(not m[t][i] < m[i][i]) for t, i in pairs}
     return {
-        "AC": _mean([float(m[t][i] > m[i][i]) for t, i in pairs]),
-        # a comparison with NaN is False, so `not <` passes a missing entry, as the authors' code does
-        "AC_ties": _mean([float(not m[t][i] < m[i][i]) for t, i in pairs]),
+        "AC": _mean(list(strict.values())),
+        "AC_ties": _mean(list(ties.values())),
+        "AC_per_task": [_mean([strict[t, i] for t, i in pairs if t < k]) for k in range(2, T + 1)],
+        "AC_ties_per_task": [_mean([ties[t, i] for t, i in pairs if t < k]) for k in range(2, T + 1)],
         "AM": _mean([m[t][i] for t in range(T) for i in range(t + 1)]),
         "BC": _mean([m[T - 1][i] - m[i][i] for i in range(T - 1)]),
         "FC": _mean([m[i][i - 1] - m[i][i] for i in range(1, T)]),

@@ -40,9 +40,15 @@ def matrices_of(result: dict) -> list[tuple[str, str, str, str]]:
 
 
 def format_criteria(result: dict, suffix: str = "") -> str:
-    """One line: AC (strict, SPEC 4), AC_ties (a tie is compatible: the CoReS / CL2R code), AM, BC, FC."""
-    return (f"AC {_fmt(result['AC' + suffix])}  AC_ties {_fmt(result['AC_ties' + suffix])}  AM {_fmt(result['AM' + suffix])}  "
+    """One line: AC (strict, SPEC 4), AC_ties (a tie is compatible: the CoReS / CL2R code), AM, BC, FC, and with
+    three models or more the per-task AC and AC_ties (of the first 2, 3, ... models)."""
+    line = (f"AC {_fmt(result['AC' + suffix])}  AC_ties {_fmt(result['AC_ties' + suffix])}  AM {_fmt(result['AM' + suffix])}  "
             f"BC {_fmt(result['BC' + suffix], True)}  FC {_fmt(result['FC' + suffix], True)}")
+    per_task = result.get("AC_per_task" + suffix)
+    if per_task and len(per_task) > 1:
+        line += (f"  |  per task (2..{len(per_task) + 1}): AC {' '.join(_fmt(v) for v in per_task)}, AC_ties "
+                 f"{' '.join(_fmt(v) for v in result['AC_ties_per_task' + suffix])}")
+    return line
 
 
 def format_report(result: dict) -> str:

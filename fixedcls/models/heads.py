@@ -493,6 +493,71 @@ class FeatureDistillation:
         return self.weight * distance.mean()
 
 
+def hoc_loss(feat_new: torch.Tensor, feat_old: torch.Tensor, labels: torch.Tensor, mu: float = 10.0) -> torch.Tensor:
+    """The higher-order compatibility loss (HOC) of Biondi et al., CVPR 2024, Eq. 4, as their code computes it
+    (`HocLoss` in miccunifi/iamcl2r, SPEC section 4).
+
+    With F_old and F_new the L2-normalised features of one batch from the old and the new model and
+    S = mu F_old F_new^T: HOC = mean_i [ -S_ii + logsumexp_j S'_ij ], where S' is S with every entry of i's own
+    class (the diagonal included) set to 0. The features are normalised here, so raw features may be passed.
+    """
+    new = F.normalize(feat_new.float(), dim=1)
+    old = F.normalize(feat_old.float(), dim=1)
+    similarity = mu * old @ new.T
+    same_class = labels.reshape(-1, 1) == labels.reshape(1, -1)
+    # The authors multiply S by the mask of the other classes: a same-class entry becomes 0, so it still adds
+    # exp(0) = 1 to the sum (it is not left out, as -inf would do). Kept so that the loss is theirs.
+    negatives = similarity.masked_fill(same_class, 0.0)
+    return (torch.logsumexp(negatives, dim=1) - similarity.diagonal()).mean()
+
+
+class HocDistillation:
+    """extra_loss(x, features, y) = (1 - lambda) * HOC(h_new, h_old, y), h_old from a frozen old model; the loop
+    weighs its criterion by `criterion_weight` = lambda, so the training loss is lambda CE + (1 - lambda) HOC
+    (the authors' Eq. 3)."""
+
+    def __init__(self, teacher: nn.Module, mu: float = 10.0, lam: float = 0.1):
+        self.teacher, self.mu, self.criterion_weight = teacher, float(mu), float(lam)
+
+    def __call__(self, x: torch.Tensor, features: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            old = self.teacher.forward_features(x)
+        return (1.0 - self.criterion_weight) * hoc_loss(features, old, y, self.mu)
+
+
+class BackwardCompatibleLoss:
+    """BCT (Shen et al., CVPR 2020): extra_loss(x, features, y) = weight * CE(old_head(h_new), y) over the samples
+    of the classes the old model knows, its classifier frozen; the logits are the old head's outputs of those
+    classes (its classifier had no others). With a fixed head whose prototypes the new model shares, the old head
+    is the new one: the term is cross-entropy against the same prototypes over the old classes."""
+
+    def __init__(self, old_head: nn.Module, weight: float, classes: list[int]):
+        self.old_head, self.weight = old_head, float(weight)
+        self.classes = torch.tensor(sorted({int(c) for c in classes}), dtype=torch.long)
+
+    def __call__(self, x: torch.Tensor, features: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        classes = self.classes.to(y.device)
+        known = torch.isin(y, classes)
+        if not bool(known.any()):  # a batch of new classes only: nothing of the old classifier to agree with
+            return features.sum() * 0.0
+        logits = self.old_head(features[known]).float()[:, classes]
+        return self.weight * F.cross_entropy(logits, torch.searchsorted(classes, y[known]))
+
+
+class ExtraLosses:
+    """Several extra losses as one extra_loss(x, features, y): their sum. `criterion_weight`: the weight the loop
+    gives its criterion, the product of the parts' own (lambda with HOC, else 1)."""
+
+    def __init__(self, parts: list[Callable]):
+        self.parts = list(parts)
+        self.criterion_weight = 1.0
+        for part in self.parts:
+            self.criterion_weight *= float(getattr(part, "criterion_weight", 1.0))
+
+    def __call__(self, x: torch.Tensor, features: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return sum(part(x, features, y) for part in self.parts)
+
+
 CRITERIA = ("ce", "dot_regression")
 
 

@@ -37,6 +37,9 @@ ADDED_KEYS: dict[str, Any] = {
     # loss=dot_regression needed before, dr_length=feature is the loss the fixed length gave
     "trainer.dr_length": "feature", "trainer.dr_reg": 0.0, "trainer.dr_balance": "none",
     "sched.decay_milestones": None,
+    # HOC, BCT and the old model; model replacement (fixedcls-compat train)
+    "trainer.hoc_mu": 10.0, "trainer.hoc_lambda": 0.1, "trainer.bct_weight": 0.0, "trainer.old_model": None,
+    "generations.replace": [], "generations.replace_with": [], "generations.replace_old_model": "previous",
 }
 
 

@@ -17,17 +17,19 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
+from ..config import uses_old_model
 from ..data.datasets import IMAGE_FILE_DATASETS
 from ..errors import FixedclsError
 from ..models.classifier import Classifier, in_chans_of, model_data_config
-from ..models.heads import FeatureDistillation, create_criterion
+from ..models.heads import BackwardCompatibleLoss, ExtraLosses, FeatureDistillation, HocDistillation, create_criterion
 from ..runs import checkpoints as ckpt
-from ..runs.rebuild import load_checkpoint, mismatch
+from ..runs.rebuild import load_checkpoint, mismatch, model_from_checkpoint
+from ..runs.stored import stored_config
 from ..runtime import choice
 
 log = logging.getLogger("fixedcls")
 
-DISTILL_LOSSES = ("cosine", "l2")
+DISTILL_LOSSES = ("cosine", "l2", "hoc")
 
 
 def uses_pretrained_weights(cfg) -> bool:
@@ -223,36 +225,77 @@ def build_checkpoints(cfg, directory: Path, *, enabled: bool = True, best: tuple
                                  background=cfg.background, every=cfg.every)
 
 
-def init_from_checkpoint(cfg, model: nn.Module, device: torch.device) -> Optional[Callable]:
-    """model.init_from: load a checkpoint's weights into `model` (strict, prototypes checked).
+def _known_classes(old_cfg, outputs: int) -> list[int]:
+    """The classes an old model trained on: its data.classes and data.old_classes (all its outputs when unset)."""
+    if old_cfg.data.classes is None:
+        return list(range(outputs))
+    return sorted({int(c) for c in old_cfg.data.classes} | {int(c) for c in (old_cfg.data.old_classes or [])})
 
-    trainer.distill_weight > 0: return the feature-distillation extra loss against a frozen copy of the
-    init_from model (taken before training, so a resumed run distils from the same model); else None.
+
+def init_from_checkpoint(cfg, model: nn.Module, device: torch.device) -> Optional[Callable]:
+    """model.init_from: load a checkpoint's weights into `model` (strict, prototypes checked); then the extra loss
+    against the frozen old model (trainer.old_model, else the init_from model, taken before training so that a
+    resumed run learns from the same model), or None when no loss uses one:
+
+    - trainer.distill_weight > 0 with distill_loss cosine or l2: feature distillation (CL2R);
+    - distill_loss=hoc with hoc_lambda < 1: lambda CE + (1 - lambda) HOC (the loop weighs its criterion by lambda);
+    - trainer.bct_weight > 0: BCT, cross-entropy of the new features through the old model's frozen head, on the
+      samples of the classes the old model trained on.
     """
-    weight = float(cfg.trainer.distill_weight or 0.0)
-    kind = str(cfg.trainer.distill_loss)
-    path = cfg.model.init_from
+    trainer = cfg.trainer
+    weight = float(trainer.distill_weight or 0.0)
+    kind = str(trainer.distill_loss)
+    bct = float(trainer.get("bct_weight") or 0.0)
+    path, old_path = cfg.model.init_from, trainer.get("old_model")
     if weight < 0:
         raise FixedclsError(f"trainer.distill_weight={weight} is negative: use 0 (off) or a positive weight")
-    if weight and not path:
-        raise FixedclsError(f"trainer.distill_weight={weight} distils from the previous model: set model.init_from=<its checkpoint>")
-    if weight and kind not in DISTILL_LOSSES:
+    if kind not in DISTILL_LOSSES:
         raise FixedclsError(f"unknown trainer.distill_loss={kind!r}: choose one of {', '.join(DISTILL_LOSSES)}")
-    if not path:
+    if kind == "hoc" and weight:
+        raise FixedclsError(f"trainer.distill_weight={weight} weighs cosine or l2 distillation, but distill_loss=hoc is "
+                            f"weighed by trainer.hoc_lambda: set trainer.distill_weight=0")
+    needed = uses_old_model(trainer)
+    if needed and not (path or old_path):
+        what = (f"trainer.distill_weight={weight}" if weight else f"trainer.bct_weight={bct}" if bct and kind != "hoc"
+                else f"trainer.distill_loss=hoc (hoc_lambda={float(trainer.hoc_lambda):g})")
+        raise FixedclsError(f"{what} learns from an old model: set model.init_from=<its checkpoint> (or "
+                            f"trainer.old_model=<checkpoint>), or turn it off (hoc_lambda=1, distill_weight=0, bct_weight=0)")
+    if needed and mixing(cfg) and (kind == "hoc" or bct):
+        raise FixedclsError("HOC and BCT use each sample's class, which data.mixup/data.cutmix mix away: "
+                            "set data.mixup=0 and data.cutmix=0")
+    if path:
+        path, state = load_checkpoint(path)
+        try:
+            model.load_state_dict(state["model"], strict=True)
+        except RuntimeError:
+            saved = ckpt.meta_of(state)
+            raise FixedclsError(
+                f"model.init_from={path} does not fit this model (it holds {saved.get('backbone', '?')} with head "
+                f"{saved.get('head', '?')}, {saved.get('num_classes', '?')} outputs, d={saved.get('dim', '?')}; "
+                f"{mismatch(model, state['model'])}): use the checkpoint's model.backbone, head, model.dim and class count"
+            ) from None
+        log.info(f"initialised from {path}")
+    if not needed:
         return None
-    path, state = load_checkpoint(path)
-    try:
-        model.load_state_dict(state["model"], strict=True)
-    except RuntimeError:
-        saved = ckpt.meta_of(state)
-        raise FixedclsError(
-            f"model.init_from={path} does not fit this model (it holds {saved.get('backbone', '?')} with head "
-            f"{saved.get('head', '?')}, {saved.get('num_classes', '?')} outputs, d={saved.get('dim', '?')}; "
-            f"{mismatch(model, state['model'])}): use the checkpoint's model.backbone, head, model.dim and class count"
-        ) from None
-    log.info(f"initialised from {path}")
-    if not weight:
-        return None
-    teacher = copy.deepcopy(model).to(device).eval().requires_grad_(False)
-    log.info(f"feature distillation ({kind}, weight {weight}) from the frozen {path}")
-    return FeatureDistillation(teacher, weight, kind)
+    if old_path:
+        teacher, old_cfg, _, old_path = model_from_checkpoint(old_path)
+        if int(teacher.dim) != int(model.dim):
+            raise FixedclsError(f"trainer.old_model={old_path} has {teacher.dim}-d features but this model {model.dim}-d: "
+                                f"distillation, HOC and BCT compare features of one width (set model.dim={teacher.dim})")
+    else:
+        teacher, old_path = copy.deepcopy(model), path
+        old_cfg = stored_config(state, path)
+    teacher = teacher.to(device).eval().requires_grad_(False)
+    parts: list[Callable] = []
+    if weight:
+        log.info(f"feature distillation ({kind}, weight {weight}) from the frozen {old_path}")
+        parts.append(FeatureDistillation(teacher, weight, kind))
+    if kind == "hoc" and float(trainer.hoc_lambda) < 1.0:
+        lam, mu = float(trainer.hoc_lambda), float(trainer.hoc_mu)
+        log.info(f"HOC loss against the frozen {old_path}: {lam:g} CE + {1 - lam:g} HOC (mu {mu:g})")
+        parts.append(HocDistillation(teacher, mu, lam))
+    if bct:
+        known = _known_classes(old_cfg, int(teacher.num_classes))
+        log.info(f"BCT (weight {bct:g}) through the frozen classifier of {old_path} on its {len(known)} classes")
+        parts.append(BackwardCompatibleLoss(teacher.head, bct, known))
+    return parts[0] if len(parts) == 1 else ExtraLosses(parts)

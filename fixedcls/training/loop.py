@@ -57,7 +57,9 @@ class TrainingRun:
     world: World = field(default_factory=World)
     tracker: Tracker = field(default_factory=Tracker)
     ema: Optional[nn.Module] = None
-    extra_loss: Optional[Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]] = None  # (x, features, y)
+    # (x, features, y) -> a term added to the criterion's loss; one with a `criterion_weight` attribute also weighs
+    # the criterion (HOC: lambda CE + (1 - lambda) HOC)
+    extra_loss: Optional[Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]] = None
     mixup: Optional[Callable] = None  # timm Mixup: (x, y) -> (mixed x, soft targets [B, K])
     resume_state: Optional[dict] = None
     checkpoint_meta: dict = field(default_factory=dict)  # stored in every checkpoint: config, meta
@@ -221,7 +223,7 @@ def train_one_epoch(run: TrainingRun, loop: LoopState, scaler, autocast, stop: S
                 logits, features = model(x, return_features=True)
                 loss = run.criterion(logits.float(), targets)
                 if run.extra_loss is not None:  # e.g. feature distillation from an earlier model generation
-                    loss = loss + run.extra_loss(x, features, y)
+                    loss = getattr(run.extra_loss, "criterion_weight", 1.0) * loss + run.extra_loss(x, features, y)
             # Every rank must agree: a rank that skipped backward alone would leave the others waiting in DDP's all-reduce.
             finite_here = bool(torch.isfinite(loss))
             finite = not world.any(not finite_here, device)
