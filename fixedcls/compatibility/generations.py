@@ -10,6 +10,7 @@ from pathlib import Path
 
 from ..atomic import write_json
 from ..errors import FixedclsError
+from ..escaping import shell_path
 from ..runs import checkpoints as ckpt
 from ..runs import folders as runs
 from ..runs.identity import run_identity
@@ -17,7 +18,7 @@ from ..runs.stored import evaluation_data_config, plain_config
 from ..runtime import choice
 from .criteria import split_classes
 from .matrix import METRICS, compatibility
-from .report import log_to_tracker, report
+from .report import format_criteria, log_to_tracker, matrices_of, report
 
 log = logging.getLogger("fixedcls")
 
@@ -164,4 +165,8 @@ def run_generations(cfg, run_dir: str | Path) -> dict:
     title = f"{cfg.head.name} head, {cfg.generations.protocol}, {cfg.data.name}"
     report(result, json_path=run_dir / "compat.json", png_path=run_dir / "compat.png", title=title, echo=log.info)
     log_to_tracker(result, cfg.logger, run_dir, run_dir / "compat.png", plain_config(cfg))
+    # The last lines say what the run made, after anything the tracker printed on finishing.
+    log.info(f"compat.json  {shell_path(run_dir / 'compat.json')}")
+    for _, suffix, _, name in matrices_of(result):
+        log.info(f"criteria ({name})  {format_criteria(result, suffix)}")
     return result
