@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
+from ..escaping import csv_cell, terminal
 from .cli import EXIT_USAGE, output_file, positive_int, run_command
 
 
@@ -56,7 +57,8 @@ def predict_files(checkpoint, paths: Sequence[str | Path], *, topk: int = 5, bat
 
 
 def write_csv(results, path: Path, topk: int) -> None:
-    """The predictions as CSV, written atomically (loggers.write_text_atomic), so a failed run leaves no half file."""
+    """The predictions as CSV, written atomically (atomic.write_text_atomic), so a failed run leaves no half file;
+    file and class names that a spreadsheet would run as a formula are escaped (escaping.csv_cell)."""
     import io
 
     from ..atomic import write_text_atomic
@@ -67,7 +69,7 @@ def write_csv(results, path: Path, topk: int) -> None:
     writer = csv.writer(text)
     writer.writerow(["path"] + [col for r in range(1, k + 1) for col in (f"class_{r}", f"prob_{r}")])
     for file, top in results:
-        writer.writerow([str(file)] + [cell for name, p in top for cell in (name, f"{p:.6f}")])
+        writer.writerow([csv_cell(str(file))] + [cell for name, p in top for cell in (csv_cell(name), f"{p:.6f}")])
     write_text_atomic(path, text.getvalue())
 
 
@@ -76,15 +78,15 @@ def _run(args) -> int:
 
     def report(path: Path, message: str) -> None:
         skipped.append(path)
-        print(f"fixedcls-predict: skipped: {message}", file=sys.stderr)
+        print(f"fixedcls-predict: skipped: {terminal(message)}", file=sys.stderr)
 
     results = predict_files(args.checkpoint, args.paths, topk=args.topk, batch_size=args.batch_size,
                             device=args.device, ema=args.ema, on_error=report)
     for path, top in results:
-        print(f"{path}: " + ", ".join(f"{name} {100 * p:.1f}%" for name, p in top))
+        print(f"{terminal(path)}: " + ", ".join(f"{terminal(name)} {100 * p:.1f}%" for name, p in top))
     if args.out:
         write_csv(results, args.out, args.topk)
-        print(f"{len(results)} predictions: {args.out}")
+        print(f"{len(results)} predictions: {terminal(args.out)}")
     if skipped:
         print(f"fixedcls-predict: {len(skipped)} of {len(skipped) + len(results)} files skipped (not readable images)",
               file=sys.stderr)

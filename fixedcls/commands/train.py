@@ -17,7 +17,7 @@ from ..config import conf_dir, register_configs
 from ..training.assemble import train
 from ..training.distributed import worker_hydra_args
 from ..training.outcome import outcome_lines
-from .cli import exit_if_jobs_failed, job_value, optimized_value, refuse_bad_overrides, run_job
+from .cli import exit_if_jobs_failed, hydra_usage_errors, job_value, optimized_value, refuse_bad_overrides, run_job
 
 register_configs()
 log = logging.getLogger("fixedcls")
@@ -41,7 +41,8 @@ def hydra_main(cfg: DictConfig):
 
 def main() -> None:
     refuse_bad_overrides(sys.argv[1:])
-    with worker_hydra_args(sys.argv):  # ranks > 0 of a torchrun/srun launch make no Hydra run dir of their own
+    # Ranks > 0 of a torchrun/srun launch make no Hydra run dir of their own.
+    with worker_hydra_args(sys.argv), hydra_usage_errors():
         hydra_main()
     exit_if_jobs_failed()
 

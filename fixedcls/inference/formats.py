@@ -23,6 +23,7 @@ from typing import Callable
 import torch
 from torch import nn
 
+from ..atomic import errors_name
 from ..errors import FixedclsError
 from ..models.heads import CosineHead, FixedHead, LinearHead
 from .loading import CONFIG_FILE, EXPORT_FORMAT, EXPORT_VERSION, WEIGHTS_FILE, LoadedModel
@@ -178,6 +179,11 @@ def export(loaded: LoadedModel, out: str | Path, fmt: str = "timm", *, force: bo
         raise FixedclsError(f"{out} already exists: choose another --out, or pass --force to replace it")
     if out.exists() and not out.is_dir():
         raise FixedclsError(f"{out} is a file: give a folder for --out")
+    with errors_name(out):
+        return _export_through_staging(loaded, out, fmt, batch)
+
+
+def _export_through_staging(loaded: LoadedModel, out: Path, fmt: str, batch: int) -> dict:
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
     try:
