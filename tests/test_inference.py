@@ -10,6 +10,7 @@ from __future__ import annotations
 import csv
 import json
 import shutil
+import sys
 import warnings
 from pathlib import Path
 
@@ -154,6 +155,23 @@ def test_predict_agrees_with_the_model_and_writes_a_csv(trained, tmp_path, capsy
     assert len(capsys.readouterr().out.splitlines()) >= len(files)
 
 
+def test_predict_names_the_checkpoint_it_used(trained, capsys):
+    from fixedcls.commands.predict import main
+
+    assert main([str(trained["folder"]), str(loose_images(trained)[0]), "--device", "cpu"]) == 0
+    first = capsys.readouterr().out.splitlines()[0]  # given a run's folder: the file chosen in it, and its epoch
+    assert first == f"{trained['folder'] / 'last.pt'} (epoch 2, 3 classes)"
+
+
+def test_the_onnx_hint_names_the_readmes_install(trained, tmp_path, monkeypatch, capsys):
+    from fixedcls.commands.export import main
+
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)  # as if the export extra were not installed
+    assert main([str(trained["folder"]), "--out", str(tmp_path / "onnx"), "--format", "onnx"]) == 2
+    assert capsys.readouterr().err.strip().endswith('pip install -e ".[export]"')
+    assert not (tmp_path / "onnx").exists()
+
+
 def test_predict_skips_unreadable_files_in_one_line_each(trained, tmp_path, capsys):
     from fixedcls.commands.predict import main
 
@@ -191,7 +209,7 @@ def test_predict_escapes_names_for_the_spreadsheet_and_the_terminal(trained, tmp
     assert {cell for row in rows for cell in row[1::2]} == {"'" + names[0], "'" + names[1], names[2]}
     shown = capsys.readouterr().out
     assert "\x1b" not in shown and "\\x1b[2J" in shown and "new\\nline" in shown and "tab\\tand\\nnewline.png" in shown
-    assert len(shown.splitlines()) == len(files) + 1  # one line per image, and the CSV's line
+    assert len(shown.splitlines()) == 1 + len(files) + 1  # the model's line, one line per image, the CSV's line
 
 
 # --------------------------------------------------------------------------- fixedcls-export
@@ -242,7 +260,9 @@ def test_onnx_and_torchscript_exports_give_the_same_logits(trained, tmp_path):
     assert _relative(got, expected) < 1e-4
     assert main([str(trained["folder"]), "--out", str(tmp_path / "ts"), "--format", "torchscript"]) == 0
     with warnings.catch_warnings(), torch.no_grad():
-        warnings.simplefilter("ignore")  # torch.jit.load's deprecation notice
+        # docs/using_a_model.md loads it so: torch's deprecation notice, and nothing else, is filtered
+        warnings.simplefilter("error")
+        warnings.filterwarnings("ignore", "`torch.jit.load` is deprecated", FutureWarning)
         assert _relative(torch.jit.load(str(tmp_path / "ts" / "model.pt"))(x), expected) < 1e-5
     assert json.loads((tmp_path / "ts" / "fixedcls.json").read_text())["class_names"] == ["cat", "dog", "fox"]
 

@@ -30,6 +30,7 @@ from .loading import CONFIG_FILE, EXPORT_FORMAT, EXPORT_VERSION, WEIGHTS_FILE, L
 
 FORMATS = ("timm", "fixedcls", "onnx", "torchscript")
 SIDECAR_FILE = "fixedcls.json"  # class names and preprocessing beside an ONNX / TorchScript file
+INSTALL_EXPORT = 'pip install -e ".[export]"'  # the README's form of every install hint
 RTOL = 1e-5  # exports must give the PyTorch logits to this relative precision (max |diff| / max |logit|)
 ONNX_RTOL = 1e-4  # onnxruntime fuses and reorders float32 arithmetic: a little more room
 
@@ -124,7 +125,7 @@ def write_onnx(loaded: LoadedModel, folder: Path) -> Callable[[torch.Tensor], to
     try:
         import onnxruntime
     except ImportError:
-        raise FixedclsError("--format onnx needs onnx, onnxscript and onnxruntime: pip install 'fixedcls[export]'") from None
+        raise FixedclsError(f"--format onnx needs onnx, onnxscript and onnxruntime: {INSTALL_EXPORT}") from None
     import warnings
 
     folder.mkdir(parents=True, exist_ok=True)
@@ -137,7 +138,7 @@ def write_onnx(loaded: LoadedModel, folder: Path) -> Callable[[torch.Tensor], to
                               dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}}, dynamo=True,
                               external_data=False, verbose=False)
         except ImportError:
-            raise FixedclsError("--format onnx needs onnx and onnxscript: pip install 'fixedcls[export]'") from None
+            raise FixedclsError(f"--format onnx needs onnx and onnxscript: {INSTALL_EXPORT}") from None
     _write_sidecar(loaded, folder, "model.onnx")
 
     def run(x: torch.Tensor) -> torch.Tensor:

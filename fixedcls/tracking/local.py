@@ -47,7 +47,7 @@ class TensorboardTracker(Tracker):
             from torch.utils.tensorboard import SummaryWriter
         except Exception as error:  # tensorboard is an extra: pip install -e ".[tensorboard]"
             warnings.warn(f"logger=tensorboard but TensorBoard cannot be imported ({error}): "
-                          f"`pip install tensorboard` (or the fixedcls[tensorboard] extra); training goes on without it",
+                          '`pip install -e ".[tensorboard]"`; training goes on without it',
                           TrackerWarning)
             return
         self._writer_class = SummaryWriter
