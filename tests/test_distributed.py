@@ -180,6 +180,8 @@ def test_torchrun_exact_collapse_of_the_test_split_equals_one_process(launches):
     scatter."""
     tmp_path = launches["torchrun_exact"].wait()
     row = json.loads(next(tmp_path.rglob("metrics.jsonl")).read_text().splitlines()[-1])
+    closing = (tmp_path / "launch.log").read_text()
+    assert closing.count("evaluate the model:  fixedcls-eval checkpoints/") == 1  # said once, by rank 0
     cfg, bundle, model, _ = _one_process_model(EXACT_OVERRIDES, next((tmp_path / "checkpoints").glob("*/last.pt")))
     _, train_eval, test = create_loaders(bundle, batch_size=16, eval_batch_size=1, seed=cfg.seed)
     for prefix, loader in (("collapse/", train_eval), ("collapse_test/", test)):
