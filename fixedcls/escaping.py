@@ -42,7 +42,7 @@ def terminal(text: object) -> str:
     text = str(text)
     if text.isprintable():
         return text
-    return "".join(ch if ch.isprintable() or ch == " " else repr(ch)[1:-1] for ch in text)
+    return "".join(ch if ch.isprintable() else repr(ch)[1:-1] for ch in text)
 
 
 def shell_path(path: str | Path) -> str:

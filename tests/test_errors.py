@@ -134,6 +134,18 @@ def test_a_link_planted_in_a_reused_sweep_folder_is_refused(tmp_path):
     assert (tmp_path / "victim").read_text() == "precious\n" and not (tmp_path / "sweep" / "0").exists()
 
 
+def test_links_of_other_tools_in_a_reused_sweep_folder_are_left_alone(tmp_path):
+    """W&B keeps wandb/debug.log as a link to its newest run's log: not a file the run writes through."""
+    wandb = tmp_path / "sweep" / "0" / "wandb"
+    wandb.mkdir(parents=True)
+    (wandb / "run-1").mkdir()
+    (wandb / "run-1" / "debug.log").write_text("w&b\n")
+    (wandb / "debug.log").symlink_to(wandb / "run-1" / "debug.log")
+    result = run_cli(["-m", *TINY, "seed=0", "hydra.sweep.dir=sweep"], tmp_path, timeout=90)
+    assert result.returncode == 0, result.stderr
+    assert (tmp_path / "sweep" / "0" / "summary.json").is_file() and (wandb / "debug.log").read_text() == "w&b\n"
+
+
 @pytest.mark.parametrize("folder", ["a_file/run", "/proc/fixedcls-run"])
 def test_a_run_folder_that_cannot_be_created_is_one_line(tmp_path, folder):
     if folder.startswith("/proc") and not Path("/proc/self").is_dir():

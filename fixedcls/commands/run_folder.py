@@ -23,9 +23,9 @@ from omegaconf.errors import OmegaConfBaseException
 from ..escaping import terminal
 from .cli import EXIT_USAGE, config_error
 
-# Files of a job folder written by open(), which follows a link (summary.json and metrics.csv are replaced
-# atomically, metrics.jsonl is opened with O_NOFOLLOW): Hydra's log, and the plots matplotlib saves.
-FOLLOWED_FILES = ("*.log", "collapse.png", "compat.png")
+# Files of a job folder written by open(), which follows a link, besides Hydra's `<job name>.log`: the plots
+# matplotlib saves (summary.json and metrics.csv are replaced atomically, metrics.jsonl is opened O_NOFOLLOW).
+PLOTS = ("collapse.png", "compat.png")
 
 
 class GuardRunFolder(Callback):
@@ -36,8 +36,8 @@ class GuardRunFolder(Callback):
         self._check(config, "hydra.run.dir", depth=0)
 
     def on_multirun_start(self, config, **kwargs: Any) -> None:
-        # Job folders are <sweep dir>/<subdir>; the default subdir is the job number, one level down.
-        self._check(config, "hydra.sweep.dir", depth=2, top=("multirun.yaml",))
+        # Job folders are <sweep dir>/<subdir>: the default subdir is the job number, one level down.
+        self._check(config, "hydra.sweep.dir", depth=1, top=("multirun.yaml",))
 
     def _check(self, config, key: str, *, depth: int, top: tuple[str, ...] = ()) -> None:
         try:
@@ -51,15 +51,18 @@ class GuardRunFolder(Callback):
                     f"you can write")
         if not folder.is_dir():
             _refuse(f"{key}={terminal(folder)} is not a folder: choose a folder you can write")
-        linked = next(_linked_files(folder, output_subdir, depth, top), None)
+        written = (f"{config.hydra.job.name}.log", *PLOTS)
+        linked = next(_linked_files(folder, output_subdir, written, depth, top), None)
         if linked is not None:
             _refuse(f"{key}={terminal(folder)} holds a symbolic link at {terminal(linked)} (to "
                     f"{terminal(os.readlink(linked))}), where the run would write a file of its own through it: "
                     f"remove the link, or choose another {key}")
 
 
-def _linked_files(folder: Path, output_subdir, depth: int, top: tuple[str, ...]) -> Iterator[Path]:
-    """The symbolic links among the names a job writes in `folder` and in its sub-folders down to `depth`."""
+def _linked_files(folder: Path, output_subdir, written: tuple[str, ...], depth: int,
+                  top: tuple[str, ...]) -> Iterator[Path]:
+    """The symbolic links among the names a job writes (`written`, and Hydra's config files in `output_subdir`)
+    in `folder` and in its sub-folders down to `depth`."""
     for name in top:
         if (folder / name).is_symlink():
             yield folder / name
@@ -76,8 +79,7 @@ def _linked_files(folder: Path, output_subdir, depth: int, top: tuple[str, ...])
             for name in ("config.yaml", "hydra.yaml", "overrides.yaml"):
                 if (hydra_files / name).is_symlink():
                     yield hydra_files / name
-        for pattern in FOLLOWED_FILES:
-            yield from (path for path in job.glob(pattern) if path.is_symlink())
+        yield from (job / name for name in written if (job / name).is_symlink())
 
 
 def _refuse(message: str) -> NoReturn:
