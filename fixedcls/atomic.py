@@ -28,22 +28,35 @@ def jsonable(value: Any) -> Any:
     return value
 
 
+@contextlib.contextmanager
+def errors_name(path: str | Path):
+    """A block whose OSError names `path`, the file or folder the user asked for, rather than the temporary
+    file written on its way there (`.summary.json.x7obmav2.tmp` means nothing to the user)."""
+    try:
+        yield
+    except OSError as error:
+        if error.errno is None or error.filename == os.fspath(path):
+            raise
+        raise OSError(error.errno, error.strerror, os.fspath(path)) from error
+
+
 def write_text_atomic(path: Path, text: str) -> None:
     """Replace `path` with `text` in one step: readers see the old file or the new one, never half of it.
 
     The temporary file is made by mkstemp in the same folder, so a planted link or another writer's
     temporary file is never followed or overwritten."""
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.chmod(tmp, file_mode())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
+    with errors_name(path):
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        try:
+            with os.fdopen(fd, "w") as f:
+                f.write(text)
+            os.chmod(tmp, file_mode())
+            os.replace(tmp, path)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
 
 
 def file_mode() -> int:

@@ -329,3 +329,23 @@ def test_generations_from_num_tasks_measure_best_checkpoints_with_verification(t
     assert result["verification"]["pairs"] == 300 and len(result["M_verification"]) == 2
     saved = json.loads((tmp_path / "run" / "compat.json").read_text())
     assert saved["M_verification"] == result["M_verification"] and "AC_ties_verification" in saved
+
+
+def test_compat_train_ends_with_compat_json_and_its_criteria(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    from utils import TINY
+
+    result = subprocess.run([sys.executable, "-m", "fixedcls.commands.compat", "train", *TINY, *DATA, "trainer.epochs=1",
+                             "trainer.threads=1", "generations.tasks=[[0,1,2],[3,4,5]]"], cwd=tmp_path,
+                            capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr
+    lines = [line.split("] ", 1)[1] for line in result.stdout.strip().splitlines()[-3:]]
+    path = next(tmp_path.glob("outputs/*/*/compat.json"))
+    saved = json.loads(path.read_text())
+    assert lines[0] == f"compat.json  {path.relative_to(tmp_path)}"
+    for line, (name, suffix) in zip(lines[1:], (("top-1", ""), ("mAP", "_map"))):
+        assert line.startswith(f"criteria ({name})  AC {saved['AC' + suffix]:.3f}  AC_ties {saved['AC_ties' + suffix]:.3f}  "
+                               f"AM {saved['AM' + suffix]:.3f}  BC {saved['BC' + suffix]:+.3f}")

@@ -92,3 +92,65 @@ def test_eval_with_a_relative_root_counts_the_test_folder(tmp_path):
                      timeout=90)
     assert result.returncode == 0, result.stderr
     assert json.loads((tmp_path / "eval.json").read_text())["samples"] == sum(VALIDATION.values())
+
+
+def tiny_cifar10(root: Path, monkeypatch, train_per_class: list[int], test_per_class: int) -> None:
+    """A CIFAR-10 of a few images in torchvision's own files (pickled batches under cifar-10-batches-py/), read
+    by torchvision's own CIFAR10 class through timm's factory, as data=cifar10 reads the real one; only the
+    checksums torchvision compares the files against are this data's. Every image is one colour whose red value
+    is its index in its split (train 0.., test 200..), so a sample names its source image after any crop or flip."""
+    import hashlib
+    import pickle
+
+    import numpy as np
+    from torchvision.datasets import CIFAR10
+
+    folder = root / CIFAR10.base_folder
+    folder.mkdir(parents=True)
+
+    def batch(name: str, labels: list[int], first: int) -> tuple[str, str]:
+        data = np.zeros((len(labels), 3, 32, 32), dtype=np.uint8)
+        data[:, 0] = (first + np.arange(len(labels)))[:, None, None]
+        data[:, 1] = np.array(labels)[:, None, None] * 20
+        (folder / name).write_bytes(pickle.dumps({"data": data.reshape(len(labels), -1), "labels": labels}))
+        return name, hashlib.md5((folder / name).read_bytes()).hexdigest()
+
+    train = [c for c, n in enumerate(train_per_class) for _ in range(n)]
+    test = [c for c in range(10) for _ in range(test_per_class)]
+    monkeypatch.setattr(CIFAR10, "train_list", [batch("data_batch_1", train, 0)])
+    monkeypatch.setattr(CIFAR10, "test_list", [batch("test_batch", test, 200)])
+    (folder / "batches.meta").write_bytes(pickle.dumps({"label_names": [f"class{c}" for c in range(10)]}))
+    monkeypatch.setattr(CIFAR10, "meta", {"filename": "batches.meta", "key": "label_names",
+                                          "md5": hashlib.md5((folder / "batches.meta").read_bytes()).hexdigest()})
+
+
+def images_of(dataset, preprocessing: dict) -> list[int]:
+    """The source image of every sample (its red value, read back through the normalisation), in order."""
+    mean, std = preprocessing["mean"][0], preprocessing["std"][0]
+    return [round((float(x[0, 16, 16]) * std + mean) * 255) for x, _ in (dataset[i] for i in range(len(dataset)))]
+
+
+@pytest.mark.parametrize("split_seed", [0, 3])
+def test_the_cifar_validation_carve_is_disjoint_complete_and_stratified(tmp_path, monkeypatch, split_seed):
+    from collections import Counter
+
+    from fixedcls.data.datasets import create_data, targets_of
+
+    per_class = [6 + c for c in range(10)]  # 105 training images, unbalanced so that stratification shows
+    tiny_cifar10(tmp_path / "cifar", monkeypatch, per_class, test_per_class=2)
+    cfg = compose_config(["data=cifar10", f"data.root={tmp_path / 'cifar'}", "data.val_fraction=0.2",
+                          f"data.split_seed={split_seed}", "data.num_workers=0"], tiny=False)
+    bundle = create_data(cfg.data)
+    train, train_eval, val, test = (images_of(d, bundle.preprocessing)
+                                    for d in (bundle.train, bundle.train_eval, bundle.val, bundle.test))
+    assert not set(train) & set(val), "validation images left in the training split"
+    assert sorted(train) == sorted(train_eval)  # the augmented and the evaluation view hold the same images
+    assert len(train) == len(set(train)) and len(val) == len(set(val))
+    assert sorted(train + val) == list(range(sum(per_class)))  # together, every training image once
+    assert sorted(test) == list(range(200, 220))  # the test split as it was
+    label_of = [c for c, n in enumerate(per_class) for _ in range(n)]  # image index -> its class
+    assert [label_of[image] for image in val] == targets_of(bundle.val)  # labels travel with their images
+    assert [label_of[image] for image in train] == targets_of(bundle.train)
+    val_counts = Counter(targets_of(bundle.val))
+    for c, n in enumerate(per_class):  # stratified: each class gives its own 20% (rounded), at least one image
+        assert val_counts[c] >= 1 and abs(val_counts[c] - 0.2 * n) <= 0.5, (c, n, val_counts[c])

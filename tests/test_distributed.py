@@ -1,7 +1,8 @@
 """DDP and cluster launches on CPU: torchrun with gloo in real processes, sharding, launcher configs, preemption.
 
 The 2-process run must write one run directory (no per-rank Hydra dirs) and one checkpoint set, and its
-collapse measures must equal a 1-process measurement of the saved checkpoint on the same data.
+collapse measures must equal a 1-process measurement of the saved checkpoint on the same data, on both paths:
+a seeded subset (collapse.max_samples) and the default exact one, whose test-split pass 1 rides on evaluation.
 """
 from __future__ import annotations
 
@@ -33,6 +34,10 @@ DDP_OVERRIDES = [
     "data.train_per_class=13", "data.test_per_class=5", "data.batch_size=16", "data.eval_batch_size=1",
     "trainer.epochs=2", "trainer.progress=false", "trainer.device=cpu", "collapse.max_samples=25",
 ]  # 13 per class, 1 of which the validation split holds (sharded like the test split): 36 training samples
+# The default exact collapse path (no collapse.max_samples): the test split's pass 1 rides on its evaluation,
+# and its class means must be summed over the ranks before pass 2.
+EXACT_OVERRIDES = [o for o in DDP_OVERRIDES if not o.startswith("collapse.max_samples=")] + [
+    "trainer.epochs=1", "collapse.plot=false"]
 LAUNCH_TIMEOUT = 240
 
 
@@ -88,8 +93,10 @@ def _has_submitit() -> bool:
 def launches(tmp_path_factory):
     """Both multi-process launches start at once (mostly interpreter start-up and imports): a torchrun
     run of 2 gloo processes, and a submitit local job of 2 tasks (when the slurm extra is installed)."""
-    started = {"torchrun": Launch([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                                   "-m", "fixedcls.commands.train", *DDP_OVERRIDES], tmp_path_factory.mktemp("torchrun"))}
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m",
+                "fixedcls.commands.train"]
+    started = {"torchrun": Launch([*torchrun, *DDP_OVERRIDES], tmp_path_factory.mktemp("torchrun")),
+               "torchrun_exact": Launch([*torchrun, *EXACT_OVERRIDES], tmp_path_factory.mktemp("torchrun_exact"))}
     if _has_submitit():
         sweep = tmp_path_factory.mktemp("submitit")
         started["submitit"] = Launch([
@@ -128,19 +135,12 @@ def test_torchrun_two_processes_one_run_dir_and_same_measures_as_one_process(lau
     last = rows[-1]
 
     # A 1-process measurement of the saved checkpoint on the same data.
-    cfg = compose_config(DDP_OVERRIDES, tiny=False)
-    bundle = create_data(cfg.data)
-    from fixedcls.models.classifier import create_model
-
-    model = create_model(cfg.model.backbone, cfg.head.name, bundle.num_classes, dim=cfg.model.dim,
-                         in_chans=bundle.in_chans, img_size=bundle.img_size)
-    state = torch.load(ckpt_dirs[0] / "last.pt", map_location="cpu", weights_only=True)
+    cfg, bundle, model, state = _one_process_model(DDP_OVERRIDES, ckpt_dirs[0] / "last.pt")
     assert (state["epoch"], state["global_step"]) == (2, 4)  # 18 samples per rank: 2 steps per epoch (1 process: 3)
     # Each rank's own RNG stream (its own dropout masks), saved so a resume restores every rank's.
     assert len(state["rng_ranks"]) == 2
     assert not torch.equal(state["rng_ranks"][0]["torch"], state["rng_ranks"][1]["torch"])
     assert torch.equal(state["rng_ranks"][0]["torch"], state["rng"]["torch"])
-    model.load_state_dict(state["model"])
     _, train_eval, test = create_loaders(bundle, batch_size=16, eval_batch_size=1, seed=cfg.seed)
     cpu = torch.device("cpu")
     for prefix, loader in (("collapse/", train_eval), ("collapse_test/", test)):
@@ -159,6 +159,36 @@ def test_torchrun_two_processes_one_run_dir_and_same_measures_as_one_process(lau
         assert last[f"{split}/acc"] == pytest.approx(int((logits.argmax(1) == y).sum()) / len(y), abs=1e-12)
         assert last[f"{split}/loss"] == pytest.approx(float(torch.nn.functional.cross_entropy(logits, y)), rel=1e-5)
     print(f"torchrun 2-process launch: {launch_seconds:.1f}s")
+
+
+def _one_process_model(overrides: list[str], checkpoint: Path):
+    """(config, data, model with the checkpoint's weights, checkpoint state) of a run of `overrides`, in this process."""
+    from fixedcls.models.classifier import create_model
+
+    cfg = compose_config(overrides, tiny=False)
+    bundle = create_data(cfg.data)
+    model = create_model(cfg.model.backbone, cfg.head.name, bundle.num_classes, dim=cfg.model.dim,
+                         in_chans=bundle.in_chans, img_size=bundle.img_size)
+    state = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    model.load_state_dict(state["model"])
+    return cfg, bundle, model, state
+
+
+def test_torchrun_exact_collapse_of_the_test_split_equals_one_process(launches):
+    """The default exact path: the test split's class means come from each rank's evaluation shard (8 + 7
+    samples) and must be summed over the ranks; a rank that kept its own shard's means would measure another
+    scatter."""
+    tmp_path = launches["torchrun_exact"].wait()
+    row = json.loads(next(tmp_path.rglob("metrics.jsonl")).read_text().splitlines()[-1])
+    closing = (tmp_path / "launch.log").read_text()
+    assert closing.count("evaluate the model:  fixedcls-eval checkpoints/") == 1  # said once, by rank 0
+    cfg, bundle, model, _ = _one_process_model(EXACT_OVERRIDES, next((tmp_path / "checkpoints").glob("*/last.pt")))
+    _, train_eval, test = create_loaders(bundle, batch_size=16, eval_batch_size=1, seed=cfg.seed)
+    for prefix, loader in (("collapse/", train_eval), ("collapse_test/", test)):
+        single = measure_model(model, loader, device=torch.device("cpu"))
+        assert "nc1" in single and "nc2_etf_error" in single, prefix
+        for key, value in single.items():
+            assert row[prefix + key] == pytest.approx(value, rel=1e-6, abs=1e-6), (prefix + key, row[prefix + key], value)
 
 
 # ---------------------------------------------------------------------------------------------------

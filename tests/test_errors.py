@@ -104,6 +104,75 @@ def test_hydra_additions_and_run_dir_still_work(tmp_path):
     assert (tmp_path / "run" / "metrics.jsonl").is_file()
 
 
+# ------------------------------------------------------------------ the run folder (issue 28)
+
+@pytest.mark.parametrize("planted", [".hydra/config.yaml", ".hydra/overrides.yaml", "train.log", ".hydra"])
+def test_a_link_planted_in_a_reused_run_folder_is_refused_and_nothing_is_written_through(tmp_path, planted):
+    """Hydra writes .hydra/*.yaml and train.log with open() before the job starts: a link under one of those
+    names in a fixed hydra.run.dir would send the write into the file it names."""
+    victim = tmp_path / "victim"
+    victim.mkdir()
+    for name in ("config.yaml", "overrides.yaml", "file"):
+        (victim / name).write_text("precious\n")
+    (tmp_path / "run" / ".hydra").mkdir(parents=True)
+    if planted == ".hydra":
+        (tmp_path / "run" / ".hydra").rmdir()
+    (tmp_path / "run" / planted).symlink_to(victim if planted == ".hydra" else victim / "file")
+    result = run_cli(TINY + ["hydra.run.dir=run"], tmp_path, timeout=90)
+    assert_one_line_error(result, "hydra.run.dir=run", f"symbolic link at run/{planted} (to {victim}",
+                          "remove the link, or choose another hydra.run.dir")
+    assert all(path.read_text() == "precious\n" for path in victim.iterdir())
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == sorted({".hydra", planted.split("/")[0]})
+
+
+def test_a_link_planted_in_a_reused_sweep_folder_is_refused(tmp_path):
+    (tmp_path / "victim").write_text("precious\n")
+    (tmp_path / "sweep" / "1" / ".hydra").mkdir(parents=True)
+    (tmp_path / "sweep" / "1" / ".hydra" / "overrides.yaml").symlink_to(tmp_path / "victim")
+    result = run_cli(["-m", *TINY, "seed=0,1", "hydra.sweep.dir=sweep"], tmp_path, timeout=90)
+    assert_one_line_error(result, "hydra.sweep.dir=sweep", "symbolic link at sweep/1/.hydra/overrides.yaml")
+    assert (tmp_path / "victim").read_text() == "precious\n" and not (tmp_path / "sweep" / "0").exists()
+
+
+def test_links_of_other_tools_in_a_reused_sweep_folder_are_left_alone(tmp_path):
+    """W&B keeps wandb/debug.log as a link to its newest run's log: not a file the run writes through."""
+    wandb = tmp_path / "sweep" / "0" / "wandb"
+    wandb.mkdir(parents=True)
+    (wandb / "run-1").mkdir()
+    (wandb / "run-1" / "debug.log").write_text("w&b\n")
+    (wandb / "debug.log").symlink_to(wandb / "run-1" / "debug.log")
+    result = run_cli(["-m", *TINY, "seed=0", "hydra.sweep.dir=sweep"], tmp_path, timeout=90)
+    assert result.returncode == 0, result.stderr
+    assert (tmp_path / "sweep" / "0" / "summary.json").is_file() and (wandb / "debug.log").read_text() == "w&b\n"
+
+
+@pytest.mark.parametrize("folder", ["a_file/run", "/proc/fixedcls-run"])
+def test_a_run_folder_that_cannot_be_created_is_one_line(tmp_path, folder):
+    if folder.startswith("/proc") and not Path("/proc/self").is_dir():
+        pytest.skip("needs Linux's /proc, where no folder can be created")
+    (tmp_path / "a_file").write_text("not a folder")
+    result = run_cli(TINY + [f"hydra.run.dir={folder}"], tmp_path, timeout=90)
+    assert_one_line_error(result, f"hydra.run.dir={folder} cannot be created", "choose a folder you can write")
+
+
+@pytest.mark.parametrize("args,needles", [
+    (["optim.lr=${oops}"], ["Interpolation key 'oops' not found", "optim.lr", "fix the override"]),
+    (["seed=${oops}"], ["Interpolation key 'oops' not found", "seed"]),
+])
+def test_an_override_that_cannot_be_resolved_is_one_line(tmp_path, args, needles):
+    assert_one_line_error(train_cli(tmp_path, args), *needles)
+
+
+def test_a_run_folder_named_by_an_override_that_cannot_be_resolved_is_one_line(tmp_path):
+    result = run_cli(TINY + ["seed=${oops}"], tmp_path, timeout=90)  # the default run folder names the seed
+    assert_one_line_error(result, "hydra.run.dir cannot be resolved", "Interpolation key 'oops' not found")
+
+
+def test_an_override_hydra_cannot_parse_exits_2(tmp_path):
+    result = train_cli(tmp_path, ["data.root=["])
+    assert result.returncode == 2 and "Traceback" not in result.stderr and "override_grammar" in result.stderr
+
+
 # ------------------------------------------------------------------ data folders
 
 def _png(path: Path, size: int = 20, seed: int = 0) -> None:

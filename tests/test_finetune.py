@@ -251,6 +251,22 @@ def test_optim_kwargs_reach_the_optimizer_and_a_wrong_one_is_one_line():
         build_optimizer(compose_config(["+optim.kwargs.lr=1"]).optim, model)
 
 
+def test_sgd_with_momentum_zero_is_plain_sgd_and_nesterov_without_momentum_is_one_line():
+    model = create_model("test_resnet", "simplex", 5)
+    optimizer = build_optimizer(compose_config(["optim.momentum=0"]).optim, model)  # timm's sgd is Nesterov SGD
+    assert optimizer.param_groups[0]["momentum"] == 0 and optimizer.param_groups[0]["nesterov"] is False
+    weight = model.proj.weight
+    weight.grad = torch.ones_like(weight)
+    before = weight.detach().clone()
+    group = next(g for g in optimizer.param_groups if any(p is weight for p in g["params"]))
+    lr, decay = group["lr"], group["weight_decay"]
+    optimizer.step()
+    assert torch.allclose(weight.detach(), before - lr * (1 + decay * before))  # w - lr (g + wd w): no momentum
+    assert build_optimizer(compose_config([]).optim, model).param_groups[0]["nesterov"] is True
+    with pytest.raises(FixedclsError, match="optimizer sgd refuses .*optim.momentum=0.0.*Nesterov"):
+        build_optimizer(compose_config(["optim.momentum=0", "+optim.kwargs.nesterov=true"]).optim, model)
+
+
 def test_mixup_makes_soft_targets_and_dot_regression_weights_them():
     from fixedcls.models.heads import DotRegressionLoss
 

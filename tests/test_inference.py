@@ -10,6 +10,7 @@ from __future__ import annotations
 import csv
 import json
 import shutil
+import sys
 import warnings
 from pathlib import Path
 
@@ -154,6 +155,23 @@ def test_predict_agrees_with_the_model_and_writes_a_csv(trained, tmp_path, capsy
     assert len(capsys.readouterr().out.splitlines()) >= len(files)
 
 
+def test_predict_names_the_checkpoint_it_used(trained, capsys):
+    from fixedcls.commands.predict import main
+
+    assert main([str(trained["folder"]), str(loose_images(trained)[0]), "--device", "cpu"]) == 0
+    first = capsys.readouterr().out.splitlines()[0]  # given a run's folder: the file chosen in it, and its epoch
+    assert first == f"{trained['folder'] / 'last.pt'} (epoch 2, 3 classes)"
+
+
+def test_the_onnx_hint_names_the_readmes_install(trained, tmp_path, monkeypatch, capsys):
+    from fixedcls.commands.export import main
+
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)  # as if the export extra were not installed
+    assert main([str(trained["folder"]), "--out", str(tmp_path / "onnx"), "--format", "onnx"]) == 2
+    assert capsys.readouterr().err.strip().endswith('pip install -e ".[export]"')
+    assert not (tmp_path / "onnx").exists()
+
+
 def test_predict_skips_unreadable_files_in_one_line_each(trained, tmp_path, capsys):
     from fixedcls.commands.predict import main
 
@@ -166,6 +184,32 @@ def test_predict_skips_unreadable_files_in_one_line_each(trained, tmp_path, caps
     assert any("broken.png" in line for line in errors) and not any("Traceback" in line for line in errors)
     assert len(list(csv.reader(out.open()))) == 1 + 3  # header + the three readable images
     assert main([str(trained["folder"]), str(tmp_path / "nowhere")]) == 2
+
+
+def test_predict_escapes_names_for_the_spreadsheet_and_the_terminal(trained, tmp_path, capsys, monkeypatch):
+    """Class and file names are data: in the CSV a cell that a spreadsheet would run as a formula gets a leading
+    ', and on the terminal a control character is shown escaped, never sent (issue 28)."""
+    from fixedcls.commands.predict import main
+
+    names = ["=cmd|' -C calc'!A0", "+SUM(1+1)", "new\nline\x1b[2J"]
+    state = ckpt.load(trained["folder"] / "last.pt")
+    state["inference"]["class_names"] = names
+    ckpt.atomic_save(state, tmp_path / "hostile.pt")
+    images = tmp_path / "images"
+    images.mkdir()
+    files = ["=HYPERLINK(x).png", "-1+2.png", "@a.png", "tab\tand\nnewline.png"]
+    for name, source in zip(files, loose_images(trained)):
+        shutil.copy(source, images / name)
+    monkeypatch.chdir(images)  # relative paths, as a user types them: the path cell starts with the file's name
+    out = tmp_path / "pred.csv"
+    assert main(["--topk", "3", "--out", str(out), "--device", "cpu", str(tmp_path / "hostile.pt"), "--", *files]) == 0
+    rows = list(csv.reader(out.open(newline="")))[1:]
+    assert sorted(row[0] for row in rows) == sorted("'" + name if name[0] in "=-@" else name for name in files)
+    assert {row[1] for row in rows} <= {"'" + names[0], "'" + names[1], names[2]}
+    assert {cell for row in rows for cell in row[1::2]} == {"'" + names[0], "'" + names[1], names[2]}
+    shown = capsys.readouterr().out
+    assert "\x1b" not in shown and "\\x1b[2J" in shown and "new\\nline" in shown and "tab\\tand\\nnewline.png" in shown
+    assert len(shown.splitlines()) == 1 + len(files) + 1  # the model's line, one line per image, the CSV's line
 
 
 # --------------------------------------------------------------------------- fixedcls-export
@@ -216,7 +260,9 @@ def test_onnx_and_torchscript_exports_give_the_same_logits(trained, tmp_path):
     assert _relative(got, expected) < 1e-4
     assert main([str(trained["folder"]), "--out", str(tmp_path / "ts"), "--format", "torchscript"]) == 0
     with warnings.catch_warnings(), torch.no_grad():
-        warnings.simplefilter("ignore")  # torch.jit.load's deprecation notice
+        # docs/using_a_model.md loads it so: torch's deprecation notice, and nothing else, is filtered
+        warnings.simplefilter("error")
+        warnings.filterwarnings("ignore", "`torch.jit.load` is deprecated", FutureWarning)
         assert _relative(torch.jit.load(str(tmp_path / "ts" / "model.pt"))(x), expected) < 1e-5
     assert json.loads((tmp_path / "ts" / "fixedcls.json").read_text())["class_names"] == ["cat", "dog", "fox"]
 
@@ -259,6 +305,24 @@ def test_bad_checkpoints_are_one_line_and_exit_2(tmp_path, capsys):
     errors = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
     assert len(errors) == 2 and "corrupt" in errors[0] and "does not exist" in errors[1]
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="needs Linux's /proc, where no file can be created")
+def test_an_output_that_cannot_be_written_is_one_line_naming_the_users_path(trained, tmp_path, capsys):
+    """Exit 2 (the user named the path), and the line names that path, never the temporary file written on its
+    way (`/proc/.x.json.k3j2.tmp`), nor a traceback (issue 28)."""
+    from fixedcls.commands.collapse import main as collapse
+    from fixedcls.commands.embed import main as embed
+    from fixedcls.commands.export import main as export
+
+    model = str(trained["folder"])
+    assert export([model, "--out", "/proc/fixedcls-export"]) == 2
+    assert collapse([str(trained["plain"]["checkpoint"]), "--split", "test", "--json", "/proc/fixedcls.json"]) == 2
+    assert embed([model, str(trained["loose"]), "--out", "/proc/fixedcls.safetensors"]) == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(errors) == 3, errors
+    for line, path in zip(errors, ("/proc/fixedcls-export", "/proc/fixedcls.json", "/proc/fixedcls.safetensors")):
+        assert line.endswith(f": {path}: check the path, or choose another") and ".tmp" not in line and ".partial" not in line
 
 
 # --------------------------------------------------------------------------- fixedcls-eval

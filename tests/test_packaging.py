@@ -72,6 +72,45 @@ def test_help_lists_every_config_group_with_its_options(command, monkeypatch, ca
     assert "--shell-completion,-sc" in out and "\nhead:\n  name: simplex\n" in out
 
 
+def test_help_lists_every_other_command(monkeypatch, capsys):
+    import re
+    import tomllib
+
+    status, out, err = run_main(train.main, ["fixedcls-train", "--help"], monkeypatch, capsys)
+    assert status == 0, err
+    scripts = set(tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["scripts"]) - {"fixedcls-train"}
+    modules = {f"python -m fixedcls.{p.parent.name}" for p in (REPO / "fixedcls").glob("*/__main__.py")}
+    listed = set(re.findall(r"^  (fixedcls-\S+|python -m fixedcls\.\w+) ", out.split("The other commands")[1], re.M))
+    assert listed == scripts | modules and len(modules) == 2
+
+
+def test_every_install_hint_has_the_readmes_form():
+    """`pip install -e ".[extra]"` (or `-e .` for a dependency), as the README writes it, never another spelling."""
+    import re
+
+    readme = (REPO / "README.md").read_text()
+    assert 'pip install -e ".[dev]"' in readme or '-e ".[dev]"' in readme
+    hints = [(path, hint) for path in [*(REPO / "fixedcls").rglob("*.py"), *(REPO / "conf").rglob("*.yaml")]
+             for hint in re.findall(r"pip install(?: +[^\s`',;)]+){1,2}", path.read_text())]
+    assert hints
+    odd = [(str(path.relative_to(REPO)), hint) for path, hint in hints
+           if not re.fullmatch(r'pip install -e (\.|"\.\[\w+\]")', hint)]
+    assert not odd, odd
+
+
+def test_the_readme_installs_cpu_only_torch_before_fixedcls():
+    setup = (REPO / "README.md").read_text().split("## Set up", 1)[1].split("\n## ", 1)[0]
+    cpu = setup.index("pip install torch torchvision --index-url https://download.pytorch.org/whl/cpu")
+    assert cpu < setup.index("pip install -e .")
+
+
+def test_build_and_dist_are_ignored():
+    if shutil.which("git") is None or not (REPO / ".git").exists():
+        pytest.skip("not a git checkout")
+    for path in ("build/lib/fixedcls/config.py", "dist/fixedcls-0.1.0-py3-none-any.whl"):
+        assert subprocess.run(["git", "check-ignore", "-q", path], cwd=REPO).returncode == 0, path
+
+
 @pytest.mark.parametrize("command", ENTRIES)
 def test_cfg_and_info_print_without_training(command, monkeypatch, capsys, tmp_path):
     monkeypatch.chdir(tmp_path)

@@ -221,3 +221,49 @@ def test_a_failing_multirun_job_does_not_stop_the_others(tmp_path):
     assert "needs d >= 3" in result.stderr and "Traceback" not in result.stderr
     assert (tmp_path / "sweep" / "1" / "metrics.jsonl").is_file()
     assert not (tmp_path / "sweep" / "0" / "metrics.jsonl").exists()
+
+
+def _closing_lines(stdout: str, count: int) -> list[str]:
+    """The last `count` log lines of a run, without their time stamps."""
+    return [line.split("] ", 1)[1] for line in stdout.strip().splitlines()[-count:]]
+
+
+def test_a_run_ends_by_naming_what_it_made(tmp_path):
+    import shlex
+
+    result = _cli([*TINY, "data.val_fraction=0.25", "collapse.every=1", "trainer.threads=1"], tmp_path)
+    assert result.returncode == 0, result.stderr
+    lines = _closing_lines(result.stdout, 7)
+    summary_path = next(tmp_path.glob("outputs/*/*/summary.json"))
+    summary = json.loads(summary_path.read_text())
+    history = read_jsonl(summary_path.parent / "metrics.jsonl")
+    directory = Path(summary["checkpoint_dir"])  # checkpoints/<name>-<identity>: relative, as the user pastes it
+    assert lines[0] == f"finished after 2 epochs: final test acc {100 * summary['final/test/acc']:.2f}%"
+    assert lines[1] == (f"best.pt  {directory / 'best.pt'}: epoch {summary['best/epoch']} of 2, chosen by val/acc "
+                        f"(val acc {100 * summary['best/val/acc']:.2f}%, test acc {100 * summary['best/test/acc']:.2f}%)")
+    assert lines[2] == f"last.pt  {directory / 'last.pt'}"
+    assert lines[3] == (f"NC1 (train)  {history[0]['collapse/nc1']:.3g} (epoch 1) -> "
+                        f"{history[-1]['collapse/nc1']:.3g} (epoch 2)")
+    assert lines[4].startswith("NC1 (test)  ")
+    assert lines[5] == f"summary  {summary_path.relative_to(tmp_path)}"
+    assert lines[6] == f"evaluate the model:  fixedcls-eval {directory / 'best.pt'}"
+    for named in (directory / "best.pt", directory / "last.pt", summary_path):
+        assert (tmp_path / named).is_file()
+    # The command runs as printed, from where the run was started.
+    command = shlex.split(lines[6].split(":  ", 1)[1])
+    evaluated = subprocess.run([sys.executable, "-m", "fixedcls.commands.evaluate", *command[1:]], cwd=tmp_path,
+                               capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert evaluated.returncode == 0, evaluated.stderr
+
+
+def test_a_run_without_validation_says_best_pt_follows_the_test_split(tmp_path):
+    result = _cli([*TINY, "data.val_fraction=0", "collapse.every=0", "trainer.threads=1",
+                   f"checkpoint.root={tmp_path / 'elsewhere'}"], tmp_path)
+    assert result.returncode == 0, result.stderr
+    lines = _closing_lines(result.stdout, 5)
+    summary = json.loads(next(tmp_path.glob("outputs/*/*/summary.json")).read_text())
+    assert "chosen by test/acc: no validation split, so best.pt follows the test split" in lines[1]
+    assert f"(test acc {100 * summary['best/test/acc']:.2f}%)" in lines[1] and "val acc" not in lines[1]
+    assert not any(line.startswith("NC1") for line in lines)
+    # a checkpoint root given as an absolute path below the working directory is shown relative to it
+    assert lines[-1] == f"evaluate the model:  fixedcls-eval {Path(summary['checkpoint_dir']).relative_to(tmp_path) / 'best.pt'}"

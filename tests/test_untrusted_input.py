@@ -3,7 +3,9 @@
 * a stored config is never a template: ``${oc.env:...}`` in it stays text in `build.stored_config`, in
   fixedcls-compat's tracker logging and in fixedcls-compare's tables;
 * a stored config never starts a download (data.download, an hf-hub: backbone) nor writes elsewhere;
-* comparison.csv cells that a spreadsheet would run as a formula are quoted;
+* cells that a spreadsheet would run as a formula are quoted in every CSV fixedcls writes (comparison.csv,
+  fixedcls-predict --out, the csv logger's metrics.csv and summary.csv), Markdown cells escape | and newlines,
+  and control characters in names reach the terminal escaped (issue 28);
 * a checkpoint that cannot continue a run, a newer version's config, a summary.json or metrics line that is
   not a JSON object: one line (or a skipped job), never a traceback.
 """
@@ -12,6 +14,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -169,7 +172,61 @@ def test_compare_reads_run_configs_as_data_and_quotes_formulas(tmp_path, capsys)
     assert rows["-0.5"]["model.backbone"] == "'@SUM(1+1)"
     assert rows["0.1"]["model.backbone"] == "resnet18"
     assert all(not cell.startswith(("=", "+", "@")) for row in rows.values() for cell in row.values())
-    assert aggregate.csv_cell("-inf") == "-inf" and aggregate.csv_cell("+x") == "'+x" and aggregate.csv_cell(-0.5) == -0.5
+
+
+
+# ------------------------------------------------------------------ output escaped for where it goes (issue 28)
+
+HOSTILE = ["=cmd|' -C calc'!A0", "+SUM(1+1)", "-2+3", "@SUM(A1)", "\tTAB", "\rCR", "a|b", "new\nline", "esc\x1b[2J"]
+
+
+@pytest.mark.parametrize("value,cell", [
+    ("=cmd|' -C calc'!A0", "'=cmd|' -C calc'!A0"), ("+SUM(1+1)", "'+SUM(1+1)"), ("-2+3", "'-2+3"), ("@x", "'@x"),
+    ("\tx", "'\tx"), ("\rx", "'\rx"), ("-inf", "'-inf"), ("-0.5", "-0.5"), ("+1e-3", "+1e-3"), (-0.5, -0.5),
+    ("cat", "cat"), ("a=b", "a=b"), ("", "")])
+def test_one_csv_cell_rule(value, cell):
+    from fixedcls.escaping import csv_cell
+
+    assert csv_cell(value) == cell
+
+
+def test_markdown_cells_and_terminal_text_escape_what_would_break_them():
+    from fixedcls.escaping import markdown_cell, shell_path, terminal
+
+    assert terminal("new\nline\x1b[2J\u202eé") == "new\\nline\\x1b[2J\\u202eé"
+    assert terminal("plain é ü 猫") == "plain é ü 猫"
+    assert markdown_cell("a|b\nc") == "a\\|b\\\\nc"  # renders as a|b\nc in one cell
+    assert markdown_cell("a\\|b") == "a\\\\\\|b"  # the value's own backslash cannot escape the escape
+    for value in HOSTILE:
+        row = f"| {markdown_cell(value)} | x |"
+        assert "\n" not in row and len(re.findall(r"(?<!\\)(?:\\\\)*\|", row)) == 3, row
+    assert shell_path(Path.cwd() / "a b" / "best.pt") == "'a b/best.pt'"
+    assert shell_path("/elsewhere/best.pt") == "/elsewhere/best.pt"
+
+
+def test_the_comparison_table_keeps_one_cell_per_value(tmp_path, capsys):
+    sweep = tmp_path / "sweep"
+    for i, value in enumerate(["a|b", "new\nline", "c\\|d", "esc\x1b[2J"]):
+        _run(sweep / str(i), [f"model.backbone={value}"], {"seed": 0, "model": {"backbone": value}})
+    compare.main([str(sweep), "--out", str(tmp_path / "out"), "--no-plots"])
+    table = [line for line in (tmp_path / "out" / "comparison.md").read_text().splitlines() if line.startswith("|")]
+    assert len(table) == 2 + 4  # header, rule, one row per group: no value split a row
+    cells = {len(re.findall(r"(?<!\\)(?:\\\\)*\|", line)) for line in table}
+    assert len(cells) == 1, table  # every row has as many unescaped | as the header
+    assert "\x1b" not in capsys.readouterr().out
+
+
+def test_the_csv_logger_quotes_formulas(tmp_path):
+    from fixedcls.tracking.local import CsvTracker
+
+    tracker = CsvTracker(None, run_dir=tmp_path)
+    tracker.log_epoch({"epoch": 1, "test/acc": -0.5, "=key": "=1+2"})
+    tracker.log_summary({"title": "@SUM(1+1)", "data": "+x", "final/test/acc": -0.25})
+    cells = [cell for name in ("metrics.csv", "summary.csv") for row in csv.reader((tmp_path / name).open())
+             for cell in row]
+    assert not [cell for cell in cells if cell.startswith(("=", "+", "@")) or cell.startswith("-") and cell != "-0.5"
+                and cell != "-0.25"], cells
+    assert "'=1+2" in cells and "'@SUM(1+1)" in cells and "'=key" in cells and "-0.5" in cells
 
 
 def test_compare_reads_a_wandb_run_config_as_data(tmp_path, monkeypatch):

@@ -2,14 +2,16 @@
 exit codes, the list of failed multirun jobs, the value a job hands to a sweeper (`optimized_value`,
 `job_value`), and argparse types that refuse bad values in one line.
 
-Exit codes: 0 success; 2 a usage error (bad option, value, path or checkpoint: one line names it and the
-fix); 1 a runtime failure (a full disk, a failed job of a multirun); 128 + N stopped by signal N, with the
-state saved (continue with resume=auto).
+Exit codes: 0 success; 2 a usage error (bad option, value, path or checkpoint, a file or folder that cannot be
+written where the user asked: one line names it and the fix); 1 a runtime failure (a full disk, an I/O error, a
+failed job of a multirun); 128 + N stopped by signal N, with the state saved (continue with resume=auto).
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import difflib
+import errno
 import math
 import os
 import signal
@@ -21,18 +23,40 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from ..config import Config, conf_dir, value_problem
 from ..errors import FixedclsError
+from ..escaping import terminal
 from ..training.signals import TrainingInterrupted
 
 EXIT_USAGE, EXIT_FAILURE = 2, 1
 FAILED_JOBS: list[str] = []  # the failed jobs of this process's multirun, reported by exit_if_jobs_failed
+# What the machine did, not what the user asked for: any other OSError names a path the user can change.
+RUNTIME_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EIO}
 
 
 def one_line(error: BaseException) -> str:
-    """The message of an error as one line (a FixedclsError re-raised from a DataLoader worker included)."""
+    """The message of an error as one line (a FixedclsError re-raised from a DataLoader worker included), with
+    any control character of a name in it shown escaped."""
     text = str(error)
     if "Original Traceback" in text and "FixedclsError: " in text:
         text = text.rsplit("FixedclsError: ", 1)[1]
-    return " ".join(text.strip().splitlines()[-1:] if "Traceback" in text else text.split())
+    return terminal(" ".join(text.strip().splitlines()[-1:] if "Traceback" in text else text.split()))
+
+
+def config_error(error: BaseException) -> str:
+    """An OmegaConf error (an interpolation that cannot be resolved, a value of the wrong type) as one line
+    naming the config key."""
+    first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    key = getattr(error, "full_key", None)
+    return terminal(f"{first}" + (f" (config key {key})" if key else "") + ": fix the override or the config")
+
+
+def os_error_line(error: OSError) -> tuple[str, int]:
+    """An OSError as (one line naming the path and the fix, exit code): 1 for a full disk or an I/O error, 2 for
+    a path the user named that cannot be written or read (missing folder, no permission, read-only, a file
+    where a folder should be)."""
+    where = f": {terminal(error.filename)}" if error.filename else ""
+    if error.errno in RUNTIME_ERRNOS:
+        return f"{error.strerror or error}{where}", EXIT_FAILURE
+    return f"{error.strerror or error}{where}: check the path, or choose another", EXIT_USAGE
 
 
 def run_command(main: Callable[[], Optional[int]], prog: str) -> int:
@@ -44,9 +68,10 @@ def run_command(main: Callable[[], Optional[int]], prog: str) -> int:
             raise
         print(f"{prog}: error: {one_line(error)}", file=sys.stderr)
         return EXIT_USAGE
-    except OSError as error:  # a full disk, a folder that cannot be written: the user's to fix, not a bug
-        print(f"{prog}: error: {error.strerror or error}{f': {error.filename}' if error.filename else ''}", file=sys.stderr)
-        return EXIT_FAILURE
+    except OSError as error:  # a full disk, a folder that cannot be written: not a bug, so no traceback
+        line, code = os_error_line(error)
+        print(f"{prog}: error: {line}", file=sys.stderr)
+        return code
     except TrainingInterrupted as error:
         stop_after_interrupt(error, prog)
         return 128 + error.signum
@@ -77,21 +102,40 @@ def run_job(task: Callable[[], Any], *, prog: str = "fixedcls") -> Any:
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
 
+    from omegaconf.errors import OmegaConfBaseException
+
     try:
         return task()
-    except FixedclsError as raised:
+    # OSError: a folder that cannot be written, a full disk; OmegaConf: an override such as optim.lr=${oops}
+    except (FixedclsError, OSError, OmegaConfBaseException) as raised:
         if os.environ.get("HYDRA_FULL_ERROR") == "1":
             raise
-        error = one_line(raised)
+        error, code = (os_error_line(raised) if isinstance(raised, OSError) else
+                       (config_error(raised), EXIT_USAGE) if isinstance(raised, OmegaConfBaseException) else
+                       (one_line(raised), EXIT_USAGE))
         if _run_mode() == RunMode.MULTIRUN:
             job = HydraConfig.get().job
             FAILED_JOBS.append(f"job {job.num} ({job.override_dirname or 'defaults'}): {error}")
             print(f"{prog}: error in job {job.num}: {error}", file=sys.stderr)
             return None
         print(f"{prog}: error: {error}", file=sys.stderr)
-        sys.exit(EXIT_USAGE)
+        sys.exit(code)
     except TrainingInterrupted as error:
         stop_after_interrupt(error, prog)
+
+
+@contextlib.contextmanager
+def hydra_usage_errors():
+    """Around a Hydra main: Hydra prints its own short error for an override it cannot parse or a config it
+    cannot compose, and exits 1; those are usage errors, so the exit status becomes 2 (a traceback stays 1)."""
+    from hydra.errors import CompactHydraException
+
+    try:
+        yield
+    except SystemExit as stop:
+        if stop.code == EXIT_FAILURE and isinstance(stop.__context__, CompactHydraException):
+            raise SystemExit(EXIT_USAGE) from None
+        raise
 
 
 def exit_if_jobs_failed(prog: str = "fixedcls") -> None:

@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
+from ..escaping import terminal
 from ..tracking.aggregate import compare, load_dirs, load_wandb
 from .cli import output_folder, run_command
 
@@ -53,7 +54,7 @@ def _compare(args) -> int:
     if result.skipped:
         print(f"\nskipped {len(result.skipped)} job(s):")
         for directory, why in result.skipped:
-            print(f"  {directory}: {why}")
+            print(f"  {terminal(directory)}: {terminal(why)}")
     print(f"\n{sum(len(g) for g in result.groups.values())} job(s) in {len(result.groups)} group(s); "
           f"wrote {', '.join(str(p.relative_to(out)) if p.is_relative_to(out) else str(p) for p in result.files[:2])}"
           f"{f' and {len(result.files) - 2} plot(s)' if len(result.files) > 2 else ''} to {out}")

@@ -32,7 +32,7 @@ from ..config import conf_dir
 from ..errors import FixedclsError
 from ..runs.rebuild import load_checkpoint
 from ..runs.stored import stored_config
-from .cli import exit_if_jobs_failed, output_file, positive_int, refuse_bad_overrides, run_command, run_job
+from .cli import exit_if_jobs_failed, hydra_usage_errors, output_file, positive_int, refuse_bad_overrides, run_command, run_job
 
 
 def _generations_hydra_main():
@@ -48,7 +48,8 @@ def _generations_hydra_main():
         run_dir = Path(HydraConfig.get().runtime.output_dir)
         return run_job(lambda: run_generations(cfg, run_dir).get("AM"), prog="fixedcls-compat")
 
-    generations_main()
+    with hydra_usage_errors():
+        generations_main()
     exit_if_jobs_failed("fixedcls-compat")
 
 

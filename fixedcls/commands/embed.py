@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
+from ..escaping import terminal
 from .cli import EXIT_USAGE, output_file, positive_int, run_command
 
 
@@ -93,15 +94,15 @@ def _run(args) -> int:
 
     def report(path: Path, message: str) -> None:
         skipped.append(path)
-        print(f"fixedcls-embed: skipped: {message}", file=sys.stderr)
+        print(f"fixedcls-embed: skipped: {terminal(message)}", file=sys.stderr)
 
     if args.paths:
         gallery = embed_files(loaded, args.paths, device, args.batch_size, report)
     else:
         gallery = embed_split(loaded, args.split or "train", args.data, device, args.batch_size)
     save_gallery(gallery, args.out)
-    print(f"{len(gallery.paths)} samples of {gallery.source} embedded by {loaded.path} "
-          f"(d={gallery.features.shape[1]}): {args.out}")
+    print(f"{len(gallery.paths)} samples of {terminal(gallery.source)} embedded by {terminal(loaded.path)} "
+          f"(d={gallery.features.shape[1]}): {terminal(args.out)}")
     if skipped:
         print(f"fixedcls-embed: {len(skipped)} files skipped (not readable images)", file=sys.stderr)
         return EXIT_USAGE

@@ -15,6 +15,7 @@ import logging
 import sys
 from typing import Optional, Sequence
 
+from ..escaping import terminal
 from .cli import output_file, positive_int, run_command
 
 COLLAPSE_PREFIX = {"train": "collapse/", "test": "collapse_test/", "val": "collapse_val/"}
@@ -100,7 +101,7 @@ def _run(args) -> int:
     from ..inference.metrics import format_metrics, plot_confusion
 
     result = evaluate_checkpoint(args)
-    print(f"{result['checkpoint']} (epoch {result['epoch']}{', EMA' if result['ema'] else ''}): {result['data']} "
+    print(f"{terminal(result['checkpoint'])} (epoch {result['epoch']}{', EMA' if result['ema'] else ''}): {result['data']} "
           f"{result['split']} split, {result['samples']} samples, {result['num_classes']} classes")
     print(format_metrics(result, result["collapse"]))
     if "ood" in result:

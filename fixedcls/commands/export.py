@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
+from ..escaping import terminal
 from .cli import output_folder, run_command
 
 FORMATS = ("timm", "fixedcls", "onnx", "torchscript")  # fixedcls.export.FORMATS, without importing torch for --help
@@ -36,7 +37,7 @@ def _run(args) -> int:
     loaded = load(args.checkpoint, ema=args.ema)
     result = export(loaded, args.out, args.format, force=args.force)
     files = ", ".join(sorted(p.name for p in Path(result["out"]).iterdir()))
-    print(f"exported {loaded.path} as {args.format} to {result['out']} ({files}); logits match the model's to "
+    print(f"exported {terminal(loaded.path)} as {args.format} to {terminal(result['out'])} ({terminal(files)}); logits match the model's to "
           f"{result['rel_diff']:.1e} relative (max |diff| {result['max_abs_diff']:.1e})")
     return 0
 

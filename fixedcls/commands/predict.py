@@ -2,8 +2,9 @@
 
     fixedcls-predict CKPT PATH... [--topk K] [--out FILE.csv] [--batch-size B]
 
-PATH: image files, or folders searched recursively for images. One line per image; with --out, a CSV whose
-columns are the image path, then the top-k class names and probabilities. A file that cannot be read is
+PATH: image files, or folders searched recursively for images. A first line names the checkpoint used (for a
+run's folder: the file chosen in it), then one line per image; with --out, a CSV whose columns are the image
+path, then the top-k class names and probabilities. A file that cannot be read is
 reported in one line and skipped, and the exit code is then 2 (0 when every image was classified).
 """
 from __future__ import annotations
@@ -15,6 +16,7 @@ import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
+from ..escaping import csv_cell, terminal
 from .cli import EXIT_USAGE, output_file, positive_int, run_command
 
 
@@ -32,9 +34,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def predict_files(checkpoint, paths: Sequence[str | Path], *, topk: int = 5, batch_size: int = 64, device: str = "auto",
-                  ema: bool = False, on_error=None) -> list[tuple[Path, list[tuple[str, float]]]]:
+                  ema: bool = False, on_error=None, on_load=None) -> list[tuple[Path, list[tuple[str, float]]]]:
     """(image file, its top-k (class name, probability) pairs) for every readable image of `paths`;
-    `on_error(path, message)` hears about each unreadable one."""
+    `on_error(path, message)` hears about each unreadable one, `on_load(loaded)` about the model once loaded
+    (a checkpoint folder names its newest good file only then)."""
     import torch
 
     from ..data.datasets import IMAGE_EXTENSIONS
@@ -48,6 +51,8 @@ def predict_files(checkpoint, paths: Sequence[str | Path], *, topk: int = 5, bat
                             f"{', '.join(IMAGE_EXTENSIONS)} files")
     dev = resolve_device(device, key="--device")
     loaded = load(checkpoint, device=dev, ema=ema)
+    if on_load is not None:
+        on_load(loaded)
     results = []
     with torch.no_grad():
         for names, batch in image_batches(files, loaded.transform, batch_size, on_error or (lambda path, message: None)):
@@ -56,7 +61,8 @@ def predict_files(checkpoint, paths: Sequence[str | Path], *, topk: int = 5, bat
 
 
 def write_csv(results, path: Path, topk: int) -> None:
-    """The predictions as CSV, written atomically (loggers.write_text_atomic), so a failed run leaves no half file."""
+    """The predictions as CSV, written atomically (atomic.write_text_atomic), so a failed run leaves no half file;
+    file and class names that a spreadsheet would run as a formula are escaped (escaping.csv_cell)."""
     import io
 
     from ..atomic import write_text_atomic
@@ -67,7 +73,7 @@ def write_csv(results, path: Path, topk: int) -> None:
     writer = csv.writer(text)
     writer.writerow(["path"] + [col for r in range(1, k + 1) for col in (f"class_{r}", f"prob_{r}")])
     for file, top in results:
-        writer.writerow([str(file)] + [cell for name, p in top for cell in (name, f"{p:.6f}")])
+        writer.writerow([csv_cell(str(file))] + [cell for name, p in top for cell in (csv_cell(name), f"{p:.6f}")])
     write_text_atomic(path, text.getvalue())
 
 
@@ -76,15 +82,20 @@ def _run(args) -> int:
 
     def report(path: Path, message: str) -> None:
         skipped.append(path)
-        print(f"fixedcls-predict: skipped: {message}", file=sys.stderr)
+        print(f"fixedcls-predict: skipped: {terminal(message)}", file=sys.stderr)
+
+    def name_the_model(loaded) -> None:
+        epoch = loaded.identity.get("epoch")
+        print(f"{terminal(loaded.path)} ({f'epoch {epoch}, ' if epoch else ''}{'EMA weights, ' if args.ema else ''}"
+              f"{len(loaded.class_names)} classes)")
 
     results = predict_files(args.checkpoint, args.paths, topk=args.topk, batch_size=args.batch_size,
-                            device=args.device, ema=args.ema, on_error=report)
+                            device=args.device, ema=args.ema, on_error=report, on_load=name_the_model)
     for path, top in results:
-        print(f"{path}: " + ", ".join(f"{name} {100 * p:.1f}%" for name, p in top))
+        print(f"{terminal(path)}: " + ", ".join(f"{terminal(name)} {100 * p:.1f}%" for name, p in top))
     if args.out:
         write_csv(results, args.out, args.topk)
-        print(f"{len(results)} predictions: {args.out}")
+        print(f"{len(results)} predictions: {terminal(args.out)}")
     if skipped:
         print(f"fixedcls-predict: {len(skipped)} of {len(skipped) + len(results)} files skipped (not readable images)",
               file=sys.stderr)

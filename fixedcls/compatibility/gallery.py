@@ -16,7 +16,7 @@ from typing import Optional
 
 import torch
 
-from ..atomic import file_mode
+from ..atomic import errors_name, file_mode
 from ..errors import FixedclsError
 
 GALLERY_FORMAT = "fixedcls-gallery"
@@ -43,16 +43,17 @@ def save_gallery(gallery: Gallery, path: str | Path) -> Path:
     metadata = {"format": GALLERY_FORMAT, "version": str(GALLERY_VERSION), "source": gallery.source,
                 "paths": json.dumps(gallery.paths), "class_names": json.dumps(list(gallery.class_names)),
                 "identity": json.dumps(gallery.identity)}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, partial = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file({"features": gallery.features.float().contiguous(), "labels": gallery.labels.long().contiguous()},
-                  partial, metadata=metadata)
-        os.chmod(partial, file_mode())
-        os.replace(partial, path)
-    finally:
-        Path(partial).unlink(missing_ok=True)
+    with errors_name(path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, partial = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
+        os.close(fd)
+        try:
+            save_file({"features": gallery.features.float().contiguous(), "labels": gallery.labels.long().contiguous()},
+                      partial, metadata=metadata)
+            os.chmod(partial, file_mode())
+            os.replace(partial, path)
+        finally:
+            Path(partial).unlink(missing_ok=True)
     return path
 
 

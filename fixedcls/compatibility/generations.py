@@ -14,6 +14,7 @@ from omegaconf import OmegaConf
 from ..atomic import write_json
 from ..config import checked_fields, uses_old_model, value_problem
 from ..errors import FixedclsError
+from ..escaping import shell_path
 from ..runs import checkpoints as ckpt
 from ..runs import folders as runs
 from ..runs.identity import run_identity
@@ -22,7 +23,7 @@ from ..runs.stored import evaluation_data_config, plain_config, stored_config
 from ..runtime import choice
 from .criteria import split_classes
 from .matrix import METRICS, compatibility
-from .report import log_to_tracker, report
+from .report import format_criteria, log_to_tracker, matrices_of, report
 
 log = logging.getLogger("fixedcls")
 
@@ -318,4 +319,8 @@ def run_generations(cfg, run_dir: str | Path) -> dict:
     title = f"{cfg.head.name} head, {g.protocol}, {cfg.data.name}" + (f", replaced {result['replaced']}" if replaced else "")
     report(result, json_path=run_dir / "compat.json", png_path=run_dir / "compat.png", title=title, echo=log.info)
     log_to_tracker(result, cfg.logger, run_dir, run_dir / "compat.png", plain_config(cfg))
+    # The last lines say what the run made, after anything the tracker printed on finishing.
+    log.info(f"compat.json  {shell_path(run_dir / 'compat.json')}")
+    for _, suffix, _, name in matrices_of(result):
+        log.info(f"criteria ({name})  {format_criteria(result, suffix)}")
     return result

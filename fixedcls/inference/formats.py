@@ -23,12 +23,14 @@ from typing import Callable
 import torch
 from torch import nn
 
+from ..atomic import errors_name
 from ..errors import FixedclsError
 from ..models.heads import CosineHead, FixedHead, LinearHead
 from .loading import CONFIG_FILE, EXPORT_FORMAT, EXPORT_VERSION, WEIGHTS_FILE, LoadedModel
 
 FORMATS = ("timm", "fixedcls", "onnx", "torchscript")
 SIDECAR_FILE = "fixedcls.json"  # class names and preprocessing beside an ONNX / TorchScript file
+INSTALL_EXPORT = 'pip install -e ".[export]"'  # the README's form of every install hint
 RTOL = 1e-5  # exports must give the PyTorch logits to this relative precision (max |diff| / max |logit|)
 ONNX_RTOL = 1e-4  # onnxruntime fuses and reorders float32 arithmetic: a little more room
 
@@ -123,7 +125,7 @@ def write_onnx(loaded: LoadedModel, folder: Path) -> Callable[[torch.Tensor], to
     try:
         import onnxruntime
     except ImportError:
-        raise FixedclsError("--format onnx needs onnx, onnxscript and onnxruntime: pip install 'fixedcls[export]'") from None
+        raise FixedclsError(f"--format onnx needs onnx, onnxscript and onnxruntime: {INSTALL_EXPORT}") from None
     import warnings
 
     folder.mkdir(parents=True, exist_ok=True)
@@ -136,7 +138,7 @@ def write_onnx(loaded: LoadedModel, folder: Path) -> Callable[[torch.Tensor], to
                               dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}}, dynamo=True,
                               external_data=False, verbose=False)
         except ImportError:
-            raise FixedclsError("--format onnx needs onnx and onnxscript: pip install 'fixedcls[export]'") from None
+            raise FixedclsError(f"--format onnx needs onnx and onnxscript: {INSTALL_EXPORT}") from None
     _write_sidecar(loaded, folder, "model.onnx")
 
     def run(x: torch.Tensor) -> torch.Tensor:
@@ -178,6 +180,11 @@ def export(loaded: LoadedModel, out: str | Path, fmt: str = "timm", *, force: bo
         raise FixedclsError(f"{out} already exists: choose another --out, or pass --force to replace it")
     if out.exists() and not out.is_dir():
         raise FixedclsError(f"{out} is a file: give a folder for --out")
+    with errors_name(out):
+        return _export_through_staging(loaded, out, fmt, batch)
+
+
+def _export_through_staging(loaded: LoadedModel, out: Path, fmt: str, batch: int) -> dict:
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
     try:

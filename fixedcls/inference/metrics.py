@@ -13,6 +13,8 @@ from typing import Callable, Optional, Sequence
 import torch
 from torch import nn
 
+from ..escaping import terminal
+
 ECE_BINS = 15  # the usual choice (Guo et al. 2017), so figures compare with the literature
 
 
@@ -127,6 +129,7 @@ def format_metrics(metrics: dict, collapse: Optional[dict] = None, max_classes: 
         lines.append(f"per-class accuracy, the {max_classes} worst of {len(per_class)}:")
     else:
         lines.append("per-class accuracy:")
-    width = max(len(n) for n in names) if names else 5
-    lines += [f"  {name:<{width}}  {pct(per_class[name]['acc']):>8}  ({per_class[name]['n']})" for name in names]
+    shown = {name: terminal(name) for name in names}  # a class folder's name may hold control characters
+    width = max(len(n) for n in shown.values()) if names else 5
+    lines += [f"  {shown[name]:<{width}}  {pct(per_class[name]['acc']):>8}  ({per_class[name]['n']})" for name in names]
     return "\n".join(lines)

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any, Iterable, Optional, Sequence
 
 from ..errors import FixedclsError
+from ..escaping import csv_cell, markdown_cell, terminal
 from ..runs.stored import literal, load_yaml
 
 #: Final-epoch measures of the table: (summary key without "final/", column title, format).
@@ -414,7 +415,7 @@ def markdown_table(rows: Sequence[dict], keys: Sequence[str]) -> str:
     finals = FINAL_MEASURES + tuple(m for m in LONG_TAIL_MEASURES if any(r.get(f"{m[0]}/n") for r in rows))
     header = ["group" if not keys else " / ".join(keys), "seeds"] + [t for _, t, _ in finals] + \
              [f"epochs to {s}" for s in speeds] + [t for _, t, _ in OTHER_MEASURES]
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] + ["---:"] * (len(header) - 1)) + "|"]
+    lines = ["| " + " | ".join(map(markdown_cell, header)) + " |", "|" + "|".join(["---"] + ["---:"] * (len(header) - 1)) + "|"]
     for row in rows:
         seeds = row["seeds"]
         cells = [" / ".join(str(row[k]) for k in keys) if keys else row["group"], str(seeds)]
@@ -426,21 +427,12 @@ def markdown_table(rows: Sequence[dict], keys: Sequence[str]) -> str:
             cells.append("never" if n == 0 else _fmt(row[f"{key}/mean"], row[f"{key}/std"], n, "epochs", seeds))
         for key, _, kind in OTHER_MEASURES:
             cells.append(_fmt(row[f"{key}/mean"], row[f"{key}/std"], row[f"{key}/n"], kind, seeds))
-        lines.append("| " + " | ".join(cells) + " |")
+        lines.append("| " + " | ".join(map(markdown_cell, cells)) + " |")
     return "\n".join(lines)
 
 
-def csv_cell(value: Any) -> Any:
-    """A cell a spreadsheet shows as text: text starting with = + - @ would run as a formula (CSV injection
-    from a run's settings), so it gets a leading '; numbers, and text that reads as one (-0.5), stay as they are."""
-    if isinstance(value, float) and math.isnan(value):
-        return ""
-    if isinstance(value, str) and value[:1] in ("=", "+", "-", "@"):
-        try:
-            float(value)
-        except ValueError:
-            return "'" + value
-    return value
+def _blank_nan(value: Any) -> Any:
+    return "" if isinstance(value, float) and math.isnan(value) else value
 
 
 def write_csv(path: Path, rows: Sequence[dict]) -> None:
@@ -451,7 +443,7 @@ def write_csv(path: Path, rows: Sequence[dict]) -> None:
     writer = csv.writer(buffer)
     writer.writerow([csv_cell(column) for column in columns])
     for row in rows:
-        writer.writerow([csv_cell(row.get(column, "")) for column in columns])
+        writer.writerow([csv_cell(_blank_nan(row.get(column, ""))) for column in columns])
     path.write_text(buffer.getvalue())
 
 
@@ -571,12 +563,12 @@ def compare(jobs: Sequence[Job], skipped: Sequence[tuple[str, str]], out: Path, 
     out.mkdir(parents=True, exist_ok=True)
     files = [out / "comparison.csv", out / "comparison.md"]
     write_csv(files[0], rows)
-    text = ["# fixedcls comparison", "", f"Sources: {', '.join(map(str, sources)) or '-'}; {len(jobs)} finished job(s), "
+    text = ["# fixedcls comparison", "", f"Sources: {', '.join(map(terminal, sources)) or '-'}; {len(jobs)} finished job(s), "
             f"grouped by {', '.join(keys) or 'nothing (one group)'}; mean ± std over seeds (sample std); "
             f"'epochs to X': first epoch at the collapse threshold, averaged over the seeds that reached it "
             f"((k/n) when only k of n did).", "", table, ""]
     if skipped:
-        text += [f"Skipped {len(skipped)} job(s):", ""] + [f"- {d}: {why}" for d, why in skipped] + [""]
+        text += [f"Skipped {len(skipped)} job(s):", ""] + [f"- {terminal(d)}: {terminal(why)}" for d, why in skipped] + [""]
     files[1].write_text("\n".join(text))
     if plots:
         files += plot_curves(groups, out)

@@ -8,6 +8,7 @@ import warnings
 from pathlib import Path
 from typing import Callable, Optional
 
+from ..escaping import csv_cell, markdown_cell
 from .base import Tracker, TrackerWarning, warn_once
 
 
@@ -25,9 +26,9 @@ def _scalars(row: dict) -> dict[str, float]:
 
 
 def _markdown(columns: list, rows: list[list]) -> str:
-    lines = ["| " + " | ".join(map(str, columns)) + " |", "|" + "---|" * len(columns)]
-    lines += ["| " + " | ".join("" if v is None else f"{v:.4g}" if isinstance(v, float) else str(v) for v in row) + " |"
-              for row in rows]
+    lines = ["| " + " | ".join(map(markdown_cell, columns)) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(markdown_cell("" if v is None else f"{v:.4g}" if isinstance(v, float) else v) for v in row)
+              + " |" for row in rows]
     return "\n".join(lines)
 
 
@@ -46,7 +47,7 @@ class TensorboardTracker(Tracker):
             from torch.utils.tensorboard import SummaryWriter
         except Exception as error:  # tensorboard is an extra: pip install -e ".[tensorboard]"
             warnings.warn(f"logger=tensorboard but TensorBoard cannot be imported ({error}): "
-                          f"`pip install tensorboard` (or the fixedcls[tensorboard] extra); training goes on without it",
+                          '`pip install -e ".[tensorboard]"`; training goes on without it',
                           TrackerWarning)
             return
         self._writer_class = SummaryWriter
@@ -151,10 +152,10 @@ class CsvTracker(Tracker):
         for row in self.rows:
             columns.extend(k for k in row if k not in columns)
         buffer = io.StringIO()
-        writer = csv.DictWriter(buffer, fieldnames=columns, restval="")
-        writer.writeheader()
+        writer = csv.writer(buffer)
+        writer.writerow([csv_cell(column) for column in columns])
         for row in self.rows:
-            writer.writerow({k: _cell(v) for k, v in row.items()})
+            writer.writerow([csv_cell(_cell(row[k])) if k in row else "" for k in columns])
         self.directory.mkdir(parents=True, exist_ok=True)
         write_text_atomic(self.directory / "metrics.csv", buffer.getvalue())
 
@@ -172,7 +173,7 @@ class CsvTracker(Tracker):
             buffer = io.StringIO()
             writer = csv.writer(buffer)
             writer.writerow(["key", "value"])
-            writer.writerows([k, _cell(v)] for k, v in summary.items() if not isinstance(v, (dict, list)))
+            writer.writerows([csv_cell(k), csv_cell(_cell(v))] for k, v in summary.items() if not isinstance(v, (dict, list)))
             self.directory.mkdir(parents=True, exist_ok=True)
             write_text_atomic(self.directory / "summary.csv", buffer.getvalue())
 

@@ -114,8 +114,8 @@ class WandbTracker(Tracker):
         try:
             import wandb
         except Exception as error:  # a broken install must not stop training either
-            warnings.warn(f"logger=wandb but wandb cannot be imported ({error}): `pip install wandb`; training goes on "
-                          f"without W&B", TrackerWarning)
+            warnings.warn(f"logger=wandb but wandb cannot be imported ({error}): `pip install -e .` (wandb is a dependency "
+                          f"of fixedcls); training goes on without W&B", TrackerWarning)
             self.log_model = "false"
             return
         self._wandb = wandb

@@ -8,7 +8,6 @@ import json
 import logging
 import signal
 from pathlib import Path
-from typing import Optional
 
 import torch
 from omegaconf import DictConfig
@@ -29,16 +28,10 @@ from ..tracking.factory import create_tracker
 from ..tracking.run_files import MetricsFile
 from . import factories
 from .distributed import World, close_world, init_world
-from .loop import TrainingRun, fit, recorded_keys
+from .loop import TrainingRun, TrainResult, fit, recorded_keys
 from .signals import TrainingInterrupted
 
 log = logging.getLogger("fixedcls")
-
-
-class TrainResult(dict):
-    """The run summary (a dict, as written to summary.json), with `.run`: the TrainingRun that produced it."""
-
-    run: Optional[TrainingRun] = None
 
 
 def check_same_experiment(state: dict, meta: dict, resolved: dict, identity: str, path: Path, how: str) -> None:
@@ -89,7 +82,7 @@ def train(cfg: DictConfig, run_dir: str | Path) -> TrainResult:
     exit_code = 1
     try:
         run = build_training(cfg, Path(run_dir), world, device)
-        result = TrainResult(fit(run))
+        result = fit(run)
         result.run = run
         exit_code = 0
         return result

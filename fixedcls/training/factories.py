@@ -87,7 +87,7 @@ def build_optimizer(cfg, model: nn.Module) -> torch.optim.Optimizer:
     """timm's create_optimizer_v2 with the `optim` section: optim.layer_decay gives each layer group (the
     backbone's stages from the stem up, then projection and head on top) lr x layer_decay^(groups above it);
     optim.kwargs go to the optimizer as they are (betas, eps, nesterov, ...)."""
-    from timm.optim import create_optimizer_v2, list_optimizers
+    from timm.optim import create_optimizer_v2, get_optimizer_info, list_optimizers
 
     if cfg.name not in list_optimizers():
         raise FixedclsError(f"unknown optimizer optim.name='{cfg.name}': choose sgd, adamw, adam, lamb, lion, ... "
@@ -97,6 +97,10 @@ def build_optimizer(cfg, model: nn.Module) -> torch.optim.Optimizer:
     taken = sorted(set(extra) & {"opt", "lr", "weight_decay", "momentum", "layer_decay", "model_or_params"})
     if taken:
         raise FixedclsError(f"optim.kwargs.{taken[0]} duplicates a key of its own: set optim.{taken[0]} instead")
+    info = get_optimizer_info(str(cfg.name).lower().split("_")[-1])  # lookahead_sgd: sgd inside lookahead
+    if info.has_momentum and not cfg.momentum and info.defaults.get("nesterov") and "nesterov" not in extra:
+        # timm's sgd is Nesterov SGD, which torch refuses without momentum; with no momentum both are plain SGD.
+        extra["nesterov"] = False
     try:
         optimizer = create_optimizer_v2(model, opt=cfg.name, lr=cfg.lr, weight_decay=cfg.weight_decay,
                                         momentum=cfg.momentum, layer_decay=cfg.get("layer_decay"), **extra)
@@ -105,6 +109,10 @@ def build_optimizer(cfg, model: nn.Module) -> torch.optim.Optimizer:
             raise
         raise FixedclsError(f"optim.kwargs {extra} do not fit optimizer {cfg.name} ({error}): "
                             f"give only keywords its constructor takes") from None
+    except ValueError as error:  # torch's own check of the settings (e.g. Nesterov momentum with momentum 0)
+        raise FixedclsError(f"optimizer {cfg.name} refuses optim.lr={cfg.lr}, optim.momentum={cfg.momentum}, "
+                            f"optim.weight_decay={cfg.weight_decay}"
+                            + (f", optim.kwargs {extra}" if extra else "") + f": {error}; change the setting it names") from None
     for group in optimizer.param_groups:
         if "lr_scale" in group:
             # timm's schedulers apply lr_scale at every step from the unscaled initial_lr; without a schedule

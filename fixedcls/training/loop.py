@@ -92,6 +92,14 @@ class LoopState:
         self.nonfinite_in_a_row = state.get("nonfinite_in_a_row", 0)
 
 
+class TrainResult(dict):
+    """The run summary (a dict, as written to summary.json), with `.history`: its metrics rows, and `.run`: the
+    TrainingRun that produced it (set by `assemble.train`)."""
+
+    history: list = []
+    run: Optional[TrainingRun] = None
+
+
 def recorded_keys(*, validation: bool, ema: bool, collapse) -> list[str]:
     """The keys of the metrics rows `end_of_epoch` writes for a run of these settings (collapse keys on the
     epochs collapse is measured; `layer<i>` keys with collapse.layers)."""
@@ -116,7 +124,7 @@ def collapse_due(settings, epoch: int, epochs: int) -> bool:
     return settings.every > 0 and ((epoch + 1) % settings.every == 0 or epoch + 1 == epochs)
 
 
-def fit(run: TrainingRun) -> dict:
+def fit(run: TrainingRun) -> TrainResult:
     """Train for `trainer.epochs`, evaluate and measure collapse after each epoch, checkpoint, return the summary."""
     model, world, device = unwrap(run.model), run.world, run.device
     precision = choice(run.trainer.precision)
@@ -169,7 +177,9 @@ def fit(run: TrainingRun) -> dict:
             train_seconds = train_one_epoch(run, loop, scaler, autocast, stop, snapshot,
                                             online=online["train"] if online else None)
             end_of_epoch(run, loop, autocast, snapshot, train_seconds, online)
-    return finish(run, loop)
+    result = TrainResult(finish(run, loop))
+    result.history = loop.history
+    return result
 
 
 def _restore(run: TrainingRun, loop: LoopState, model: nn.Module, scaler, online) -> None:
