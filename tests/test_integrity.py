@@ -183,7 +183,8 @@ def test_an_old_checkpoint_without_identity_is_compared_by_its_config(one_epoch,
         assert needle in str(refused.value)
     resumed = train_tiny(tmp_path, FAST[1:] + ["trainer.epochs=2", f"resume={old}", "optim.lr=0.1", "data.val_fraction=0",
                                                "checkpoint.best_metric=test/acc"])
-    assert resumed["checkpoint_dir"] == str(old.parent)
+    # Its folder has no run record of its identity: the run continues in a folder of its own under the root.
+    assert Path(resumed["checkpoint_dir"]).parent == tmp_path / "checkpoints" and sorted(os.listdir(old.parent)) == ["last.pt"]
 
 
 def test_the_cli_refuses_a_changed_resume_in_one_line(one_epoch, tmp_path):
@@ -266,6 +267,45 @@ def test_resuming_an_older_epoch_starts_a_branch_and_leaves_the_run_alone(tmp_pa
     auto = train_tiny(tmp_path, common + ["trainer.epochs=4", "resume=auto"], run_name="auto")
     assert auto["checkpoint_dir"] == branch["checkpoint_dir"] and auto["branched_from"] == branch["branched_from"]
     assert files_of(folder) == before
+
+
+def test_a_loose_checkpoint_continues_under_the_root_and_never_writes_its_neighbours(tmp_path, caplog):
+    """resume=<a file outside a run folder of its own>, beside another run's best.pt and last.pt (issue 28)."""
+    common = ["collapse.every=0", "collapse.plot=false", "optim.lr=0.2"]
+    mine = train_tiny(tmp_path, common + ["trainer.epochs=1"], run_name="mine")
+    other = train_tiny(tmp_path, common + ["trainer.epochs=1", "seed=1"], run_name="other")
+    models = tmp_path / "x" / "models"
+    models.mkdir(parents=True)
+    for name in ("best.pt", "last.pt"):  # another run's files (no run.json: a folder of downloads, say)
+        (models / name).write_bytes((Path(other["checkpoint_dir"]) / name).read_bytes())
+    (models / "model.pt").write_bytes((Path(mine["checkpoint_dir"]) / "last.pt").read_bytes())
+    before, around = files_of(models), sorted(p.relative_to(models.parent) for p in models.parent.rglob("*"))
+    root = tmp_path / "checkpoints"
+    landed = []
+    for run_name in ("again", "once_more"):  # the second resume of the same file lands under the root too
+        with caplog.at_level("INFO", logger="fixedcls"):
+            resumed = train_tiny(tmp_path, common + ["trainer.epochs=2", f"resume={models / 'model.pt'}"],
+                                 run_name=run_name)
+        assert files_of(models) == before, "a file beside the resumed one was written"
+        assert sorted(p.relative_to(models.parent) for p in models.parent.rglob("*")) == around  # no branch in x/
+        folder = Path(resumed["checkpoint_dir"])
+        assert folder.parent == root and folder != Path(mine["checkpoint_dir"]) and folder not in landed
+        assert resumed["epochs"] == 2 and ckpt.load(folder / "last.pt")["epoch"] == 2
+        assert resumed["branched_from"] == str(models / "model.pt")
+        assert "not in a run folder of its own" in caplog.text and str(folder) in caplog.text
+        landed.append(folder)
+        caplog.clear()
+    assert files_of(Path(other["checkpoint_dir"]))["best.pt"][0] == before["best.pt"][0]
+
+
+def test_a_folder_of_another_runs_record_is_not_adopted(tmp_path):
+    folder = tmp_path / "theirs"
+    ckpt.atomic_save({"model": {}, "epoch": 1, "meta": {"identity": "a" * 64}}, folder / "last.pt")
+    runs.write_run_record(folder, {"identity": "b" * 64, "name": "theirs"})
+    plan = runs.plan_run(tmp_path / "checkpoints", "run", None, str(folder), "a" * 64)
+    assert plan.directory is None and plan.loose and plan.parent == tmp_path / "checkpoints"
+    runs.write_run_record(folder, {"identity": "a" * 64, "name": "theirs"})  # its own run's folder: continued
+    assert runs.plan_run(tmp_path / "checkpoints", "run", None, str(folder), "a" * 64).directory == folder
 
 
 # ------------------------------------------------------------------ no evaluation on training images

@@ -230,7 +230,11 @@ def build_training(cfg: DictConfig, run_dir: Path, world: World, device: torch.d
     # The folder is claimed once everything that can refuse the run has been built.
     def claim() -> str:
         directory = plan.claim({"identity": identity, "name": str(cfg.name), "branched_from": branched_from})
-        if plan.branch_of is not None:
+        if plan.loose:
+            runs.start_branch(directory, resume_path, resume_state, best[0], siblings=False)
+            log.info(f"resuming from {resume_path}, which is not in a run folder of its own (no run.json of its "
+                     f"identity beside it): continuing in a new folder {directory} (nothing in {plan.branch_of} is written)")
+        elif plan.branch_of is not None:
             runs.start_branch(directory, resume_path, resume_state, best[0])
             log.info(f"resuming from {resume_path}, older than the newest state of {plan.branch_of}: a new branch in "
                      f"{directory} (the files of {plan.branch_of} stay as they are)")
