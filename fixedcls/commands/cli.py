@@ -3,8 +3,9 @@ exit codes, the list of failed multirun jobs, the value a job hands to a sweeper
 `job_value`), and argparse types that refuse bad values in one line.
 
 Exit codes: 0 success; 2 a usage error (bad option, value, path or checkpoint: one line names it and the
-fix); 1 a runtime failure (a full disk, a failed job of a multirun); 128 + N stopped by signal N, with the
-state saved (continue with resume=auto).
+fix); 1 a runtime failure (a full disk, checkpoints that could not be written, a failed job of a multirun):
+a FixedclsError carries its status as `exit_code`; 128 + N stopped by signal N, with the state saved
+(continue with resume=auto).
 """
 from __future__ import annotations
 
@@ -43,7 +44,7 @@ def run_command(main: Callable[[], Optional[int]], prog: str) -> int:
         if os.environ.get("HYDRA_FULL_ERROR") == "1":
             raise
         print(f"{prog}: error: {one_line(error)}", file=sys.stderr)
-        return EXIT_USAGE
+        return error.exit_code
     except OSError as error:  # a full disk, a folder that cannot be written: the user's to fix, not a bug
         print(f"{prog}: error: {error.strerror or error}{f': {error.filename}' if error.filename else ''}", file=sys.stderr)
         return EXIT_FAILURE
@@ -89,7 +90,7 @@ def run_job(task: Callable[[], Any], *, prog: str = "fixedcls") -> Any:
             print(f"{prog}: error in job {job.num}: {error}", file=sys.stderr)
             return None
         print(f"{prog}: error: {error}", file=sys.stderr)
-        sys.exit(EXIT_USAGE)
+        sys.exit(raised.exit_code)
     except TrainingInterrupted as error:
         stop_after_interrupt(error, prog)
 
