@@ -159,6 +159,16 @@ def backbone_tag(backbone: str) -> str:
 OmegaConf.register_new_resolver("fixedcls.tag", backbone_tag, replace=True)
 
 
+def validation_share(val_split: Optional[str], share: float) -> float:
+    """data.val_fraction of a data set that may have a validation folder (conf/data/imagefolder.yaml):
+    `share` of the training split, or 0 when data.val_split names the folder, so that a named folder wins
+    and a run that reads one keeps the identity it had before the carve-out became the default."""
+    return 0.0 if val_split else float(share)
+
+
+OmegaConf.register_new_resolver("fixedcls.val_share", validation_share, replace=True)
+
+
 class Precision(str, Enum):
     fp32 = "fp32"
     bf16 = "bf16"
@@ -242,7 +252,8 @@ class DataConfig:
     split_seed: int = checked(0, SEED)
     train_split: str = "train"
     test_split: str = "validation"
-    # validation share carved out of the training split (stratified, split_seed); 0: none
+    # validation share carved out of the training split (stratified, split_seed); 0: none. Every preset sets
+    # 0.1 (imagefolder: unless val_split names a folder); 0 here is what checkpoints written before it read as
     val_fraction: float = checked(0.0, real(0, below=1))
     val_split: Optional[str] = None  # image folders: the folder of the validation split (e.g. val); None: none
     # synthetic data
