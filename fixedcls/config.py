@@ -28,6 +28,7 @@ import copy
 import dataclasses
 import functools
 import math
+import re
 import typing
 from dataclasses import MISSING, dataclass, field
 from enum import Enum
@@ -157,6 +158,22 @@ def backbone_tag(backbone: str) -> str:
 
 # ${fixedcls.tag:${model.backbone}} in the default run name (Config.name); registered on import, before Hydra composes.
 OmegaConf.register_new_resolver("fixedcls.tag", backbone_tag, replace=True)
+
+_UNSAFE = re.compile(r"[^A-Za-z0-9._=+-]+")
+
+
+def safe_name(name: str, limit: int = 96) -> str:
+    """A run name as ONE path component, the one rule for every folder named after a run (the Hydra run folder,
+    the checkpoint folder) and for the W&B run name: `/`, `\\`, `:`, control characters and every other character
+    but letters, digits and `._=+-` become `_`, leading dots go (so `..` cannot climb out of its root), long names
+    are cut.  `hf-hub:timm/vit` -> `hf-hub_timm_vit`; `../../escape` -> `_.._escape`."""
+    text = _UNSAFE.sub("_", str(name)).lstrip(".")
+    text = text[:limit].rstrip(".") or "run"
+    return text
+
+
+# ${fixedcls.safe:${name}} in hydra.run.dir (conf/config.yaml): the run folder stays under outputs/ whatever the name.
+OmegaConf.register_new_resolver("fixedcls.safe", safe_name, replace=True)
 
 
 def validation_share(val_split: Optional[str], share: float) -> float:

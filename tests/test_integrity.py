@@ -27,7 +27,8 @@ from fixedcls.runs import checkpoints as ckpt
 from fixedcls.runs import folders as runs
 from fixedcls.data.datasets import create_data
 from fixedcls.errors import FixedclsError
-from fixedcls.runs.identity import IDENTITY_EXCLUDES, run_identity, safe_name
+from fixedcls.config import safe_name
+from fixedcls.runs.identity import IDENTITY_EXCLUDES, run_identity
 from fixedcls.tracking.run_files import read_jsonl
 from utils import TINY, checkpoint_folder, compose_config, train_tiny
 
@@ -132,9 +133,10 @@ def test_partial_writes_of_a_live_writer_are_left_alone(tmp_path):
 def test_names_are_one_path_component():
     assert safe_name("hf-hub:timm/vit_tiny") == "hf-hub_timm_vit_tiny"
     assert safe_name("local-dir:/models/x") == "local-dir_models_x"
-    for name in ("../../x", "..", "a/../../b", "/etc/passwd", ".hidden"):
+    for name in ("../../x", "..", "a/../../b", "/etc/passwd", ".hidden", "..\\..\\x", "a\nb", "\x1b[31mred", "\t"):
         safe = safe_name(name)
-        assert "/" not in safe and not safe.startswith(".") and safe not in ("", ".", "..")
+        assert "/" not in safe and "\\" not in safe and not safe.startswith(".") and safe not in ("", ".", "..")
+        assert safe.isprintable() and " " not in safe
 
 
 def test_a_name_with_slashes_and_colons_resumes_under_the_root(tmp_path):
@@ -247,6 +249,37 @@ def test_a_best_metric_the_run_cannot_use_is_refused_before_training(tmp_path, o
     for needle in needles:
         assert needle in str(refused.value)
     assert not (tmp_path / "checkpoints").exists() and not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
+@pytest.mark.parametrize("multirun", [False, True])
+def test_a_run_name_never_writes_outside_the_working_directorys_folders(tmp_path, multirun):
+    """name=../../../../escape (issue 28): the Hydra run folder, the sweep's jobs and the checkpoint folder stay in
+    outputs/, multirun/ and checkpoints/ of the working directory; nothing above it changes."""
+    from test_errors import TINY as CLI_TINY
+    from test_resume import run_cli
+
+    work = tmp_path / "a" / "b" / "c" / "d" / "work"
+    work.mkdir(parents=True)
+
+    def outside() -> list[str]:  # every path under tmp_path but the run's three folders and the test's own logs
+        def ours(p: Path) -> bool:
+            if work not in p.parents:
+                return False
+            top = p.relative_to(work).parts[0]
+            return top in ("outputs", "multirun", "checkpoints") or (p.parent == work and top.startswith("cli"))
+
+        return sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*") if not ours(p))
+
+    before = outside()
+    result = run_cli((["-m", "seed=0,1"] if multirun else []) + CLI_TINY + ["name=../../../../escape"], work, timeout=180)
+    assert result.returncode == 0, result.stderr
+    assert "Traceback" not in result.stderr + result.stdout
+    assert outside() == before
+    written = sorted(p.name for p in work.iterdir() if not p.name.startswith("cli"))
+    assert written == (["checkpoints", "multirun"] if multirun else ["checkpoints", "outputs"])
+    if not multirun:
+        assert [p.name for p in (work / "outputs").iterdir()] == ["_.._.._.._escape"]
+    assert all(p.name.startswith("_.._.._.._escape-") for p in (work / "checkpoints").iterdir())
 
 
 # ------------------------------------------------------------------ branches

@@ -220,6 +220,22 @@ def test_env_mode_wins_and_disabled_starts_nothing(tmp_path, monkeypatch):
     assert type(create_tracker(_logger_cfg(name="none"), run_dir=tmp_path, resolved_config=RESOLVED)) is Tracker
 
 
+def test_a_run_name_reaches_wandb_as_its_folders_have_it(tmp_path, monkeypatch):
+    """One rule for a run name wherever it goes (fixedcls.config.safe_name): the W&B run name and default group too."""
+    seen = []
+
+    def init(**kwargs):
+        seen.append(kwargs)
+        raise RuntimeError("no run needed")
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setattr(wandb, "init", init)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        create_tracker(_logger_cfg(mode="offline"), run_dir=tmp_path, resolved_config={**RESOLVED, "name": "../../x\x1b[1m"})
+    assert seen[0]["name"] == seen[0]["group"] == "_.._x_1m"
+
+
 def test_a_resumed_run_continues_the_same_wandb_run(tmp_path, offline):
     # logger.dir per part: offline folders are named <date_time>-<id>, and both parts may start within one second
     first = train_tiny(tmp_path, ["logger=wandb", "trainer.epochs=1", "collapse.every=0", f"logger.dir={offline}/a"], run_name="a")

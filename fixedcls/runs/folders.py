@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from ..atomic import file_mode
+from ..config import safe_name
 from ..errors import FixedclsError
 from .checkpoints import (
     BEST,
@@ -33,7 +34,6 @@ from .checkpoints import (
     progress_of,
     writer_tag,
 )
-from .identity import safe_name
 
 
 def run_directories(root: Path, name: str) -> list[Path]:

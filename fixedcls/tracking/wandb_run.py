@@ -8,6 +8,7 @@ import warnings
 from pathlib import Path
 from typing import Callable, Iterable, Optional
 
+from ..config import safe_name
 from .base import Tracker, TrackerWarning, log_model_mode, warn_once
 
 WANDB_MODES = ("online", "offline", "disabled")
@@ -67,7 +68,7 @@ def default_group(resolved_config: dict, launch: Optional[str]) -> str:
     experiment = resolved_config.get("experiment")
     if experiment and launch:
         return f"{experiment}-{launch}"
-    return experiment or launch or resolved_config.get("name") or "fixedcls"
+    return experiment or launch or (safe_name(resolved_config["name"]) if resolved_config.get("name") else "fixedcls")
 
 
 def tags_of(resolved_config: dict, configured: Iterable[str], launch: Optional[str] = None) -> list[str]:
@@ -133,7 +134,9 @@ class WandbTracker(Tracker):
         kwargs = dict(
             project=cfg.get("project") or "fixedcls", entity=cfg.get("entity") or None, group=self.group,
             job_type=cfg.get("job_type") or "train", tags=tags_of(resolved_config, cfg.get("tags") or [], launch),
-            name=resolved_config.get("name"), config=config, dir=directory, reinit="finish_previous",
+            # the run's name as its folders have it (fixedcls.config.safe_name): one rule wherever a name goes
+            name=safe_name(resolved_config["name"]) if resolved_config.get("name") else None, config=config,
+            dir=directory, reinit="finish_previous",
         )
         if run_id:
             kwargs.update(id=run_id, resume="allow")
