@@ -28,6 +28,7 @@ import copy
 import dataclasses
 import functools
 import math
+import re
 import typing
 from dataclasses import MISSING, dataclass, field
 from enum import Enum
@@ -176,6 +177,32 @@ def backbone_tag(backbone: str) -> str:
 # ${fixedcls.tag:${model.backbone}} in the default run name (Config.name); registered on import, before Hydra composes.
 OmegaConf.register_new_resolver("fixedcls.tag", backbone_tag, replace=True)
 
+_UNSAFE = re.compile(r"[^A-Za-z0-9._=+-]+")
+
+
+def safe_name(name: str, limit: int = 96) -> str:
+    """A run name as ONE path component, the one rule for every folder named after a run (the Hydra run folder,
+    the checkpoint folder) and for the W&B run name: `/`, `\\`, `:`, control characters and every other character
+    but letters, digits and `._=+-` become `_`, leading dots go (so `..` cannot climb out of its root), long names
+    are cut.  `hf-hub:timm/vit` -> `hf-hub_timm_vit`; `../../escape` -> `_.._escape`."""
+    text = _UNSAFE.sub("_", str(name)).lstrip(".")
+    text = text[:limit].rstrip(".") or "run"
+    return text
+
+
+# ${fixedcls.safe:${name}} in hydra.run.dir (conf/config.yaml): the run folder stays under outputs/ whatever the name.
+OmegaConf.register_new_resolver("fixedcls.safe", safe_name, replace=True)
+
+
+def validation_share(val_split: Optional[str], share: float) -> float:
+    """data.val_fraction of a data set that may have a validation folder (conf/data/imagefolder.yaml):
+    `share` of the training split, or 0 when data.val_split names the folder, so that a named folder wins
+    and a run that reads one keeps the identity it had before the carve-out became the default."""
+    return 0.0 if val_split else float(share)
+
+
+OmegaConf.register_new_resolver("fixedcls.val_share", validation_share, replace=True)
+
 
 class Precision(str, Enum):
     fp32 = "fp32"
@@ -260,7 +287,8 @@ class DataConfig:
     split_seed: int = checked(0, SEED)
     train_split: str = "train"
     test_split: str = "validation"
-    # validation share carved out of the training split (stratified, split_seed); 0: none
+    # validation share carved out of the training split (stratified, split_seed); 0: none. Every preset sets
+    # 0.1 (imagefolder: unless val_split names a folder); 0 here is what checkpoints written before it read as
     val_fraction: float = checked(0.0, real(0, below=1))
     val_split: Optional[str] = None  # image folders: the folder of the validation split (e.g. val); None: none
     # synthetic data

@@ -9,12 +9,27 @@ so callers that catch ``ValueError`` keep working.
 
 from __future__ import annotations
 
-__all__ = ["FixedclsError"]
+__all__ = ["CheckpointWriteError", "FixedclsError"]
 
 
 class FixedclsError(ValueError):
     """A configuration or input error with a one-line message naming the problem and the fix."""
 
+    #: The status a command exits with (commands/cli.py): 2, a usage error the user fixes on the command line.
+    exit_code = 2
+
     def __init__(self, message: str) -> None:
         # Keep the message on one line whatever the caller built, so logs and CLIs stay tidy.
         super().__init__(" ".join(str(message).split()))
+
+
+class CheckpointWriteError(FixedclsError):
+    """Checkpoints of a run could not be written (a full disk, a lost mount): one line, exit status 1, since
+    nothing on the command line was wrong.  `summary`: the run's summary (also in summary.json), whose best/*
+    name only an epoch a checkpoint file holds."""
+
+    exit_code = 1
+
+    def __init__(self, message: str, summary: dict | None = None) -> None:
+        super().__init__(message)
+        self.summary = summary

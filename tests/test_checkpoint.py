@@ -28,7 +28,7 @@ from test_resume import LAUNCH_KEYS, LAUNCH_PREFIXES, load_state, run_cli  # noq
 
 from fixedcls.runs import checkpoints as ckpt  # noqa: E402
 from fixedcls.runs import folders as runs  # noqa: E402
-from fixedcls.errors import FixedclsError  # noqa: E402
+from fixedcls.errors import CheckpointWriteError, FixedclsError  # noqa: E402
 
 from utils import checkpoint_folder  # noqa: E402
 
@@ -459,9 +459,11 @@ def test_tracker_disk_and_plot_failures_warn_and_training_goes_on(tmp_path, monk
     monkeypatch.setattr(run_files.MetricsFile, "append", no_space)
     monkeypatch.setattr(collapse_module, "plot_collapse", broken_plot)
     monkeypatch.setattr(ckpt, "atomic_save", first_checkpoint_fails)
-    with warnings.catch_warnings(record=True) as caught:
+    with warnings.catch_warnings(record=True) as caught, pytest.raises(CheckpointWriteError) as failed:
         warnings.simplefilter("always")
-        summary = train_tiny(tmp_path, ["collapse.every=1"])
+        train_tiny(tmp_path, ["collapse.every=1"])
+    summary = failed.value.summary  # the run trained to its end; the checkpoint it could not write makes it fail
+    assert failed.value.exit_code == 1 and "epoch(s) 1 have no checkpoint" in str(failed.value)
     messages = "\n".join(str(w.message) for w in caught)
     for needle in ("log_epoch failed", "wandb: network unreachable", "log_summary failed", "writing metrics.jsonl failed",
                    "No space left on device", "plotting collapse failed", "matplotlib exploded"):

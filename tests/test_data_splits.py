@@ -1,7 +1,9 @@
-"""An image-folder split is exactly the folder it names, however the user typed data.root (issue 28, item 1).
+"""An image-folder split is exactly the folder it names, however the user typed data.root (issue 28, item 1),
+and every data set gets a validation split by default (issue 28, item 4).
 
 timm's dataset factory joins a split to its root and falls back to the root itself when the joined path is
 missing; with a relative root that join happened twice, so every image of the root was trained on and tested on.
+An image folder with only train/ and validation/, and CIFAR, chose best.pt on the test split.
 """
 from __future__ import annotations
 
@@ -23,10 +25,14 @@ TRAIN, VALIDATION = {"cat": 3, "dog": 4}, {"cat": 1, "dog": 2}
 
 
 def files_of(dataset) -> list[str]:
-    """The image files a split reads, through the wrappers fixedcls puts around timm's dataset."""
+    """The image files a split reads, through the wrappers fixedcls puts around timm's dataset (a subset's
+    indices included)."""
+    chosen = range(len(dataset))
     while not hasattr(dataset, "reader"):
+        if hasattr(dataset, "indices"):
+            chosen = [dataset.indices[i] for i in chosen]
         dataset = getattr(dataset, "dataset")
-    return sorted(os.path.realpath(path) for path, _ in dataset.reader.samples)
+    return sorted(os.path.realpath(dataset.reader.samples[i][0]) for i in chosen)
 
 
 def files_in(folder: Path) -> list[str]:
@@ -49,10 +55,11 @@ def test_each_split_reads_exactly_its_folder(tmp_path, monkeypatch, form):
     monkeypatch.setenv("HOME", str(tmp_path / "data"))
     root = {"relative": "../data/imgs", "dot-relative": "./link", "absolute": str(data), "home": "'~/imgs'",
             "symlink": "link"}[form]
-    bundle = bundle_for(root)
-    assert files_of(bundle.train) == files_in(data / "train")
+    bundle = bundle_for(root)  # train/ less the validation share carved out of it
+    assert sorted(files_of(bundle.train) + files_of(bundle.val)) == files_in(data / "train")
+    assert not set(files_of(bundle.train)) & set(files_of(bundle.val))
     assert files_of(bundle.test) == files_in(data / "validation")
-    assert len(bundle.train) == sum(TRAIN.values()) and len(bundle.test) == sum(VALIDATION.values())
+    assert len(bundle.train) + len(bundle.val) == sum(TRAIN.values()) and len(bundle.test) == sum(VALIDATION.values())
 
 
 def test_a_validation_folder_beside_the_test_folder(tmp_path, monkeypatch):
@@ -60,7 +67,7 @@ def test_a_validation_folder_beside_the_test_folder(tmp_path, monkeypatch):
     for c in ("cat", "dog"):
         _png(data / "val" / c / "0.png", seed=7)
     monkeypatch.chdir(tmp_path)
-    bundle = bundle_for("imgs", ["data.val_split=val"])
+    bundle = bundle_for("imgs", ["data.val_split=val"])  # a named folder wins over the default carve-out
     assert files_of(bundle.val) == files_in(data / "val")
     assert files_of(bundle.test) == files_in(data / "validation")
     assert files_of(bundle.train) == files_in(data / "train")
@@ -79,8 +86,8 @@ def test_training_with_a_relative_root_logs_the_right_splits(tmp_path):
     result = run_cli(IMAGES + ["data.root=imgs", "hydra.run.dir=run"], tmp_path, timeout=90)
     assert result.returncode == 0, result.stderr
     log = (tmp_path / "run" / "train.log").read_text()
-    assert f"splits: train {sum(TRAIN.values())}" in log, log
-    assert f"test {sum(VALIDATION.values())}" in log, log
+    assert f"splits: train 5 (folder {(tmp_path / 'imgs' / 'train').resolve()} less validation)" in log, log
+    assert f"test {sum(VALIDATION.values())} (folder {(tmp_path / 'imgs' / 'validation').resolve()})" in log, log
 
 
 def test_eval_with_a_relative_root_counts_the_test_folder(tmp_path):
@@ -154,3 +161,83 @@ def test_the_cifar_validation_carve_is_disjoint_complete_and_stratified(tmp_path
     val_counts = Counter(targets_of(bundle.val))
     for c, n in enumerate(per_class):  # stratified: each class gives its own 20% (rounded), at least one image
         assert val_counts[c] >= 1 and abs(val_counts[c] - 0.2 * n) <= 0.5, (c, n, val_counts[c])
+
+
+# ------------------------------------------------------------------ a validation split for every data set
+
+def test_an_image_folder_of_train_and_validation_trains_with_a_carved_validation_split(tmp_path):
+    """`validation/` is the test split of the imagefolder preset; the validation split is carved out of train/."""
+    image_folder(tmp_path / "imgs", {"cat": 10, "dog": 10}, VALIDATION)
+    result = run_cli(IMAGES + ["data.root=imgs", "hydra.run.dir=run"], tmp_path, timeout=90)
+    assert result.returncode == 0, result.stderr
+    log = (tmp_path / "run" / "train.log").read_text()
+    assert "validation 2 (0.1 of 'train' (split_seed 0))" in log and "best.pt by val/acc" in log, log
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert "best/val/acc" in summary and "best/test/acc" in summary and summary["best/metric"] == "val/acc"
+
+
+class StandInCifar:
+    """What torchvision's CIFAR10 offers timm's dataset factory (`data`, `targets`, `classes`, `transform`), with
+    a few images of 32x32, so the CIFAR path is tested without the download."""
+
+    def __init__(self, train: bool, per_class: int = 10, classes: int = 10):
+        import numpy as np
+
+        count = per_class * classes if train else 2 * classes
+        self.targets = [i % classes for i in range(count)]
+        self.data = np.random.default_rng(0 if train else 1).integers(0, 255, (count, 32, 32, 3), dtype=np.uint8)
+        self.classes = [f"class{c}" for c in range(classes)]
+        self.transform = None
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+    def __getitem__(self, index: int):
+        from PIL import Image
+
+        image = Image.fromarray(self.data[index])
+        return (self.transform(image) if self.transform else image), self.targets[index]
+
+
+@pytest.fixture
+def stand_in_cifar(tmp_path, monkeypatch):
+    """data=cifar10 reads StandInCifar (timm's create_dataset is what fixedcls asks for CIFAR)."""
+    import timm.data
+
+    made = []
+
+    def create_dataset(name, root, split="train", **kwargs):
+        assert name == "torch/cifar10" and Path(root).is_dir()
+        made.append(StandInCifar(train=split == "train"))
+        return made[-1]
+
+    monkeypatch.setattr(timm.data, "create_dataset", create_dataset)
+    root = tmp_path / "cifar"
+    (root / "cifar-10-batches-py").mkdir(parents=True)
+    return root
+
+
+def test_cifar_carves_a_validation_split_by_default(stand_in_cifar):
+    from fixedcls.data.datasets import create_data, describe_splits, targets_of
+
+    cfg = compose_config(["data=cifar10", f"data.root={stand_in_cifar}", "data.num_workers=0"], tiny=False)
+    assert cfg.data.val_fraction == 0.1
+    bundle = create_data(cfg.data)
+    assert len(bundle.val) == 10 and len(bundle.train) == 90 and len(bundle.test) == 20
+    assert sorted(targets_of(bundle.val)) == list(range(10))  # stratified: one of each class
+    assert not set(bundle.train.indices) & set(bundle.val.indices)
+    assert bundle.train_eval.indices == bundle.train.indices
+    assert describe_splits(bundle) == ("train 90 (the 'train' split less validation), validation 10 (0.1 of the "
+                                       "'train' split (split_seed 0)), test 20 (the 'test' split)")
+    assert create_data(compose_config(["data=cifar10", f"data.root={stand_in_cifar}", "data.val_fraction=0"],
+                                      tiny=False).data).val is None
+
+
+def test_no_validation_split_says_best_pt_follows_the_test_split(tmp_path, caplog):
+    from utils import train_tiny
+
+    with caplog.at_level("INFO", logger="fixedcls"):
+        summary = train_tiny(tmp_path, ["trainer.epochs=1", "collapse.every=0", "data.val_fraction=0"])
+    assert "no validation split, test 16 (4 drawn per class); best.pt by test/acc (max); with no validation " \
+           "split (data.val_fraction=0) best.pt follows the test split" in caplog.text
+    assert "best/val/acc" not in summary and summary["best/metric"] == "test/acc"

@@ -312,13 +312,20 @@ def test_freezing_a_backbone_with_nothing_after_it_is_one_line(tmp_path):
 # ------------------------------------------------------------------ augmentation
 
 
+def _timm_dataset(view):
+    """timm's dataset under the subsets (validation carve-out) and ImageFiles fixedcls wraps around it."""
+    while not hasattr(view, "transform"):
+        view = view.dataset
+    return view
+
+
 def test_auto_augment_and_random_erasing_enter_the_training_transform(tmp_path):
     root = image_folder(tmp_path / "images", {"cat": 2, "dog": 2}, {"cat": 1, "dog": 1})
     for size in (32, 96):  # the CIFAR-sized path and timm's create_transform
         cfg = compose_config(IMAGES + [f"data.root={root}", f"data.img_size={size}", "data.auto_augment=rand-m9-mstd0.5-inc1",
                                        "data.re_prob=0.5"], tiny=False)
         bundle = create_data(cfg.data)
-        train_text, eval_text = str(bundle.train.dataset.transform), str(bundle.test.dataset.transform)
+        train_text, eval_text = str(_timm_dataset(bundle.train).transform), str(_timm_dataset(bundle.test).transform)
         assert "RandAugment" in train_text and "RandomErasing" in train_text, size
         assert "RandAugment" not in eval_text and "RandomErasing" not in eval_text
         image, _ = bundle.train[0]

@@ -27,7 +27,8 @@ from fixedcls.runs import checkpoints as ckpt
 from fixedcls.runs import folders as runs
 from fixedcls.data.datasets import create_data
 from fixedcls.errors import FixedclsError
-from fixedcls.runs.identity import IDENTITY_EXCLUDES, run_identity, safe_name
+from fixedcls.config import safe_name
+from fixedcls.runs.identity import IDENTITY_EXCLUDES, run_identity
 from fixedcls.tracking.run_files import read_jsonl
 from utils import TINY, checkpoint_folder, compose_config, train_tiny
 
@@ -132,9 +133,10 @@ def test_partial_writes_of_a_live_writer_are_left_alone(tmp_path):
 def test_names_are_one_path_component():
     assert safe_name("hf-hub:timm/vit_tiny") == "hf-hub_timm_vit_tiny"
     assert safe_name("local-dir:/models/x") == "local-dir_models_x"
-    for name in ("../../x", "..", "a/../../b", "/etc/passwd", ".hidden"):
+    for name in ("../../x", "..", "a/../../b", "/etc/passwd", ".hidden", "..\\..\\x", "a\nb", "\x1b[31mred", "\t"):
         safe = safe_name(name)
-        assert "/" not in safe and not safe.startswith(".") and safe not in ("", ".", "..")
+        assert "/" not in safe and "\\" not in safe and not safe.startswith(".") and safe not in ("", ".", "..")
+        assert safe.isprintable() and " " not in safe
 
 
 def test_a_name_with_slashes_and_colons_resumes_under_the_root(tmp_path):
@@ -183,7 +185,8 @@ def test_an_old_checkpoint_without_identity_is_compared_by_its_config(one_epoch,
         assert needle in str(refused.value)
     resumed = train_tiny(tmp_path, FAST[1:] + ["trainer.epochs=2", f"resume={old}", "optim.lr=0.1", "data.val_fraction=0",
                                                "checkpoint.best_metric=test/acc"])
-    assert resumed["checkpoint_dir"] == str(old.parent)
+    # Its folder has no run record of its identity: the run continues in a folder of its own under the root.
+    assert Path(resumed["checkpoint_dir"]).parent == tmp_path / "checkpoints" and sorted(os.listdir(old.parent)) == ["last.pt"]
 
 
 def test_the_cli_refuses_a_changed_resume_in_one_line(one_epoch, tmp_path):
@@ -248,6 +251,37 @@ def test_a_best_metric_the_run_cannot_use_is_refused_before_training(tmp_path, o
     assert not (tmp_path / "checkpoints").exists() and not (tmp_path / "run" / "metrics.jsonl").exists()
 
 
+@pytest.mark.parametrize("multirun", [False, True])
+def test_a_run_name_never_writes_outside_the_working_directorys_folders(tmp_path, multirun):
+    """name=../../../../escape (issue 28): the Hydra run folder, the sweep's jobs and the checkpoint folder stay in
+    outputs/, multirun/ and checkpoints/ of the working directory; nothing above it changes."""
+    from test_errors import TINY as CLI_TINY
+    from test_resume import run_cli
+
+    work = tmp_path / "a" / "b" / "c" / "d" / "work"
+    work.mkdir(parents=True)
+
+    def outside() -> list[str]:  # every path under tmp_path but the run's three folders and the test's own logs
+        def ours(p: Path) -> bool:
+            if work not in p.parents:
+                return False
+            top = p.relative_to(work).parts[0]
+            return top in ("outputs", "multirun", "checkpoints") or (p.parent == work and top.startswith("cli"))
+
+        return sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*") if not ours(p))
+
+    before = outside()
+    result = run_cli((["-m", "seed=0,1"] if multirun else []) + CLI_TINY + ["name=../../../../escape"], work, timeout=180)
+    assert result.returncode == 0, result.stderr
+    assert "Traceback" not in result.stderr + result.stdout
+    assert outside() == before
+    written = sorted(p.name for p in work.iterdir() if not p.name.startswith("cli"))
+    assert written == (["checkpoints", "multirun"] if multirun else ["checkpoints", "outputs"])
+    if not multirun:
+        assert [p.name for p in (work / "outputs").iterdir()] == ["_.._.._.._escape"]
+    assert all(p.name.startswith("_.._.._.._escape-") for p in (work / "checkpoints").iterdir())
+
+
 # ------------------------------------------------------------------ branches
 
 def test_resuming_an_older_epoch_starts_a_branch_and_leaves_the_run_alone(tmp_path):
@@ -266,6 +300,45 @@ def test_resuming_an_older_epoch_starts_a_branch_and_leaves_the_run_alone(tmp_pa
     auto = train_tiny(tmp_path, common + ["trainer.epochs=4", "resume=auto"], run_name="auto")
     assert auto["checkpoint_dir"] == branch["checkpoint_dir"] and auto["branched_from"] == branch["branched_from"]
     assert files_of(folder) == before
+
+
+def test_a_loose_checkpoint_continues_under_the_root_and_never_writes_its_neighbours(tmp_path, caplog):
+    """resume=<a file outside a run folder of its own>, beside another run's best.pt and last.pt (issue 28)."""
+    common = ["collapse.every=0", "collapse.plot=false", "optim.lr=0.2"]
+    mine = train_tiny(tmp_path, common + ["trainer.epochs=1"], run_name="mine")
+    other = train_tiny(tmp_path, common + ["trainer.epochs=1", "seed=1"], run_name="other")
+    models = tmp_path / "x" / "models"
+    models.mkdir(parents=True)
+    for name in ("best.pt", "last.pt"):  # another run's files (no run.json: a folder of downloads, say)
+        (models / name).write_bytes((Path(other["checkpoint_dir"]) / name).read_bytes())
+    (models / "model.pt").write_bytes((Path(mine["checkpoint_dir"]) / "last.pt").read_bytes())
+    before, around = files_of(models), sorted(p.relative_to(models.parent) for p in models.parent.rglob("*"))
+    root = tmp_path / "checkpoints"
+    landed = []
+    for run_name in ("again", "once_more"):  # the second resume of the same file lands under the root too
+        with caplog.at_level("INFO", logger="fixedcls"):
+            resumed = train_tiny(tmp_path, common + ["trainer.epochs=2", f"resume={models / 'model.pt'}"],
+                                 run_name=run_name)
+        assert files_of(models) == before, "a file beside the resumed one was written"
+        assert sorted(p.relative_to(models.parent) for p in models.parent.rglob("*")) == around  # no branch in x/
+        folder = Path(resumed["checkpoint_dir"])
+        assert folder.parent == root and folder != Path(mine["checkpoint_dir"]) and folder not in landed
+        assert resumed["epochs"] == 2 and ckpt.load(folder / "last.pt")["epoch"] == 2
+        assert resumed["branched_from"] == str(models / "model.pt")
+        assert "not in a run folder of its own" in caplog.text and str(folder) in caplog.text
+        landed.append(folder)
+        caplog.clear()
+    assert files_of(Path(other["checkpoint_dir"]))["best.pt"][0] == before["best.pt"][0]
+
+
+def test_a_folder_of_another_runs_record_is_not_adopted(tmp_path):
+    folder = tmp_path / "theirs"
+    ckpt.atomic_save({"model": {}, "epoch": 1, "meta": {"identity": "a" * 64}}, folder / "last.pt")
+    runs.write_run_record(folder, {"identity": "b" * 64, "name": "theirs"})
+    plan = runs.plan_run(tmp_path / "checkpoints", "run", None, str(folder), "a" * 64)
+    assert plan.directory is None and plan.loose and plan.parent == tmp_path / "checkpoints"
+    runs.write_run_record(folder, {"identity": "a" * 64, "name": "theirs"})  # its own run's folder: continued
+    assert runs.plan_run(tmp_path / "checkpoints", "run", None, str(folder), "a" * 64).directory == folder
 
 
 # ------------------------------------------------------------------ no evaluation on training images

@@ -220,6 +220,22 @@ def test_env_mode_wins_and_disabled_starts_nothing(tmp_path, monkeypatch):
     assert type(create_tracker(_logger_cfg(name="none"), run_dir=tmp_path, resolved_config=RESOLVED)) is Tracker
 
 
+def test_a_run_name_reaches_wandb_as_its_folders_have_it(tmp_path, monkeypatch):
+    """One rule for a run name wherever it goes (fixedcls.config.safe_name): the W&B run name and default group too."""
+    seen = []
+
+    def init(**kwargs):
+        seen.append(kwargs)
+        raise RuntimeError("no run needed")
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setattr(wandb, "init", init)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        create_tracker(_logger_cfg(mode="offline"), run_dir=tmp_path, resolved_config={**RESOLVED, "name": "../../x\x1b[1m"})
+    assert seen[0]["name"] == seen[0]["group"] == "_.._x_1m"
+
+
 def test_a_resumed_run_continues_the_same_wandb_run(tmp_path, offline):
     # logger.dir per part: offline folders are named <date_time>-<id>, and both parts may start within one second
     first = train_tiny(tmp_path, ["logger=wandb", "trainer.epochs=1", "collapse.every=0", f"logger.dir={offline}/a"], run_name="a")
@@ -254,3 +270,60 @@ def test_prototype_alignment_matches_the_class_means():
     assert [r[2] for r in rows] == pytest.approx(torch.nn.functional.cosine_similarity(means, w).tolist(), abs=1e-6)
     assert [r[3] for r in rows] == pytest.approx((means - means.mean(0)).norm(dim=1).tolist(), abs=1e-5)
     assert log_prototype_alignment(Tracker(), model, loader, device="cpu") is None  # inactive: nothing done
+
+
+# --- offline means offline -------------------------------------------------------------------------------
+NETWORK_GUARD = """
+import os, socket, traceback
+
+def _refuse(what):
+    with open(os.environ["FIXEDCLS_NETWORK_LOG"], "a") as log:
+        log.write(f"{what}\\n{''.join(traceback.format_stack(limit=12))}\\n")
+    raise OSError(f"network access refused by the test's guard: {what}")
+
+_LOCAL = ("localhost", "127.0.0.1", "::1")
+_getaddrinfo, _connect = socket.getaddrinfo, socket.socket.connect
+
+def getaddrinfo(host, *args, **kwargs):
+    name = host.decode() if isinstance(host, bytes) else host
+    if name is not None and name not in _LOCAL and not str(name).startswith("127."):
+        _refuse(f"getaddrinfo({name!r})")
+    return _getaddrinfo(host, *args, **kwargs)
+
+def connect(self, address):
+    if self.family in (socket.AF_INET, socket.AF_INET6) and str(address[0]) not in _LOCAL \\
+            and not str(address[0]).startswith("127."):
+        _refuse(f"connect({address!r})")
+    return _connect(self, address)
+
+socket.getaddrinfo, socket.socket.connect = getaddrinfo, connect
+"""
+
+
+@pytest.mark.parametrize("logger", [["logger=[wandb,tensorboard,csv]", "logger.mode=offline"],
+                                    ["logger=wandb", "logger.mode=disabled"], ["logger=none"]])
+def test_an_offline_run_opens_no_network_connection(tmp_path, logger):
+    """Every Python process of the run (W&B's service is a Go binary that speaks to it over a Unix socket) gets a
+    sitecustomize that refuses and records any lookup or connection beyond this machine. WANDB_MODE is unset, so
+    logger.mode alone says offline: W&B's process-wide settings are then online unless fixedcls sets them."""
+    import os
+    import subprocess
+    import sys
+
+    from test_errors import TINY
+    from test_resume import cli_env
+
+    guard = tmp_path / "guard"
+    guard.mkdir()
+    (guard / "sitecustomize.py").write_text(NETWORK_GUARD)
+    attempts = tmp_path / "network.log"
+    env = cli_env({"FIXEDCLS_NETWORK_LOG": str(attempts), "WANDB_CONSOLE": "off"})
+    env.pop("WANDB_MODE")
+    env["PYTHONPATH"] = os.pathsep.join([str(guard), env["PYTHONPATH"]])
+    result = subprocess.run([sys.executable, "-m", "fixedcls.commands.train", *TINY, *logger, "hydra.run.dir=run"],
+                            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert not attempts.exists(), attempts.read_text()
+    if "logger.mode=offline" in logger:
+        assert list((tmp_path / "run" / "wandb").glob("offline-run-*")), "the offline W&B run was not written"
+        assert list((tmp_path / "run" / "tensorboard").iterdir()) and (tmp_path / "run" / "metrics.csv").is_file()

@@ -3,8 +3,9 @@ exit codes, the list of failed multirun jobs, the value a job hands to a sweeper
 `job_value`), and argparse types that refuse bad values in one line.
 
 Exit codes: 0 success; 2 a usage error (bad option, value, path or checkpoint, a file or folder that cannot be
-written where the user asked: one line names it and the fix); 1 a runtime failure (a full disk, an I/O error, a
-failed job of a multirun); 128 + N stopped by signal N, with the state saved (continue with resume=auto).
+written where the user asked: one line names it and the fix); 1 a runtime failure (a full disk, an I/O error,
+checkpoints that could not be written, a failed job of a multirun): a FixedclsError carries its status as
+`exit_code`; 128 + N stopped by signal N, with the state saved (continue with resume=auto).
 """
 from __future__ import annotations
 
@@ -67,7 +68,7 @@ def run_command(main: Callable[[], Optional[int]], prog: str) -> int:
         if os.environ.get("HYDRA_FULL_ERROR") == "1":
             raise
         print(f"{prog}: error: {one_line(error)}", file=sys.stderr)
-        return EXIT_USAGE
+        return error.exit_code
     except OSError as error:  # a full disk, a folder that cannot be written: not a bug, so no traceback
         line, code = os_error_line(error)
         print(f"{prog}: error: {line}", file=sys.stderr)
@@ -112,7 +113,7 @@ def run_job(task: Callable[[], Any], *, prog: str = "fixedcls") -> Any:
             raise
         error, code = (os_error_line(raised) if isinstance(raised, OSError) else
                        (config_error(raised), EXIT_USAGE) if isinstance(raised, OmegaConfBaseException) else
-                       (one_line(raised), EXIT_USAGE))
+                       (one_line(raised), raised.exit_code))
         if _run_mode() == RunMode.MULTIRUN:
             job = HydraConfig.get().job
             FAILED_JOBS.append(f"job {job.num} ({job.override_dirname or 'defaults'}): {error}")

@@ -6,7 +6,6 @@ How their samples reach the model (order, seeded augmentation, workers) is `fixe
 from __future__ import annotations
 
 import dataclasses
-import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,7 +35,6 @@ IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tif", ".
 # Synthetic images live in memory as float32 (and the draw briefly needs about twice that): a larger config is
 # a typo (data.num_classes=200000), not a benchmark, so it is refused before the allocation.
 SYNTHETIC_MAX_GIB = 8
-log = logging.getLogger("fixedcls")
 
 
 @dataclass
@@ -51,7 +49,10 @@ class DataBundle:
     img_size: int
     class_names: Sequence[str]
     val: Optional[Dataset] = None  # held out of training for model selection (checkpoint.best_metric); None: none
-    val_source: str = ""  # where the validation split came from, for the log ("12% of train", "folder val/")
+    # where each split came from, for the log's `splits:` line (`describe_splits`): "folder train", "0.1 of ..."
+    val_source: str = ""
+    train_source: str = ""
+    test_source: str = ""
     # How one image file becomes a model input, exactly as the evaluation views do it (`preprocessing_spec`);
     # stored in checkpoints so a trained model can be used without its data.
     preprocessing: Optional[dict] = None
@@ -59,6 +60,16 @@ class DataBundle:
 
 # A split a command can name -> the DataBundle view that evaluates it (the training split without augmentation).
 SPLIT_VIEWS = {"train": "train_eval", "test": "test", "val": "val"}
+
+
+def describe_splits(bundle: DataBundle) -> str:
+    """`train 1295 (...), validation 143 (0.1 of the training split (split_seed 0)), test 359 (...)`: each split's
+    size and where it came from."""
+    def part(name: str, dataset: Dataset, source: str) -> str:
+        return f"{name} {len(dataset)}" + (f" ({source})" if source else "")
+
+    val = part("validation", bundle.val, bundle.val_source) if bundle.val is not None else "no validation split"
+    return f"{part('train', bundle.train, bundle.train_source)}, {val}, {part('test', bundle.test, bundle.test_source)}"
 
 
 def evaluation_split(bundle: DataBundle, split: str) -> Dataset:
@@ -148,6 +159,7 @@ def _digits(cfg) -> DataBundle:
     std = cfg.std or [float(images[train_idx].std())] * cfg.in_chans
     normalize = normalizer(mean, std)
     train_tf = compose(random_shift(max(1, cfg.img_size // 16)), normalize) if cfg.augment else normalize
+    held_out = " and validation" if len(val_idx) else ""
     return DataBundle(
         train=TensorImages(images[train_idx], labels[train_idx], train_tf),
         train_eval=TensorImages(images[train_idx], labels[train_idx], normalize),
@@ -156,6 +168,8 @@ def _digits(cfg) -> DataBundle:
         class_names=[str(c) for c in range(10)],
         val=TensorImages(images[val_idx], labels[val_idx], normalize) if len(val_idx) else None,
         val_source=f"{_fraction(cfg, 'val_fraction'):g} of the training split (split_seed {cfg.split_seed})",
+        train_source=f"the {len(labels)} digits less test{held_out}",
+        test_source=f"{_fraction(cfg, 'test_fraction'):g} of the digits (split_seed {cfg.split_seed})",
         # An image file of a digit: grey levels scaled to [0, 1] like the bundled 0..16 values divided by 16.
         preprocessing=preprocessing_spec(in_chans=cfg.in_chans, img_size=cfg.img_size, mean=mean, std=std),
     )
@@ -237,6 +251,8 @@ def _synthetic(cfg) -> DataBundle:
         class_names=[str(c) for c in range(num_classes)],
         val=TensorImages(val_x, val_y) if len(val_y) else None,
         val_source=f"{_fraction(cfg, 'val_fraction'):g} of the training split (split_seed {cfg.split_seed})",
+        train_source=f"{cfg.train_per_class} drawn per class" + (" less validation" if len(val_y) else ""),
+        test_source=f"{cfg.test_per_class} drawn per class",
         preprocessing=preprocessing_spec(in_chans=cfg.in_chans, img_size=cfg.img_size, mean=[0.0], std=[1.0]),
     )
 
@@ -309,6 +325,7 @@ def _carve_validation(bundle: DataBundle, cfg) -> DataBundle:
     bundle.train = LabelSubset(bundle.train, train_idx, targets)
     bundle.train_eval = LabelSubset(bundle.train_eval, train_idx, targets)
     bundle.val_source = f"{share:g} of the '{cfg.train_split}' split (split_seed {cfg.split_seed})"
+    bundle.train_source += " less validation"
     return bundle
 
 
@@ -325,7 +342,8 @@ def _torchvision_cifar(cfg) -> DataBundle:
     classes = list(getattr(train, "classes", []))
     num_classes = len(classes) or (10 if cfg.name == "cifar10" else 100)
     return _carve_validation(DataBundle(train, train_eval, test, num_classes, 3, cfg.img_size, classes,
-                                         preprocessing=spec), cfg)
+                                         train_source=f"the '{cfg.train_split}' split",
+                                         test_source=f"the '{cfg.test_split}' split", preprocessing=spec), cfg)
 
 
 # The names a split folder is also found under (timm's own aliases for validation).
@@ -390,23 +408,26 @@ def _imagefolder(cfg) -> DataBundle:
     if test_share:
         test, test_source = LabelSubset(train_eval, test_idx, targets), f"{test_share:g} of '{cfg.train_split}'"
     else:
-        test, test_source = held_out(cfg.test_split, "data.test_split", "test_fraction"), f"folder {cfg.test_split}"
+        test = held_out(cfg.test_split, "data.test_split", "test_fraction")
+        test_source = f"folder {held_out_folders[-1]}"
     val, val_source = None, ""
     if val_share:
         val, val_source = LabelSubset(train_eval, val_idx, targets), f"{val_share:g} of '{cfg.train_split}' (split_seed {cfg.split_seed})"
     elif cfg.val_split:
-        val, val_source = held_out(cfg.val_split, "data.val_split", "val_fraction"), f"folder {cfg.val_split}"
+        val = held_out(cfg.val_split, "data.val_split", "val_fraction")
+        val_source = f"folder {held_out_folders[-1]}"
         if len(set(held_out_folders)) < len(held_out_folders):
             raise FixedclsError(f"data.val_split={cfg.val_split} and data.test_split={cfg.test_split} are one folder: "
                                 f"model selection on the test split would inflate its accuracy; name two folders, or "
                                 f"carve one split out of the training images (data.val_fraction=0.1)")
     _check_split_files(split_files)
+    train_source = f"folder {train_dir.resolve()}"
     if test_share or val_share:
         train, train_eval = LabelSubset(train, train_idx, targets), LabelSubset(train_eval, train_idx, targets)
-    log.info(f"image folder {root}: train '{cfg.train_split}', test {test_source}"
-             + (f", validation {val_source}" if val is not None else ", no validation split"))
+        train_source += " less " + " and ".join(name for name, share in (("test", test_share), ("validation", val_share))
+                                                if share)
     return DataBundle(train, train_eval, test, len(classes), cfg.in_chans, cfg.img_size, classes, val=val,
-                      val_source=val_source, preprocessing=spec)
+                      val_source=val_source, train_source=train_source, test_source=test_source, preprocessing=spec)
 
 
 class ImageFiles(Dataset):
@@ -475,7 +496,8 @@ def long_tailed(bundle: DataBundle, cfg) -> DataBundle:
     if len(keep) == len(labels):
         return bundle
     return dataclasses.replace(bundle, train=LabelSubset(bundle.train, keep, labels),
-                               train_eval=LabelSubset(bundle.train_eval, keep, labels))
+                               train_eval=LabelSubset(bundle.train_eval, keep, labels),
+                               train_source=f"{bundle.train_source}, long-tailed")
 
 
 class LabelSubset(Dataset):
@@ -544,5 +566,7 @@ def select_classes(bundle: DataBundle, cfg) -> DataBundle:
         test=of_seen_classes(bundle.test),
         num_classes=K, in_chans=bundle.in_chans, img_size=bundle.img_size, class_names=bundle.class_names,
         val=of_seen_classes(bundle.val), val_source=bundle.val_source,
-        preprocessing=bundle.preprocessing,
+        train_source=f"{bundle.train_source}, the {len(classes)} classes of data.classes"
+                     + (f" and {rehearsal} samples of each of {len(old)} old classes" if rehearsal else ""),
+        test_source=bundle.test_source, preprocessing=bundle.preprocessing,
     )

@@ -74,11 +74,36 @@ def writer_tag() -> str:
     return f"{_HOST}.{os.getpid()}"  # read at each write: a forked process is another writer
 
 
+# What torch's zip writer says when a write came up short; on a full disk it says nothing more (measured on a
+# 1 MiB tmpfs: "unexpected pos 768 vs 662"), so the disk itself is asked (`_out_of_space`).
+TORCH_SHORT_WRITE = ("unexpected pos", "file write failed", "PytorchStreamWriter failed writing")
+OUT_OF_SPACE = (errno.ENOSPC, errno.EDQUOT)
+NEARLY_FULL_BYTES = 2**20  # free space left when a write failed for want of it: the partial file took the rest
+
+
 def _write_error(error: RuntimeError, path: Path) -> OSError:
+    """The OSError a RuntimeError of torch.save stands for: ENOSPC when the disk is full, else EIO."""
     text = re.sub(r"^\[enforce fail at [^\]]*\]\s*\.?\s*", "", " ".join(str(error).split()))
-    if "No space left" in text:
-        return OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+    if "No space left" in text or "quota exceeded" in text.lower() or (
+            any(words in text for words in TORCH_SHORT_WRITE) and _out_of_space(path.parent)):
+        return OSError(errno.ENOSPC, f"{os.strerror(errno.ENOSPC)} (torch.save: {text[:200]})", str(path))
     return OSError(errno.EIO, f"{os.strerror(errno.EIO)} (torch.save: {text[:200]})", str(path))
+
+
+def _out_of_space(directory: Path) -> bool:
+    """Whether `directory`'s file system is (nearly) full; asked while the failed write's partial file still
+    takes its space."""
+    import shutil
+
+    try:
+        return shutil.disk_usage(directory).free < NEARLY_FULL_BYTES
+    except OSError:
+        return False
+
+
+def disk_full(error: BaseException) -> bool:
+    """Whether a failed write failed for want of space (a full disk, or a quota)."""
+    return isinstance(error, OSError) and error.errno in OUT_OF_SPACE
 
 
 def _fsync_dir(directory: Path) -> None:
@@ -259,6 +284,7 @@ _RESUMABLE: dict[str, tuple[str, Callable[[Any], bool], bool]] = {
     "rng_ranks": ("a list of random-state dicts", lambda v: isinstance(v, list) and all(_is_rng(r) for r in v), False),
     "nonfinite_in_a_row": ("a whole number >= 0", _is_count, False),
     "best_value": ("a number", lambda v: isinstance(v, (int, float)) and not isinstance(v, bool), False),
+    "best_epoch": ("a whole number >= 0", _is_count, False),
 }
 
 
@@ -354,8 +380,12 @@ def newest_loadable(directory: Path, warn) -> Optional[Path]:
 class CheckpointWriter:
     """Saves the states of a run: per-epoch files (keeping the newest `keep`), last.pt and best.pt.
 
-    A write that fails (full disk, lost mount) warns and returns None: the run goes on, and the
-    previous checkpoints stay as they were (every write is atomic).
+    A write that fails (full disk, lost mount) warns in one line (saying when the disk is full, and where)
+    and returns None: the previous checkpoints stay as they were (every write is atomic), and the run goes on,
+    so that a moment of full disk does not end a long run.  But it is a failure: `failure()` names it, and the
+    run ends with exit status 1 (CheckpointWriteError); after two failed writes in a row `stop_reason` is set
+    and the run stops at the end of that epoch.  After a failed write the next epoch is written in the
+    foreground, so a second failure is known at the end of its own epoch.
 
     ``background=True`` writes epoch checkpoints in a thread while the next epoch trains: the caller
     pays only for a copy of the state into staging tensors the writer keeps from one epoch to the next
@@ -370,8 +400,11 @@ class CheckpointWriter:
     (:meth:`writes_epoch`, which the loop asks before it even builds the state); a stop signal's
     mid-epoch state is always written.  The writer owns ``best_value``: each file records the best
     `best_metric` among the checkpoints actually written, itself included, so a resumed run compares
-    against the right best, and best.pt is the best of the written epochs.
+    against the right best, and best.pt is the best of the written epochs; ``best_epoch`` is the epoch best.pt
+    holds (None until one is written, or for a resumed checkpoint written before it was recorded).
     """
+
+    FAILURES_TO_STOP = 2  # failed writes in a row that stop the run
 
     def __init__(self, directory: Path, *, keep: int = 2, best_metric: str = "test/acc", best_mode: str = "auto",
                  enabled: bool = True, background: bool = False, every: int = 1):
@@ -380,7 +413,12 @@ class CheckpointWriter:
         self.directory, self.keep, self.best_metric, self.enabled = Path(directory), keep, best_metric, enabled
         self.best_mode = metric_direction(best_metric, best_mode)
         self.best_value: Optional[float] = None
+        self.best_epoch: Optional[int] = None
         self.every = every
+        self.failed_epochs: set[int] = set()  # epochs whose checkpoint could not be written
+        self.failures_in_a_row = 0
+        self.stop_reason: Optional[str] = None  # set after FAILURES_TO_STOP failed writes in a row
+        self._failure: Optional[str] = None  # the latest failed write, for the run's last line
         self._executor = None
         self._pending = None
         self._staging = None  # the background copy of the previous epoch, whose tensors the next copy reuses
@@ -401,9 +439,11 @@ class CheckpointWriter:
         epoch_path = self.directory / f"epoch_{state['epoch']:04d}.pt"
         if not self.enabled:
             return epoch_path
-        if self._executor is None:
-            return self._write_epoch(state, metrics.get(self.best_metric), epoch_path)
         self.wait()  # the staging tensors are free once the previous write is on disk
+        if self.stop_reason is not None:  # the run stops at the end of this epoch: no write into a full disk
+            return None
+        if self._executor is None or self.failures_in_a_row:
+            return self._write_epoch(state, metrics.get(self.best_metric), epoch_path)
         self._staging = snapshot(state, reuse=self._staging)  # the live weights change under the next epoch's steps
         self._pending = self._executor.submit(self._write_epoch, self._staging, metrics.get(self.best_metric), epoch_path)
         return epoch_path
@@ -411,19 +451,49 @@ class CheckpointWriter:
     def _write_epoch(self, state: dict, value: Optional[float], epoch_path: Path) -> Optional[Path]:
         is_best = self._better(value, self.best_value)
         state["best_value"] = value if is_best else self.best_value
+        state["best_epoch"] = state["epoch"] if is_best else self.best_epoch
         try:
             atomic_save(state, epoch_path)
             link_or_copy(epoch_path, self.directory / LAST)
             if is_best:
-                self.best_value = value
                 link_or_copy(epoch_path, self.directory / BEST)
+                self.best_value, self.best_epoch = value, state["epoch"]
             for old in epoch_files(self.directory)[max(self.keep, 1) :]:
                 old.unlink(missing_ok=True)
         except OSError as error:
-            _warn(f"could not write checkpoint {epoch_path} ({error}); training goes on, the previous checkpoints "
-                  f"in {self.directory} are intact")
+            self._failed(epoch_path, error, state["epoch"])
             return None
+        self.failures_in_a_row = 0
         return epoch_path
+
+    def _failed(self, path: Path, error: OSError, epoch: Optional[int] = None) -> None:
+        """Warn in one line that `path` was not written, and count the failure."""
+        if epoch is not None:
+            self.failed_epochs.add(int(epoch))
+        self.failures_in_a_row += 1
+        full = disk_full(error)
+        self._failure = (f"{'the disk is full: ' if full else ''}could not write checkpoint {path.name} to "
+                         f"{self.directory} ({error.strerror or error})")
+        kept = ("last.pt and best.pt there still hold the last good checkpoints" if (self.directory / LAST).is_file()
+                else "no checkpoint of this run was written yet")
+        if self.failures_in_a_row >= self.FAILURES_TO_STOP:
+            self.stop_reason = (f"{self._failure}, {self.failures_in_a_row} writes in a row: stopped; {kept}. "
+                                f"{'Free space there' if full else 'Make the folder writable'}, then continue "
+                                f"with resume=auto")
+            _warn(self.stop_reason)
+            return
+        _warn(f"{self._failure}; {kept}. Training goes on, but the run will end with exit status 1 (a second "
+              f"failed write in a row stops it at once)")
+
+    def failure(self) -> Optional[str]:
+        """One line for the end of a run some of whose checkpoints were not written, or None when all were."""
+        if self.stop_reason is not None:
+            return self.stop_reason
+        if not self.failed_epochs:
+            return None
+        epochs = ", ".join(str(e) for e in sorted(self.failed_epochs))
+        best = f"best.pt holds epoch {self.best_epoch}" if self.best_epoch is not None else "no best.pt was written"
+        return f"{self._failure}; epoch(s) {epochs} have no checkpoint ({best}, as summary.json says)"
 
     def wait(self) -> None:
         """Return once the write in flight (if any) is on disk; an unexpected error in it is raised here."""
@@ -455,11 +525,13 @@ class CheckpointWriter:
         if self.enabled:
             self.wait()  # the finished epoch's file first: last.pt must end as this newer state
             state["best_value"] = self.best_value
+            state["best_epoch"] = self.best_epoch
             try:
                 atomic_save(state, path)
             except OSError as error:
-                _warn(f"could not write checkpoint {path} ({error}); resume=auto will continue from the last "
-                      f"epoch checkpoint in {self.directory}")
+                full = "the disk is full: " if disk_full(error) else ""
+                _warn(f"{full}could not write checkpoint {path} ({error.strerror or error}); resume=auto will "
+                      f"continue from the last epoch checkpoint in {self.directory}")
                 return None
         return path
 

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from ..atomic import file_mode
+from ..config import safe_name
 from ..errors import FixedclsError
 from .checkpoints import (
     BEST,
@@ -28,11 +29,11 @@ from .checkpoints import (
     link_or_copy,
     load,
     load_newest_good,
+    meta_of,
     newest_loadable,
     progress_of,
     writer_tag,
 )
-from .identity import safe_name
 
 
 def run_directories(root: Path, name: str) -> list[Path]:
@@ -69,7 +70,10 @@ class RunPlan:
     resume_path: Optional[Path]
     parent: Path  # where a new folder is claimed
     base: str  # its name: <safe run name>-<identity[:8]>
-    branch_of: Optional[Path] = None  # resume_path is older than its folder's newest state: a new branch
+    branch_of: Optional[Path] = None  # resume_path continues in a new folder: this one, its own, is not written
+    # resume_path is not in a run folder of its own (no run.json of its identity beside it): a loose file, whose
+    # neighbours may be another run's files; it continues in a new folder under the checkpoint root
+    loose: bool = False
 
     def claim(self, record: dict) -> Path:
         if self.directory is None:
@@ -186,9 +190,13 @@ def plan_run(root: str | Path, name: str, explicit_dir: Optional[str], resume: O
              warn=print) -> RunPlan:
     """Decide where this run saves and what it resumes from.
 
-    - resume=<folder>: its newest good checkpoint, saving in that folder (or checkpoint.dir).
-    - resume=<file>: that file, saving next to it, unless its folder holds a newer state: then the run is a
-      new branch in a new folder beside it, and the abandoned branch's files stay as they are.
+    - resume=<folder>: its newest good checkpoint, saving in that folder (or checkpoint.dir); a folder whose
+      run.json records another identity than that checkpoint's is not written: a new folder under the root.
+    - resume=<file> in the folder of its own run (a run.json of the file's identity): that file, saving next to
+      it, unless its folder holds a newer state: then the run is a new branch in a new folder beside it, and the
+      abandoned branch's files stay as they are.
+    - resume=<file> anywhere else (a loose file, perhaps beside another run's files): a new folder
+      `<base>[-N]` under the checkpoint root (or checkpoint.dir, if empty); nothing beside the file is written.
     - resume=auto: the newest good checkpoint of the folder of this name and identity (`find_run`), or of
       checkpoint.dir; none -> a fresh run.
     - no resume: a fresh run in a folder of its own (`claim_directory`), or checkpoint.dir if it is empty.
@@ -196,25 +204,34 @@ def plan_run(root: str | Path, name: str, explicit_dir: Optional[str], resume: O
     root, base = Path(root).expanduser(), run_base(name, identity)
     explicit = Path(explicit_dir).expanduser() if explicit_dir else None
 
-    def fresh(resume_path=None, branch_of=None, parent=root) -> RunPlan:
+    def fresh(resume_path=None, branch_of=None, parent=root, loose=False) -> RunPlan:
         if explicit is not None and candidates(explicit):
             raise FixedclsError(
                 f"checkpoint.dir={explicit} already holds checkpoints of another run: "
                 f"pass resume=auto to continue it, or choose an empty checkpoint.dir"
             )
-        return RunPlan(explicit, resume_path, parent, base, branch_of)
+        return RunPlan(explicit, resume_path, parent, base, branch_of, loose)
 
     if resume not in (None, "", "auto"):
         path = Path(resume).expanduser()
         if path.is_dir():  # a checkpoint folder: its newest good checkpoint
-            found = newest_loadable(path, warn)
+            found, state = load_newest_good(path, warn)
             if found is None:
                 raise FixedclsError(f"resume={resume}: the folder holds no loadable checkpoint (last.pt, epoch_NNNN.pt)")
+            keep_verified(found, state)  # train's load of the same file gets it without reading it again
+            # A folder of another run's record is never adopted; one with no run.json at all was written before
+            # run records existed, and resume=<folder> is how such a run continues (docs/fault_tolerance.md).
+            if read_run_record(path) and not _own_run_folder(found, state):
+                return fresh(found, branch_of=path, loose=True)
             return RunPlan(explicit or path, found, root, base)
         if not path.is_file():
             raise FixedclsError(f"resume={resume}: no such checkpoint file (pass a .pt path, a checkpoint folder, "
                                 f"or resume=auto)")
-        if _older_than_its_folder(path, warn):
+        state = load(path)
+        keep_verified(path, state)
+        if not _own_run_folder(path, state):  # its neighbours may be another run's: none of them is written
+            return fresh(path, branch_of=path.parent, loose=True)
+        if _older_than_its_folder(path, state, warn):
             return fresh(path, branch_of=path.parent, parent=path.parent.parent)
         return RunPlan(explicit or path.parent, path, root, base)
     if explicit is not None:
@@ -228,18 +245,25 @@ def plan_run(root: str | Path, name: str, explicit_dir: Optional[str], resume: O
     return fresh()
 
 
-def _older_than_its_folder(path: Path, warn) -> bool:
-    """Whether the folder of checkpoint `path` holds a state that got further (resuming `path` then branches)."""
+def _own_run_folder(path: Path, state: dict) -> bool:
+    """Whether checkpoint `path` (holding `state`) sits in the folder of its own run: a run.json there records the
+    identity the checkpoint records.  Only such a folder may be written by the run that resumes it."""
+    identity = read_run_record(path.parent).get("identity")
+    return bool(identity) and meta_of(state).get("identity") == identity
+
+
+def _older_than_its_folder(path: Path, mine: dict, warn) -> bool:
+    """Whether the folder of checkpoint `path` (holding `mine`) holds a state that got further (resuming `path`
+    then branches)."""
     if path.name == LAST:
         return False
     number = EPOCH_FILE.match(path.name)
     if number and any(int(EPOCH_FILE.match(p.name).group(1)) > int(number.group(1)) for p in epoch_files(path.parent)):
         return True
     newest, newest_state = load_newest_good(path.parent, warn)
+    keep_verified(path, mine)  # load_newest_good may have loaded others: train's load of `path` gets it again
     if newest is None or _same_file(newest, path):
         return False
-    mine = load(path)
-    keep_verified(path, mine)  # train's load of the same file gets it without reading it again
     return progress_of(newest_state) > progress_of(mine)
 
 
@@ -250,9 +274,10 @@ def _same_file(a: Path, b: Path) -> bool:
         return False
 
 
-def start_branch(directory: Path, source: Path, state: dict, best_metric: str) -> None:
+def start_branch(directory: Path, source: Path, state: dict, best_metric: str, *, siblings: bool = True) -> None:
     """Give a new branch folder the history it shares with its source: the resumed file as last.pt (and as its
-    epoch file), and as best.pt the best epoch's file when that epoch is at or before the branch point."""
+    epoch file), and as best.pt the best epoch's file when that epoch is at or before the branch point.
+    `siblings=False` (a loose file, whose neighbours may be another run's): best.pt only when it is `source`."""
     directory = Path(directory)
     epoch = int(state.get("epoch", 0))
     link_or_copy(source, directory / LAST)
@@ -264,5 +289,5 @@ def start_branch(directory: Path, source: Path, state: dict, best_metric: str) -
     rows = [row for row in state.get("history", []) if row.get(best_metric) == best]
     if rows:
         best_file = source if rows[-1]["epoch"] == epoch else source.parent / f"epoch_{int(rows[-1]['epoch']):04d}.pt"
-        if best_file.is_file():
+        if best_file.is_file() and (siblings or best_file == source):
             link_or_copy(best_file, directory / BEST)

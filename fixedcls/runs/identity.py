@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import re
 from typing import Any, Mapping
 
 #: Keys (or whole sections, ending in ".") left out of a run's identity, with the reason for each group.
@@ -96,13 +95,3 @@ def describe_differences(found: list[tuple[str, Any, Any]]) -> str:
 def _show(value: Any) -> str:
     return "null" if value is None else str(value)
 
-
-_UNSAFE = re.compile(r"[^A-Za-z0-9._=+-]+")
-
-
-def safe_name(name: str, limit: int = 96) -> str:
-    """A run name as ONE path component: `/`, `:`, `\\` and other characters become `_`, leading dots go
-    (so `..` cannot climb out of checkpoint.root), long names are cut. `hf-hub:timm/vit` -> `hf-hub_timm_vit`."""
-    text = _UNSAFE.sub("_", str(name)).lstrip(".")
-    text = text[:limit].rstrip(".") or "run"
-    return text

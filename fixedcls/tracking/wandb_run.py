@@ -8,6 +8,7 @@ import warnings
 from pathlib import Path
 from typing import Callable, Iterable, Optional
 
+from ..config import safe_name
 from .base import Tracker, TrackerWarning, log_model_mode, warn_once
 
 WANDB_MODES = ("online", "offline", "disabled")
@@ -67,7 +68,7 @@ def default_group(resolved_config: dict, launch: Optional[str]) -> str:
     experiment = resolved_config.get("experiment")
     if experiment and launch:
         return f"{experiment}-{launch}"
-    return experiment or launch or resolved_config.get("name") or "fixedcls"
+    return experiment or launch or (safe_name(resolved_config["name"]) if resolved_config.get("name") else "fixedcls")
 
 
 def tags_of(resolved_config: dict, configured: Iterable[str], launch: Optional[str] = None) -> list[str]:
@@ -133,12 +134,14 @@ class WandbTracker(Tracker):
         kwargs = dict(
             project=cfg.get("project") or "fixedcls", entity=cfg.get("entity") or None, group=self.group,
             job_type=cfg.get("job_type") or "train", tags=tags_of(resolved_config, cfg.get("tags") or [], launch),
-            name=resolved_config.get("name"), config=config, dir=directory, reinit="finish_previous",
+            # the run's name as its folders have it (fixedcls.config.safe_name): one rule wherever a name goes
+            name=safe_name(resolved_config["name"]) if resolved_config.get("name") else None, config=config,
+            dir=directory, reinit="finish_previous",
         )
         if run_id:
             kwargs.update(id=run_id, resume="allow")
         try:
-            self.run = wandb.init(mode=self.mode, **kwargs)
+            self.run = self._init(self.mode, kwargs)
         except Exception as error:
             if self.mode != "online":
                 warnings.warn(f"W&B could not start ({type(error).__name__}: {error}); training goes on without W&B",
@@ -146,7 +149,7 @@ class WandbTracker(Tracker):
                 self.log_model = "false"
                 return
             try:
-                self.run = wandb.init(mode="offline", **kwargs)
+                self.run = self._init("offline", kwargs)
                 self.mode = "offline"
                 warnings.warn(f"W&B could not start online ({type(error).__name__}: {error}); logging offline "
                               f"instead: upload later with `wandb sync {Path(self.run.dir).parent}`", TrackerWarning)
@@ -164,6 +167,17 @@ class WandbTracker(Tracker):
         else:
             where = f"{Path(self.run.dir).parent} (upload with `wandb sync` on it)" if getattr(self.run, "dir", None) else ""
         log.info(f"W&B run {self.run.id} ({self.mode}, group {self.group}){': ' + where if where else ''}")
+
+    def _init(self, mode: str, kwargs: dict):
+        """wandb.init in `mode`, with W&B's process-wide settings in the same mode first.
+
+        wandb.init(mode=...) sets the mode of its run only, while W&B's own analytics (an OpenTelemetry exporter in
+        this process, seen with wandb 0.31) read the process-wide settings, online unless WANDB_MODE says otherwise:
+        an offline run still posted to W&B's server from a background thread and at interpreter exit (the test
+        suite's output ended with its failed connection). With the process-wide mode offline the exporter is never
+        built. tests/test_wandb.py runs an offline run under a socket guard."""
+        self._wandb.setup(settings=self._wandb.Settings(mode=mode))
+        return self._wandb.init(mode=mode, **kwargs)
 
     def _define_step(self) -> None:
         self.run.define_metric("epoch")

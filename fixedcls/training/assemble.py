@@ -13,7 +13,7 @@ import torch
 from omegaconf import DictConfig
 
 from ..config import validate_config
-from ..data.datasets import IMAGE_FILE_DATASETS, create_data, targets_of
+from ..data.datasets import IMAGE_FILE_DATASETS, create_data, describe_splits, targets_of
 from ..data.imbalance import class_counts, class_groups
 from ..data.loaders import create_eval_loader, create_loaders, stop_workers
 from ..errors import FixedclsError
@@ -174,9 +174,9 @@ def build_training(cfg: DictConfig, run_dir: Path, world: World, device: torch.d
         log.info(f"{cfg.head.name} head on {cfg.model.backbone}, {cfg.data.name} ({bundle.num_classes} classes), "
                  f"d={model.dim}, {device} {choice(cfg.trainer.precision)}, {factories.describe_loss(cfg)}")
         log.info(format_param_summary(model))
-        log.info(f"splits: train {len(bundle.train)}, "
-                 + (f"validation {len(bundle.val)} ({bundle.val_source}), " if bundle.val is not None else "no validation, ")
-                 + f"test {len(bundle.test)}; best.pt by {best[0]} ({best[1]})")
+        log.info(f"splits: {describe_splits(bundle)}; best.pt by {best[0]} ({best[1]})"
+                 + ("; with no validation split (data.val_fraction=0) best.pt follows the test split, so best/test/acc "
+                    "is chosen on the test images" if bundle.val is None and best[0].startswith("test/") else ""))
         if cfg.data.name in IMAGE_FILE_DATASETS or preprocessing["from_model"]:
             log.info(format_preprocessing(preprocessing))
         if choice(cfg.data.imbalance.type) != "none":
@@ -223,7 +223,11 @@ def build_training(cfg: DictConfig, run_dir: Path, world: World, device: torch.d
     # The folder is claimed once everything that can refuse the run has been built.
     def claim() -> str:
         directory = plan.claim({"identity": identity, "name": str(cfg.name), "branched_from": branched_from})
-        if plan.branch_of is not None:
+        if plan.loose:
+            runs.start_branch(directory, resume_path, resume_state, best[0], siblings=False)
+            log.info(f"resuming from {resume_path}, which is not in a run folder of its own (no run.json of its "
+                     f"identity beside it): continuing in a new folder {directory} (nothing in {plan.branch_of} is written)")
+        elif plan.branch_of is not None:
             runs.start_branch(directory, resume_path, resume_state, best[0])
             log.info(f"resuming from {resume_path}, older than the newest state of {plan.branch_of}: a new branch in "
                      f"{directory} (the files of {plan.branch_of} stay as they are)")

@@ -25,7 +25,7 @@ from .. import collapse as nc
 from ..collapse import report as collapse_report
 from ..collapse.minority import MINORITY_KEYS
 from ..data.imbalance import class_accuracy, class_accuracy_row
-from ..errors import FixedclsError
+from ..errors import CheckpointWriteError, FixedclsError
 from ..runs.checkpoints import CheckpointWriter, is_better
 from ..runtime import AUTOCAST_DTYPES, autocast_for, choice, rng_state, set_rng_state, split_rng, unwrap
 from ..tracking.base import Tracker
@@ -171,14 +171,22 @@ def fit(run: TrainingRun) -> TrainResult:
         }
 
     run.model.train()
+    stopped = False
     # Background checkpoint writes end before fit returns or raises (a stop, a crash, non-finite weights).
     with StopSignals() as stop, run.checkpoints.finish_writes():
         while loop.epoch < run.trainer.epochs:
             train_seconds = train_one_epoch(run, loop, scaler, autocast, stop, snapshot,
                                             online=online["train"] if online else None)
             end_of_epoch(run, loop, autocast, snapshot, train_seconds, online)
+            # Two failed checkpoint writes in a row (a full disk): every rank stops, with the summary written.
+            if world.any(run.checkpoints.stop_reason is not None, device):
+                stopped = True
+                break
     result = TrainResult(finish(run, loop))
     result.history = loop.history
+    failure = run.checkpoints.failure() if run.checkpoints.enabled else None
+    if failure is not None or stopped:
+        raise CheckpointWriteError(failure or "rank 0 could not write two checkpoints in a row: stopped", result)
     return result
 
 
@@ -192,7 +200,7 @@ def _restore(run: TrainingRun, loop: LoopState, model: nn.Module, scaler, online
     if run.ema is not None and state.get("ema"):
         run.ema.load_state_dict(state["ema"])
     loop.restore(state, run.device)
-    run.checkpoints.best_value = state.get("best_value")
+    run.checkpoints.best_value, run.checkpoints.best_epoch = state.get("best_value"), state.get("best_epoch")
     for split, acc in (online or {}).items():
         if state.get(f"online_{split}"):
             acc.load_state_dict(state[f"online_{split}"], with_sums=world.rank == 0)
@@ -488,7 +496,9 @@ def finish(run: TrainingRun, loop: LoopState) -> dict:
     summary = {**run.run_info, **summarize(history, run.collapse, model, loop.epoch_seconds, run.title,
                                            best_metric=run.checkpoints.best_metric,
                                            best_mode=run.checkpoints.best_mode,
-                                           written=lambda epoch: run.checkpoints.writes_epoch(epoch, epochs))}
+                                           written=lambda epoch: run.checkpoints.writes_epoch(epoch, epochs)
+                                           and epoch not in run.checkpoints.failed_epochs,
+                                           best_written=run.checkpoints.best_epoch)}
     summary.update({f"final/{split}/class_acc": accuracy for split, accuracy in loop.class_accuracy.items()})
     if run.world.is_main:
         if run.collapse.plot and any(k.startswith(("collapse", "agop/")) for row in history for k in row):
@@ -566,18 +576,20 @@ def _log_class_results(run: TrainingRun, model: nn.Module, autocast) -> None:
 
 def summarize(history: list[dict], settings, model: nn.Module, epoch_seconds: list[float], title: str, *,
               best_metric: str = "test/acc", best_mode: str = "max",
-              written: Callable[[int], bool] = lambda epoch: True) -> dict:
+              written: Callable[[int], bool] = lambda epoch: True, best_written: Optional[int] = None) -> dict:
     """The run summary. `best/*` describe the epoch `best_metric` chose (best.pt): its `best/<metric>`,
     `best/epoch`, and the test figures of that epoch (`best/test/acc` is the test accuracy at the best
     validation epoch when the metric is val/acc), never the maximum over the test split's epochs.
-    `written(epoch)`: whether that epoch's checkpoint was written (checkpoint.every), the only ones best.pt
+    `best_written`: the epoch best.pt holds, as the checkpoint writer knows it; else the best of the epochs
+    whose checkpoint was written (`written(epoch)`: checkpoint.every, no failed write), the only ones best.pt
     can be."""
     from ..models.classifier import param_summary
 
     summary: dict = {"title": title, "epochs": len(history)}
     if history:
         summary.update({f"final/{k}": v for k, v in history[-1].items() if k != "epoch"})
-        best = best_epoch([row for row in history if written(row["epoch"])], best_metric, best_mode)
+        held = [row for row in history if row["epoch"] == best_written]
+        best = held[-1] if held else best_epoch([row for row in history if written(row["epoch"])], best_metric, best_mode)
         summary["best/metric"] = best_metric
         if best is not None:
             summary["best/epoch"] = best["epoch"]
