@@ -5,6 +5,7 @@ One table of precisions and one unwrap, used by the loop, the measures and the c
 from __future__ import annotations
 
 import contextlib
+import os
 import random
 from typing import Any, Callable, Optional
 
@@ -115,3 +116,26 @@ def split_rng(rank: int) -> None:
     """
     if rank > 0:
         torch.manual_seed((torch.initial_seed() + 1_000_003 * rank) % 2**63)
+
+
+def choose_threads(requested: Optional[int], resumed: Optional[int]) -> tuple[int, str]:
+    """The intra-op thread count of a run and why, set in torch.
+
+    Never chosen from how busy the machine is: torch's CPU results change with the thread count, so a count
+    picked from the load would make two runs of one command differ.  A resumed run keeps the count its
+    checkpoint was trained with, so it stays bit-exact; `trainer.threads` overrides both.
+    """
+    if requested:
+        torch.set_num_threads(requested)
+        return requested, "trainer.threads"
+    if resumed:
+        torch.set_num_threads(resumed)
+        return resumed, "kept from the resumed checkpoint (trainer.threads overrides)"
+    return torch.get_num_threads(), "torch's default, one per core (trainer.threads overrides)"
+
+
+def openmp_waiting() -> str:
+    """How torch's OpenMP threads wait at a barrier in this process, for the run's log line ('' if untouched)."""
+    policy, spins = os.environ.get("OMP_WAIT_POLICY"), os.environ.get("GOMP_SPINCOUNT")
+    parts = ([f"OMP_WAIT_POLICY={policy}"] if policy else []) + ([f"GOMP_SPINCOUNT={spins}"] if spins else [])
+    return f"; OpenMP waits with {', '.join(parts)}" if parts else ""

@@ -9,6 +9,7 @@ import importlib.util
 import json
 import math
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -183,3 +184,28 @@ def test_machine_busy_seconds_reads_proc_stat(bench):
         pytest.skip("no /proc/stat")
     first = bench._machine_busy_seconds()
     assert first is not None and first > 0 and bench._machine_busy_seconds() >= first
+
+
+FAKE_RUN = r'''
+import json, os, sys, time
+from pathlib import Path
+# A stand-in for fixedcls-train: it sleeps 0.3 s (sharing nothing), and reports an epoch time that depends on
+# the spin count it was given, so the figures' arithmetic is checked against known values.
+time.sleep(0.3)
+folder = Path("outputs/run/now"); folder.mkdir(parents=True, exist_ok=True)
+epoch = 2.0 if os.environ.get("GOMP_SPINCOUNT") == "300000" else 2.1
+(folder / "summary.json").write_text(json.dumps({"time/train_s_per_epoch": epoch}))
+sweep = "-m" in sys.argv and "hydra/launcher=basic" in sys.argv
+time.sleep(0.3 if sweep else 0.0)  # a sequential two-job sweep takes twice as long as a parallel one
+'''
+
+
+def test_the_share_figure_compares_runs_at_once_with_runs_one_after_the_other(bench, monkeypatch, tmp_path):
+    fake = tmp_path / "fake_train.py"
+    fake.write_text(FAKE_RUN)
+    monkeypatch.setattr(bench.share_cores, "_command", lambda: [sys.executable, str(fake)])
+    out = bench.share_cores.bench_share(rounds=1)
+    assert out["share_lone_epoch_vs_spinning"] == pytest.approx(2.1 / 2.0)
+    assert out["share_at_once_vs_one_after_other"] == pytest.approx(0.5, abs=0.2)  # two 0.3 s sleeps overlap
+    assert out["share_sweep_parallel_vs_sequential"] == pytest.approx(0.5, abs=0.2)
+    assert bench.verdict("share_lone_epoch_vs_spinning", out["share_lone_epoch_vs_spinning"]) == "MISS"

@@ -71,6 +71,10 @@ Figures and targets:
                                 no model) through loaders that respawn their workers every epoch / through
                                 fixedcls's loaders, whose workers persist                 informative
                                 Not in the default set (about a minute on a busy 2-core machine): --only workers
+  share_*                       runs that share a machine: two default-config training processes at once
+                                against one after the other, a parallel local sweep against a sequential one,
+                                and a lone run's epoch against libgomp's own spin count; see
+                                tools/share_cores.py.  Not in the default set (about 8 minutes): --only share
 """
 from __future__ import annotations
 
@@ -110,6 +114,17 @@ TARGETS: dict[str, tuple[str, float]] = {
     "scale_seconds_k32768": ("<=", 300.0),
 }
 NC_REL_TOL = 1e-6
+
+
+def _load_tool(name: str):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "tools" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+share_cores = _load_tool("share_cores")  # whole training processes side by side: its own module, its own doc
+TARGETS.update(share_cores.TARGETS)
 
 AGOP_STAGES = ("1", "2", "3", "4")  # resnet18's four residual stages (docs/agop.md)
 DEFAULT_BACKBONE = "resnet18"  # conf/config.yaml's; --quick runs the same model, fewer rounds (and the naive nc on a subset)
@@ -568,13 +583,6 @@ def bench_loop(run: dict, workdir: Path, *, rounds: int = 5, warmup: int = 1, ep
 # --------------------------------------------------------------------------------------------
 # 4. nc_metrics vs the naive notebook-style computation and the float32 streaming one
 # --------------------------------------------------------------------------------------------
-def _load_tool(name: str):
-    spec = importlib.util.spec_from_file_location(name, ROOT / "tools" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def load_naive():
     return _load_tool("naive_collapse")
 
@@ -1003,6 +1011,8 @@ def _run(args, device: torch.device) -> dict:
             sizes = tuple(int(k) for k in args.scale_k.split(",")) if args.scale_k else (
                 QUICK_SCALE_SIZES if quick else SCALE_SIZES)
             merge(bench_scale(sizes=sizes, d=args.scale_d, per_class=args.scale_per_class, threads=args.threads), "scale")
+        if "share" in sections:
+            merge(share_cores.bench_share(rounds=args.rounds or 3), "share")
         if "workers" in sections:
             merge(bench_workers(images=args.workers_images, rounds=args.rounds or (4 if quick else 8),
                                 warmup=args.warmup), "workers")
@@ -1037,7 +1047,7 @@ def parse_args(argv=None):
     p.add_argument("--steps", type=int, help="training steps per round in the step benchmark")
     p.add_argument("--epochs", type=int, help="epochs per fit() call (and per plain-loop call) in the loop benchmark")
     p.add_argument("--threads", type=int, help="torch.set_num_threads")
-    p.add_argument("--only", help="comma list of sections: step,loop,nc,memory,scale,workers")
+    p.add_argument("--only", help="comma list of sections: step,loop,nc,memory,scale,workers,share")
     p.add_argument("--scale-k", help="comma list of class counts K of the scale section (default 1024,4096,16384,32768; "
                                      "--quick: 1024,4096)")
     p.add_argument("--scale-d", type=int, default=256, help="feature dimension d of the scale section")

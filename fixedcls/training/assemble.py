@@ -23,7 +23,7 @@ from ..runs import checkpoints as ckpt
 from ..runs import folders as runs
 from ..runs import stored
 from ..runs.identity import describe_differences, differences, run_identity
-from ..runtime import autocast_for, choice, resolve_device, seed_everything
+from ..runtime import autocast_for, choice, choose_threads, openmp_waiting, resolve_device, seed_everything
 from ..tracking.factory import create_tracker
 from ..tracking.run_files import MetricsFile
 from . import factories
@@ -195,6 +195,10 @@ def build_training(cfg: DictConfig, run_dir: Path, world: World, device: torch.d
             check_same_experiment(resume_state, meta, resolved, identity, resume_path, how)
         branched_from = str(resume_path) if plan.branch_of is not None else ckpt.meta_of(resume_state or {}).get("branched_from")
         meta["branched_from"] = branched_from
+        threads, threads_why = choose_threads(cfg.trainer.threads, ckpt.meta_of(resume_state or {}).get("threads"))
+        meta["threads"] = threads
+        if world.is_main:
+            log.info(f"threads: {threads} ({threads_why}){openmp_waiting()}")
         train_loader, train_eval_loader, test_loader = create_loaders(
             bundle, batch_size=cfg.data.batch_size, eval_batch_size=cfg.data.eval_batch_size,
             num_workers=cfg.data.num_workers, seed=cfg.seed, rank=world.rank, world_size=world.world_size,
@@ -261,7 +265,7 @@ def build_training(cfg: DictConfig, run_dir: Path, world: World, device: torch.d
         run_info={"run_dir": str(run_dir), "checkpoint_dir": str(directory), "head": cfg.head.name,
                   "head_kind": kind, "backbone": cfg.model.backbone, "data": cfg.data.name, "seed": cfg.seed,
                   "identity": identity, "identity_keys": identity_keys, "branched_from": branched_from,
-                  "data/train_class_counts": train_counts, "data/class_groups": groups,
+                  "data/train_class_counts": train_counts, "data/class_groups": groups, "threads": threads,
                   **factories.loss_settings(cfg)},
         val_loader=val_loader,
         class_groups=groups,
