@@ -204,7 +204,7 @@ def test_the_share_figure_compares_runs_at_once_with_runs_one_after_the_other(be
     fake = tmp_path / "fake_train.py"
     fake.write_text(FAKE_RUN)
     monkeypatch.setattr(bench.share_cores, "_command", lambda: [sys.executable, str(fake)])
-    out = bench.share_cores.bench_share(rounds=1)
+    out = bench.bench_share(rounds=1)
     assert out["share_lone_epoch_vs_spinning"] == pytest.approx(2.1 / 2.0)
     assert out["share_at_once_vs_one_after_other"] == pytest.approx(0.5, abs=0.2)  # two 0.3 s sleeps overlap
     assert out["share_sweep_parallel_vs_sequential"] == pytest.approx(0.5, abs=0.2)

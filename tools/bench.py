@@ -110,6 +110,9 @@ TARGETS: dict[str, tuple[str, float]] = {
     "nc_metrics_speedup_vs_naive": (">=", 20.0),
     "nc_metrics_speedup_vs_float32_streaming": (">=", 1.0),
     "memory_ratio_features_over_measurer": (">=", 1.0),
+    "share_at_once_vs_one_after_other": ("<=", 1.3),
+    "share_sweep_parallel_vs_sequential": ("<=", 1.3),
+    "share_lone_epoch_vs_spinning": ("<=", 1.03),
     "scale_peak_rss_gb_k32768": ("<=", 3.0),
     "scale_seconds_k32768": ("<=", 300.0),
 }
@@ -123,8 +126,7 @@ def _load_tool(name: str):
     return module
 
 
-share_cores = _load_tool("share_cores")  # whole training processes side by side: its own module, its own doc
-TARGETS.update(share_cores.TARGETS)
+share_cores = _load_tool("share_cores")  # whole training processes side by side: their timing is its own module
 
 AGOP_STAGES = ("1", "2", "3", "4")  # resnet18's four residual stages (docs/agop.md)
 DEFAULT_BACKBONE = "resnet18"  # conf/config.yaml's; --quick runs the same model, fewer rounds (and the naive nc on a subset)
@@ -870,6 +872,23 @@ def bench_workers(*, images: int = 5000, num_workers: int = 2, batch_size: int =
 # --------------------------------------------------------------------------------------------
 # report
 # --------------------------------------------------------------------------------------------
+def bench_share(*, rounds: int = 3) -> dict:
+    """The figures of runs that share a machine, from tools/share_cores.py's timings: two runs at once and a
+    parallel sweep against their sequential twins (median per-round ratios), and a lone run's epoch against
+    libgomp's own spin count.  A lone run's epoch time is bimodal on this project's VM (1.8 or 2.1 s, whatever
+    the spin count), so that figure is the ratio of the medians over every run of each kind."""
+    times = share_cores.time_sharing(rounds=rounds)
+    out: dict = {"medians": {f"share {key} (s)": value for key, value in medians(times).items()},
+                 "settings": {"rounds": rounds, "run": share_cores.RUN,
+                              "spins_compared_with": share_cores.LIBGOMP_DEFAULT_SPINS}}
+    add_figure(out, "share_at_once_vs_one_after_other", times, None, "at_once", "one_after_other")
+    add_figure(out, "share_sweep_parallel_vs_sequential", times, None, "sweep_parallel", "sweep_sequential")
+    lone = ratio_stats(times, "lone_epoch", "lone_epoch_spinning")
+    out["share_lone_epoch_vs_spinning"] = lone["ratio_of_medians"]
+    out["ratio_stats"]["share_lone_epoch_vs_spinning"] = lone
+    return out
+
+
 def verdict(key: str, value: Optional[float]) -> str:
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return "n/a"
@@ -1012,7 +1031,7 @@ def _run(args, device: torch.device) -> dict:
                 QUICK_SCALE_SIZES if quick else SCALE_SIZES)
             merge(bench_scale(sizes=sizes, d=args.scale_d, per_class=args.scale_per_class, threads=args.threads), "scale")
         if "share" in sections:
-            merge(share_cores.bench_share(rounds=args.rounds or 3), "share")
+            merge(bench_share(rounds=args.rounds or 3), "share")
         if "workers" in sections:
             merge(bench_workers(images=args.workers_images, rounds=args.rounds or (4 if quick else 8),
                                 warmup=args.warmup), "workers")

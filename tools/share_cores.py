@@ -1,35 +1,23 @@
-"""Runs that share a machine (issue 28, item 7): `python tools/bench.py --only share`.
+"""Runs that share a machine (issue 28, item 7), timed for `python tools/bench.py --only share`, which makes
+the figures (bench.bench_share, with the ratio statistics of every other figure).
 
-Whole `fixedcls-train` processes of the default config, 3 epochs each, timed by the wall clock:
-
-  share_at_once_vs_one_after_other  two runs started at once / the same two one after the other   <= 1.3
-  share_sweep_parallel_vs_sequential a two-job local sweep with hydra/launcher=parallel / the same sweep
-                                     with the basic (sequential) launcher                          <= 1.3
-  share_lone_epoch_vs_spinning      a lone run's epoch time with the commands' OpenMP spin count / with
-                                    libgomp's own (GOMP_SPINCOUNT=300000, what every run did before): the
-                                    median over the rounds' runs (two of each kind a round)       <= 1.03
-
-Each round runs every contender once, in an order that flips every round; a figure is the median over
-rounds of the per-round ratio.  The epoch times are the runs' own (summary.json's time/train_s_per_epoch),
-so start-up cost does not dilute them.
+Whole `fixedcls-train` processes of the default config, 3 epochs each, timed by the wall clock: two runs
+one after the other and at once, a two-job sweep with the sequential and the parallel launcher, and two
+lone runs with libgomp's own spin count.  Each round runs every contender once, in an order that flips
+every round.  The epoch times are the runs' own (summary.json's time/train_s_per_epoch), so start-up cost
+does not dilute them.
 """
 from __future__ import annotations
 
 import json
 import os
 import shutil
-import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-TARGETS = {
-    "share_at_once_vs_one_after_other": ("<=", 1.3),
-    "share_sweep_parallel_vs_sequential": ("<=", 1.3),
-    "share_lone_epoch_vs_spinning": ("<=", 1.03),
-}
 RUN = ["trainer.epochs=3", "collapse.plot=false", "trainer.progress=false"]
 LIBGOMP_DEFAULT_SPINS = "300000"  # libgomp's spin count when neither OMP_WAIT_POLICY nor GOMP_SPINCOUNT is set
 
@@ -79,10 +67,12 @@ def _timed(start) -> float:
     return time.perf_counter() - t
 
 
-def bench_share(*, rounds: int = 3) -> dict:
+def time_sharing(*, rounds: int = 3) -> dict[str, list[float]]:
+    """Seconds of every contender per round (`one_after_other`, `at_once`, `sweep_sequential`,
+    `sweep_parallel`), and the seconds per epoch of every lone run (`lone_epoch`: the commands' spin count;
+    `lone_epoch_spinning`: libgomp's own), two of each kind per round."""
     times: dict[str, list[float]] = {k: [] for k in ("one_after_other", "at_once", "sweep_sequential",
                                                        "sweep_parallel", "lone_epoch", "lone_epoch_spinning")}
-    ratios: dict[str, list[float]] = {k: [] for k in TARGETS}
     for r in range(rounds):
         with tempfile.TemporaryDirectory(prefix="fixedcls-share-") as tmp:
             work = Path(tmp)
@@ -107,31 +97,10 @@ def bench_share(*, rounds: int = 3) -> dict:
             if r % 2:
                 order.reverse()
             took = {name: _timed(fn) for name, fn in order}
-            lone = [epoch_seconds(work, f"a{r}"), epoch_seconds(work, f"b{r}")]
-            lone_spinning = [epoch_seconds(work, f"s{r}"), epoch_seconds(work, f"t{r}")]
-        for key in ("one_after_other", "at_once", "sweep_sequential", "sweep_parallel"):
-            times[key].append(took[key])
-        times["lone_epoch"] += lone
-        times["lone_epoch_spinning"] += lone_spinning
-        ratios["share_at_once_vs_one_after_other"].append(took["at_once"] / took["one_after_other"])
-        ratios["share_sweep_parallel_vs_sequential"].append(took["sweep_parallel"] / took["sweep_sequential"])
-        ratios["share_lone_epoch_vs_spinning"].append(statistics.mean(lone) / statistics.mean(lone_spinning))
-        print(f"[bench] share round {r + 1}/{rounds}: " + ", ".join(f"{k} {v[-1]:.3f}" for k, v in ratios.items()),
+            for key in ("one_after_other", "at_once", "sweep_sequential", "sweep_parallel"):
+                times[key].append(took[key])
+            times["lone_epoch"] += [epoch_seconds(work, f"a{r}"), epoch_seconds(work, f"b{r}")]
+            times["lone_epoch_spinning"] += [epoch_seconds(work, f"s{r}"), epoch_seconds(work, f"t{r}")]
+        print(f"[bench] share round {r + 1}/{rounds}: " + ", ".join(f"{k} {v[-1]:.2f}s" for k, v in times.items()),
               file=sys.stderr, flush=True)
-    out = {key: statistics.median(values) for key, values in ratios.items()}
-    # A lone run's epoch time is bimodal on this VM (1.8 or 2.1 s, whichever spin count): a per-round ratio of
-    # single runs is mostly that noise, so this figure is the ratio of the medians over every run of each kind.
-    out["share_lone_epoch_vs_spinning"] = statistics.median(times["lone_epoch"]) / statistics.median(
-        times["lone_epoch_spinning"])
-    out["medians"] = {f"share {key} (s)": statistics.median(values) for key, values in times.items()}
-    out["ratio_stats"] = {key: {"iqr": _iqr(values), "rounds": [round(v, 3) for v in values]}
-                          for key, values in ratios.items()}
-    out["settings"] = {"rounds": rounds, "run": RUN, "spins_compared_with": LIBGOMP_DEFAULT_SPINS}
-    return out
-
-
-def _iqr(values: list[float]) -> float:
-    if len(values) < 2:
-        return 0.0
-    q = statistics.quantiles(values, n=4, method="inclusive")
-    return q[2] - q[0]
+    return times
