@@ -23,7 +23,6 @@ import torch
 #: 1.7 s with 2,048); K = 32,768 takes 2,080 tiles, some 50,000 tensor operations in all.
 TILE = 512
 _F64 = torch.float64
-_NAN = float("nan")
 _LN2 = math.log(2.0)
 
 

@@ -26,7 +26,6 @@ in place, e.g. ``lambda t: torch.distributed.all_reduce(t, op=torch.distributed.
 
 from __future__ import annotations
 
-import math
 from typing import Callable, Mapping, Sequence
 
 import torch
@@ -299,7 +298,7 @@ class OnlineCollapse:
     @torch.no_grad()
     def update_ood(self, h: torch.Tensor) -> None:
         """Add out-of-distribution features h [M, d]: ``compute`` then also returns ``nc5``."""
-        self.ood += ood_sums(h, self.dim, self.device)
+        self.add_ood(ood_sums(h, self.dim, self.device))
 
     def add_ood(self, sums: torch.Tensor) -> None:
         """Add the OOD sums of :func:`ood_sums` (e.g. taken once per epoch for several accumulators)."""
