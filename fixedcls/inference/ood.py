@@ -35,7 +35,7 @@ from torch import nn
 from ..collapse.stats import nc5 as nc5_of
 from ..errors import FixedclsError
 from ..runtime import autocast_dtype_of, rng_state, set_rng_state, unwrap
-from .loading import ImageTransform, find_images, read_image
+from .loading import ImageFileDataset, ImageTransform, find_images, read_image
 
 SCORES: tuple[str, ...] = ("msp", "max_logit", "energy", "neco")
 TPR_LEVEL = 0.95
@@ -126,14 +126,9 @@ def fpr_at_tpr(id_scores, ood_scores, tpr: float = TPR_LEVEL) -> float:
 # --------------------------------------------------------------------------------------------- the data
 
 
-class OODImages(torch.utils.data.Dataset):
-    """Image files through a model's evaluation transform, as (input, -1): OOD samples have no class."""
-
-    def __init__(self, files: list[Path], transform: ImageTransform):
-        self.files, self.transform = files, transform
-
-    def __len__(self) -> int:
-        return len(self.files)
+class OODImages(ImageFileDataset):
+    """Image files through a model's evaluation transform, as (input, -1): OOD samples have no class (and an
+    unreadable file is an error, not a skipped sample)."""
 
     def __getitem__(self, index: int):
         return self.transform(read_image(self.files[index])), -1
