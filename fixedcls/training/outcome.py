@@ -28,9 +28,10 @@ def outcome_lines(summary: dict, history: Sequence[dict]) -> list[str]:
     """The closing lines of a run from its summary (summary.json's keys) and its metrics rows."""
     directory, run_dir = Path(summary["checkpoint_dir"]), Path(summary["run_dir"])
     best, last, metric = directory / BEST, directory / LAST, summary.get("best/metric", "test/acc")
+    has_best, has_last = best.is_file(), last.is_file()  # looked at once, so the lines cannot disagree
     epochs = summary.get("epochs", len(history))
     lines = [f"finished after {epochs} epoch{'' if epochs == 1 else 's'}: final test acc {_pct(summary.get('final/test/acc'))}"]
-    if best.is_file() and "best/epoch" in summary:
+    if has_best and "best/epoch" in summary:
         chosen = f"chosen by {metric}"
         if metric.startswith("test/"):
             chosen += ": " + ("" if "best/val/acc" in summary else "no validation split, so ") + "best.pt follows the test split"
@@ -39,7 +40,7 @@ def outcome_lines(summary: dict, history: Sequence[dict]) -> list[str]:
         lines.append(f"best.pt  {shell_path(best)}: epoch {summary['best/epoch']} of {epochs}, {chosen} ({scores})")
     else:
         lines.append(f"no best.pt in {shell_path(directory)}: no written epoch had a {metric} to compare (see above)")
-    if last.is_file():
+    if has_last:
         lines.append(f"last.pt  {shell_path(last)}")
     for key, split in (("collapse/nc1", "train"), ("collapse_test/nc1", "test")):
         span = _nc1_span(history, key)
@@ -47,7 +48,7 @@ def outcome_lines(summary: dict, history: Sequence[dict]) -> list[str]:
             lines.append(f"NC1 ({split})  {span}")
     if (run_dir / SUMMARY_FILE).is_file():
         lines.append(f"summary  {shell_path(run_dir / SUMMARY_FILE)}")
-    model = best if best.is_file() else last if last.is_file() else None
+    model = best if has_best else last if has_last else None
     if model is not None:
         lines.append(f"evaluate the model:  fixedcls-eval {shell_path(model)}")
     return lines
