@@ -466,10 +466,9 @@ class CheckpointWriter:
         self.failures_in_a_row = 0
         return epoch_path
 
-    def _failed(self, path: Path, error: OSError, epoch: Optional[int] = None) -> None:
-        """Warn in one line that `path` was not written, and count the failure."""
-        if epoch is not None:
-            self.failed_epochs.add(int(epoch))
+    def _failed(self, path: Path, error: OSError, epoch: int) -> None:
+        """Warn in one line that `path` (the checkpoint of `epoch`) was not written, and count the failure."""
+        self.failed_epochs.add(int(epoch))
         self.failures_in_a_row += 1
         full = disk_full(error)
         self._failure = (f"{'the disk is full: ' if full else ''}could not write checkpoint {path.name} to "
