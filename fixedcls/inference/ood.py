@@ -32,7 +32,7 @@ from typing import Optional, Sequence
 import torch
 from torch import nn
 
-from ..collapse.stats import nc5 as nc5_of
+from ..collapse.stats import nc5 as nc5_of, ood_sums
 from ..errors import FixedclsError
 from ..runtime import autocast_dtype_of, rng_state, set_rng_state, unwrap
 from .loading import ImageFileDataset, ImageTransform, find_images, read_image
@@ -243,8 +243,7 @@ def detect_ood(model: nn.Module, id_loader, ood_loader, train_loader, *, device:
         scores = {"id": {name: [] for name in SCORES}, "ood": {name: [] for name in SCORES}}
         class_sums = torch.zeros(num_classes, dim, dtype=_F64, device=device)
         class_counts = torch.zeros(num_classes, dtype=_F64, device=device)
-        ood_sum = torch.zeros(dim, dtype=_F64, device=device)
-        ood_count = 0
+        ood = torch.zeros(dim + 1, dtype=_F64, device=device)  # feature sum and count, as collapse.ood_sums
         for side, loader in (("id", id_loader), ("ood", ood_loader)):
             for logits, h, y in _outputs(model, loader, device, amp):
                 batch_scores = {**logit_scores(logits), "neco": neco_score(h, mean, basis)}
@@ -255,17 +254,17 @@ def detect_ood(model: nn.Module, id_loader, ood_loader, train_loader, *, device:
                     class_sums.index_add_(0, y, h.to(_F64))
                     class_counts += torch.bincount(y, minlength=num_classes).to(_F64)
                 else:
-                    ood_sum += h.to(_F64).sum(dim=0)
-                    ood_count += h.shape[0]
+                    ood += ood_sums(h, dim, device)
     finally:
         for m, flag in modes:
             m.training = flag
     joined = {side: {name: torch.cat(values) if values else torch.zeros(0, dtype=_F64) for name, values in per.items()}
               for side, per in scores.items()}
+    ood_count = int(ood[-1])
     present = class_counts > 0
     report = {"scores": {name: {"auroc": auroc(joined["id"][name], joined["ood"][name]),
                                 "fpr95": fpr_at_tpr(joined["id"][name], joined["ood"][name])} for name in SCORES},
-              "nc5": nc5_of(class_sums[present] / class_counts[present].unsqueeze(1), ood_sum / max(ood_count, 1)),
+              "nc5": nc5_of(class_sums[present] / class_counts[present].unsqueeze(1), ood[:-1] / max(ood_count, 1)),
               "neco_components": k, "id_samples": int(class_counts.sum()), "ood_samples": ood_count}
     return report
 
