@@ -12,7 +12,7 @@ import os
 import re
 import shlex
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
 # A spreadsheet takes a cell that starts with one of these as a formula (OWASP, "CSV Injection").
 FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
@@ -33,6 +33,11 @@ def markdown_cell(value: Any) -> str:
     would end the row), then backslashes and | escaped (an unescaped | ends the cell, and a backslash before a
     | written by the value would escape the escape)."""
     return terminal(value).replace("\\", "\\\\").replace("|", "\\|")
+
+
+def markdown_row(cells: Iterable[Any]) -> str:
+    """One row of a Markdown table, every cell escaped by `markdown_cell`."""
+    return "| " + " | ".join(map(markdown_cell, cells)) + " |"
 
 
 def terminal(text: object) -> str:

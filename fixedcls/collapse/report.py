@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Callable, Mapping, Optional, Sequence
 import torch
 
 from ..errors import FixedclsError
-from ..escaping import markdown_cell
+from ..escaping import markdown_row
 from .stats import _GROWING_KEYS, EXTRA_KEYS, METRIC_KEYS, OOD_KEYS
 
 if TYPE_CHECKING:
@@ -246,7 +246,7 @@ def format_table(metrics: Mapping[str, object]) -> str:
 
     lines = ["| measure | value |", "|---|---|"]
     for k in sorted(metrics, key=sort_key):
-        lines.append(f"| {markdown_cell(k)} | {markdown_cell(fmt(metrics[k]))} |")
+        lines.append(markdown_row((k, fmt(metrics[k]))))
     return "\n".join(lines)
 
 

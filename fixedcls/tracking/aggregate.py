@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any, Iterable, Optional, Sequence
 
 from ..errors import FixedclsError
-from ..escaping import csv_cell, markdown_cell, terminal
+from ..escaping import csv_cell, markdown_row, terminal
 from ..runs.stored import literal, load_yaml
 
 #: Final-epoch measures of the table: (summary key without "final/", column title, format).
@@ -415,7 +415,7 @@ def markdown_table(rows: Sequence[dict], keys: Sequence[str]) -> str:
     finals = FINAL_MEASURES + tuple(m for m in LONG_TAIL_MEASURES if any(r.get(f"{m[0]}/n") for r in rows))
     header = ["group" if not keys else " / ".join(keys), "seeds"] + [t for _, t, _ in finals] + \
              [f"epochs to {s}" for s in speeds] + [t for _, t, _ in OTHER_MEASURES]
-    lines = ["| " + " | ".join(map(markdown_cell, header)) + " |", "|" + "|".join(["---"] + ["---:"] * (len(header) - 1)) + "|"]
+    lines = [markdown_row(header), "|" + "|".join(["---"] + ["---:"] * (len(header) - 1)) + "|"]
     for row in rows:
         seeds = row["seeds"]
         cells = [" / ".join(str(row[k]) for k in keys) if keys else row["group"], str(seeds)]
@@ -427,7 +427,7 @@ def markdown_table(rows: Sequence[dict], keys: Sequence[str]) -> str:
             cells.append("never" if n == 0 else _fmt(row[f"{key}/mean"], row[f"{key}/std"], n, "epochs", seeds))
         for key, _, kind in OTHER_MEASURES:
             cells.append(_fmt(row[f"{key}/mean"], row[f"{key}/std"], row[f"{key}/n"], kind, seeds))
-        lines.append("| " + " | ".join(map(markdown_cell, cells)) + " |")
+        lines.append(markdown_row(cells))
     return "\n".join(lines)
 
 

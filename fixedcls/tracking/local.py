@@ -8,7 +8,7 @@ import warnings
 from pathlib import Path
 from typing import Callable, Optional
 
-from ..escaping import csv_cell, markdown_cell
+from ..escaping import csv_cell, markdown_row
 from .base import Tracker, TrackerWarning, warn_once
 
 
@@ -26,9 +26,8 @@ def _scalars(row: dict) -> dict[str, float]:
 
 
 def _markdown(columns: list, rows: list[list]) -> str:
-    lines = ["| " + " | ".join(map(markdown_cell, columns)) + " |", "|" + "---|" * len(columns)]
-    lines += ["| " + " | ".join(markdown_cell("" if v is None else f"{v:.4g}" if isinstance(v, float) else v) for v in row)
-              + " |" for row in rows]
+    lines = [markdown_row(columns), "|" + "---|" * len(columns)]
+    lines += [markdown_row("" if v is None else f"{v:.4g}" if isinstance(v, float) else v for v in row) for row in rows]
     return "\n".join(lines)
 
 
