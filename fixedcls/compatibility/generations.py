@@ -100,9 +100,10 @@ def replacement_plan(cfg, count: int) -> dict[int, str | None]:
     return dict(zip(replace, sources or [None] * len(replace)))
 
 
-def _replacement_model(cfg, source: str, where: str) -> tuple[str, object, str]:
+def _replacement_model(cfg, source: str, where: str, classes: int) -> tuple[str, object, str]:
     """(backbone, model.dim, file) of a replacement checkpoint, after checking that it fits the protocol: the same
-    head (and, for a fixed head, the same prototypes), head settings, class count and image channels."""
+    head (and, for a fixed head, the same prototypes), head settings, class count (`classes`: the data's K) and
+    image channels."""
     from ..models.classifier import in_chans_of
     from ..models.heads import HEADS_LEARNED, create_head
 
@@ -123,7 +124,6 @@ def _replacement_model(cfg, source: str, where: str) -> tuple[str, object, str]:
     if in_chans_of(old) != in_chans_of(cfg):
         raise FixedclsError(f"{where} takes {in_chans_of(old)}-channel images, this protocol's data has "
                             f"{in_chans_of(cfg)}: replace with a model of the same input")
-    classes = _num_classes(cfg)
     outputs = int(cfg.head.num_prototypes or classes) if cfg.head.name not in HEADS_LEARNED else classes
     saved = ckpt.meta_of(state).get("num_classes")
     if saved is not None and int(saved) != outputs:
@@ -189,6 +189,8 @@ def generation_configs(cfg) -> list:
     if cfg.resume not in (None, "auto"):
         raise FixedclsError(f"resume={cfg.resume}: a sequence of generations continues with resume=auto only")
     plan = replacement_plan(cfg, len(tasks))
+    # counted once for every replacement checkpoint: without data.num_classes that loads the dataset
+    classes = _num_classes(cfg) if any(source is not None for source in plan.values()) else None
     configs, seen = [], []
     base_name = str(cfg.name)
     backbone, dim = str(cfg.model.backbone), cfg.model.dim
@@ -198,7 +200,8 @@ def generation_configs(cfg) -> list:
         c.seed = int(cfg.seed) + t - 1  # generations are trained apart: no shared initialisation or data order
         chained = g.protocol == "finetune" and t > 1 and t not in plan  # starts from the previous generation
         if plan.get(t) is not None:
-            backbone, dim, c.model.init_from = _replacement_model(cfg, plan[t], f"generations.replace_with[{list(plan).index(t)}]")
+            where = f"generations.replace_with[{list(plan).index(t)}]"
+            backbone, dim, c.model.init_from = _replacement_model(cfg, plan[t], where, classes)
             if explicit is not None and explicit[t - 1] != backbone:
                 raise FixedclsError(f"generations.backbones names {explicit[t - 1]} for generation {t}, but its replacement "
                                     f"{plan[t]} is a {backbone}: name {backbone} there, or drop generations.backbones")
