@@ -60,17 +60,24 @@ def os_error_line(error: OSError) -> tuple[str, int]:
     return f"{error.strerror or error}{where}: check the path, or choose another", EXIT_USAGE
 
 
+def error_line(raised: BaseException) -> tuple[str, int]:
+    """The one line and the exit status of a failure a user can cause: a FixedclsError (its own status), an
+    OSError (`os_error_line`) or an OmegaConf error (an override such as optim.lr=${oops}: a usage error)."""
+    if isinstance(raised, OSError):
+        return os_error_line(raised)
+    if isinstance(raised, FixedclsError):
+        return one_line(raised), raised.exit_code
+    return config_error(raised), EXIT_USAGE
+
+
 def run_command(main: Callable[[], Optional[int]], prog: str) -> int:
     """Run an argparse command so that every failure a user can cause is one line and an exit code."""
     try:
         return int(main() or 0)
-    except FixedclsError as error:
-        if os.environ.get("HYDRA_FULL_ERROR") == "1":
+    except (FixedclsError, OSError) as error:  # OSError: a full disk, a folder that cannot be written: no traceback
+        if isinstance(error, FixedclsError) and os.environ.get("HYDRA_FULL_ERROR") == "1":
             raise
-        print(f"{prog}: error: {one_line(error)}", file=sys.stderr)
-        return error.exit_code
-    except OSError as error:  # a full disk, a folder that cannot be written: not a bug, so no traceback
-        line, code = os_error_line(error)
+        line, code = error_line(error)
         print(f"{prog}: error: {line}", file=sys.stderr)
         return code
     except TrainingInterrupted as error:
@@ -111,9 +118,7 @@ def run_job(task: Callable[[], Any], *, prog: str = "fixedcls") -> Any:
     except (FixedclsError, OSError, OmegaConfBaseException) as raised:
         if os.environ.get("HYDRA_FULL_ERROR") == "1":
             raise
-        error, code = (os_error_line(raised) if isinstance(raised, OSError) else
-                       (config_error(raised), EXIT_USAGE) if isinstance(raised, OmegaConfBaseException) else
-                       (one_line(raised), raised.exit_code))
+        error, code = error_line(raised)
         if _run_mode() == RunMode.MULTIRUN:
             job = HydraConfig.get().job
             FAILED_JOBS.append(f"job {job.num} ({job.override_dirname or 'defaults'}): {error}")
